@@ -1,0 +1,27 @@
+"""perceptscore: score images for memorability, quality and emotion with PerceptCLIP.
+
+``import perceptscore`` stays light (no torch) so the CLI starts instantly; the heavy names are
+imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from perceptscore._version import __version__
+
+if TYPE_CHECKING:
+    from perceptscore.checkpoints import load_model
+    from perceptscore.model import PerceptModel
+
+__all__ = ["PerceptModel", "__version__", "load_model"]
+
+_LAZY = {"load_model": "perceptscore.checkpoints", "PerceptModel": "perceptscore.model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'perceptscore' has no attribute {name!r}")

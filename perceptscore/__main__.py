@@ -1,0 +1,3 @@
+from perceptscore.cli import main
+
+main()

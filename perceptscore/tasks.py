@@ -1,0 +1,149 @@
+"""The task registry: what each perceptual task outputs, how its images are prepared, how scores read.
+
+The facts live in ``weights/registry.json`` (shipped as ``perceptscore.weights``); this module only turns
+them into typed objects. Importing it is cheap (no torch), so the CLI can use it for ``--help`` and
+argument checks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from perceptscore.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The PerceptCLIP network: CLIP ViT vision tower + q/k/v LoRA + MLP head."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    embed_dim: int = 768  # output of the frozen visual projection, input of the head
+    head_dims: tuple[int, ...] = (512, 256)
+    outputs: int = 1
+    lora_rank: int = 16
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.1
+    head_dropout: float = 0.5
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Architecture:
+        tuples = {"head_dims", "mean", "std"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How one image becomes model input, reproducing the release's torchvision pipeline.
+
+    ``resize`` an int: the short side goes to that size (torchvision ``Resize(int)``); a pair: exactly
+    (height, width) (``Resize((h, w))``). Then ``crops`` crops of ``crop`` pixels: one centre crop when
+    ``crops == 1``, else that many random crops whose outputs are averaged.
+    """
+
+    resize: int | tuple[int, int]
+    crop: int = 224
+    crops: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        resize = d["resize"]
+        return cls(
+            resize=tuple(resize) if isinstance(resize, list) else resize, crop=d["crop"], crops=d["crops"]
+        )
+
+    def describe(self) -> str:
+        if isinstance(self.resize, int):
+            size = f"Resize({self.resize}, bilinear)"
+        else:
+            size = f"Resize(({self.resize[0]}, {self.resize[1]}), bilinear)"
+        crop = (
+            f"CenterCrop({self.crop})" if self.crops == 1 else f"{self.crops} x RandomCrop({self.crop}), mean"
+        )
+        return f"{size} + {crop} + ToTensor + Normalize(CLIP)"
+
+
+@dataclass(frozen=True)
+class Release:
+    repo_id: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    aliases: tuple[str, ...]
+    outputs: int
+    architecture: Architecture
+    preprocess: Preprocess
+    release: Release
+    labels: tuple[str, ...] | None = None
+    display: tuple[float, float] | None = None  # raw -> (raw - low) / (high - low)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The output columns this task adds to a row, in order."""
+        if self.labels:
+            return (self.name, f"{self.name}_confidence", *(f"{self.name}_{label}" for label in self.labels))
+        if self.display:
+            return (self.name, f"{self.name}_raw")
+        return (self.name,)
+
+    def display_score(self, raw: float) -> float:
+        if self.display is None:
+            return raw
+        low, high = self.display
+        return (raw - low) / (high - low)
+
+
+def _task_from_dict(name: str, d: dict[str, Any], archs: dict[str, Any]) -> Task:
+    display = d.get("display")
+    arch = Architecture.from_dict({**archs[d["architecture"]], "outputs": d["outputs"]})
+    return Task(
+        name=name,
+        aliases=tuple(d.get("aliases", ())),
+        outputs=d["outputs"],
+        architecture=arch,
+        preprocess=Preprocess.from_dict(d["preprocess"]),
+        release=Release(**d["release"]),
+        labels=tuple(d["labels"]) if d.get("labels") else None,
+        display=(display["low"], display["high"]) if display else None,
+    )
+
+
+@cache
+def registry() -> dict[str, Any]:
+    """The raw registry document shipped in ``perceptscore.weights``."""
+    text = resources.files("perceptscore.weights").joinpath("registry.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@cache
+def all_tasks() -> dict[str, Task]:
+    reg = registry()
+    return {name: _task_from_dict(name, d, reg["architectures"]) for name, d in reg["tasks"].items()}
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name or alias, case-insensitively."""
+    key = name.strip().lower()
+    for task in all_tasks().values():
+        if key == task.name or key in task.aliases:
+            return task
+    known = ", ".join(
+        f"{t.name} ({', '.join(t.aliases)})" if t.aliases else t.name for t in all_tasks().values()
+    )
+    raise UsageError(f"unknown task {name!r}; known tasks: {known}")

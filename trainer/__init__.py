@@ -1,0 +1,1 @@
+"""perceptscore.trainer: training and evaluation (``pip install perceptscore[train]``). Not yet written."""

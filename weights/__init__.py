@@ -1,0 +1,1 @@
+"""Data only: the task and checkpoint registry (registry.json) and a model card per task (cards/)."""
