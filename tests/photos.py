@@ -1,0 +1,30 @@
+"""Real photographs for tests, made from the sample images scikit-image ships inside its wheel."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from PIL import Image
+
+
+def sample(name: str) -> Image.Image:
+    """One of scikit-image's bundled samples (astronaut.png, coffee.png, rocket.jpg, ...) as RGB."""
+    with resources.files("skimage.data").joinpath(name).open("rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def varied_photos() -> dict[str, Image.Image]:
+    """Photos of many sizes and aspect ratios, including odd sizes that exercise crop rounding."""
+    astronaut, coffee, rocket = sample("astronaut.png"), sample("coffee.png"), sample("rocket.jpg")
+    return {
+        "square": astronaut,  # 512x512
+        "landscape": coffee,  # 600x400
+        "portrait": rocket,  # 427x640
+        "panorama": coffee.resize((2400, 300), Image.Resampling.LANCZOS),
+        "tall_strip": rocket.resize((150, 900), Image.Resampling.LANCZOS),
+        "tiny": astronaut.resize((9, 7), Image.Resampling.LANCZOS),
+        "odd_227x225": coffee.crop((10, 20, 237, 245)),
+        "odd_301x333": astronaut.crop((3, 5, 304, 338)),
+        "exact_224": coffee.crop((0, 0, 224, 224)),
+        "large_12mp": coffee.resize((4000, 3000), Image.Resampling.BICUBIC),
+    }
