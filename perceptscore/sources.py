@@ -1,0 +1,265 @@
+"""What to score: files, directories, globs, ``@lists``, stdin and parquet/CSV/JSONL manifests, streamed.
+
+Every input is checked before anything is scored (a typo fails in a second with exit code 2, not after an
+hour); the items themselves are produced lazily, so a manifest of millions of rows is never held whole.
+
+Paths in the output are the paths used to open the files: as typed for command-line inputs, joined to
+the manifest's folder for relative manifest rows. Scores files (written by ``perceptscore score``) hold
+such paths already, so their relative paths are taken as relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from perceptscore.errors import UsageError
+from perceptscore.images import IMAGE_EXTENSIONS
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl")
+PROVENANCE_KEY = "perceptscore"  # parquet metadata key / sidecar file marking a scores file
+_ROWS_PER_READ = 16_384
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One row to produce: the file to open, the manifest columns to pass through, or why it can't be."""
+
+    index: int
+    path: str
+    extras: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def meta_path(path: str | os.PathLike[str]) -> Path:
+    """The provenance sidecar of a CSV/JSONL output: ``<out>.meta.json``."""
+    return Path(f"{os.fspath(path)}.meta.json")
+
+
+def is_scores_file(path: str | os.PathLike[str]) -> bool:
+    """Written by ``perceptscore score``: parquet with our metadata key, or CSV/JSONL with a sidecar."""
+    p = Path(path)
+    if p.suffix.lower() == ".parquet":
+        metadata = pq.read_schema(p).metadata or {}
+        return PROVENANCE_KEY.encode() in metadata
+    return meta_path(p).is_file()
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _walk(root: str, recursive: bool) -> Iterator[str]:
+    """Image files below ``root`` in sorted order; symlinks followed, each real folder visited once."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link to a visited folder
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(dirs) if recursive else []
+        for name in sorted(files):
+            # "._x.jpg" are macOS AppleDouble metadata files, never images.
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith("._"):
+                yield os.path.join(folder, name)
+
+
+class _Manifest:
+    """A parquet/CSV/JSONL table with a path column; read in blocks of rows."""
+
+    def __init__(self, path: str, path_column: str) -> None:
+        self.path, self.path_column = path, path_column
+        self.suffix = Path(path).suffix.lower()
+        self.is_scores = is_scores_file(path)
+        self.folder = "" if self.is_scores else os.path.dirname(path)
+        try:
+            schema = self._schema()
+        except (pa.ArrowException, OSError) as exc:
+            raise UsageError(f"manifest {path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+        if path_column not in schema.names:
+            found = ", ".join(schema.names) or "none"
+            hint = "; choose one with --path-column" if path_column == "path" else ""
+            raise UsageError(f"manifest {path} has no column {path_column!r} (columns found: {found}){hint}")
+        self.extras = pa.schema([f for f in schema if f.name != "path"])
+
+    def _schema(self) -> pa.Schema:
+        if self.suffix == ".parquet":
+            return pq.read_schema(self.path)
+        if self.suffix == ".csv":
+            return self._csv_reader().schema
+        return self._jsonl_table().schema
+
+    def _csv_reader(self) -> pacsv.CSVStreamingReader:
+        convert = pacsv.ConvertOptions(column_types={self.path_column: pa.string()})
+        return pacsv.open_csv(self.path, convert_options=convert)
+
+    def _jsonl_table(self) -> pa.Table:
+        import pyarrow.json as pajson
+
+        return pajson.read_json(self.path)  # JSONL manifests are read whole: pyarrow has no streaming reader
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        if self.suffix == ".parquet":
+            yield from pq.ParquetFile(self.path).iter_batches(batch_size=_ROWS_PER_READ)
+        elif self.suffix == ".csv":
+            yield from self._csv_reader()
+        else:
+            yield from self._jsonl_table().to_batches(max_chunksize=_ROWS_PER_READ)
+
+    def rows(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        for batch in self.batches():
+            paths = batch.column(self.path_column).to_pylist()
+            extras = batch.select(self.extras.names).to_pylist() if self.extras.names else None
+            for i, value in enumerate(paths):
+                yield (None if value is None else str(value)), (extras[i] if extras else {})
+
+
+class Sources:
+    """The inputs of one run, validated up front, iterated lazily as ``SourceItem``s in input order.
+
+    ``reserved``: output column names; a manifest column with such a name is passed through as
+    ``input_<name>`` instead of being overwritten.
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[str],
+        recursive: bool = True,
+        path_column: str | None = None,
+        reserved: Iterable[str] = (),
+        stdin: TextIO | None = None,
+    ) -> None:
+        if not inputs:
+            raise UsageError("no inputs given: name image files, folders, globs, @lists, manifests or -")
+        self.recursive = recursive
+        self.stdin = stdin if stdin is not None else sys.stdin
+        self._plan: list[tuple[str, Any]] = [self._classify(text, path_column or "path") for text in inputs]
+        if sum(kind == "stdin" for kind, _ in self._plan) > 1:
+            raise UsageError("'-' (paths on stdin) can be given only once")
+        self._rename = {name: f"input_{name}" for name in reserved}
+        self.passthrough = self._passthrough_schema()
+
+    @property
+    def manifests(self) -> list[_Manifest]:
+        return [m for kind, m in self._plan if kind == "manifest"]
+
+    def _classify(self, text: str, path_column: str) -> tuple[str, Any]:
+        if text == "-":
+            return "stdin", None
+        if text.startswith("@"):
+            listing = text[1:]
+            if not os.path.isfile(listing):
+                raise UsageError(f"list file {listing!r} not found")
+            return "list", listing
+        if os.path.isdir(text):
+            return "dir", text
+        if os.path.isfile(text):
+            if text.lower().endswith(MANIFEST_SUFFIXES):
+                return "manifest", _Manifest(text, path_column)
+            return "file", text
+        if _is_glob(text):
+            matches = sorted(glob.iglob(text, recursive=True))
+            if not matches:
+                raise UsageError(f"no files match {text!r}")
+            return "glob", matches
+        if os.path.lexists(text):
+            return "file", text  # a dangling symlink: an error row, not a usage error
+        raise UsageError(f"no such file or directory: {text!r}")
+
+    def _passthrough_schema(self) -> pa.Schema:
+        fields: dict[str, pa.Field] = {}
+        for manifest in self.manifests:
+            for f in manifest.extras:
+                name = self._rename.get(f.name, f.name)
+                if name in fields and fields[name].type != f.type:
+                    raise UsageError(
+                        f"manifest column {f.name!r} has type {f.type} in {manifest.path} "
+                        f"but {fields[name].type} in an earlier manifest"
+                    )
+                fields[name] = f.with_name(name)
+        return pa.schema(list(fields.values()))
+
+    def _paths(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        for kind, value in self._plan:
+            if kind == "file":
+                yield value, {}
+            elif kind == "dir":
+                for path in _walk(value, self.recursive):
+                    yield path, {}
+            elif kind == "glob":
+                for path in value:
+                    if os.path.isdir(path):
+                        yield from ((p, {}) for p in _walk(path, self.recursive))
+                    else:
+                        yield path, {}
+            elif kind == "list":
+                folder = os.path.dirname(value)
+                with open(value, encoding="utf-8") as lines:
+                    yield from ((os.path.join(folder, p), {}) for p in _listed(lines))
+            elif kind == "stdin":
+                yield from ((p, {}) for p in _listed(self.stdin))
+            else:
+                manifest: _Manifest = value
+                for path, extras in manifest.rows():
+                    if path is not None and not os.path.isabs(path):
+                        path = os.path.join(manifest.folder, path)
+                    yield path, {self._rename.get(k, k): v for k, v in extras.items()}
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        for index, (path, extras) in enumerate(self._paths()):
+            if not path:
+                yield SourceItem(index, "", extras, error="manifest row has no path")
+            else:
+                yield SourceItem(index, path, extras)
+
+    def count(self) -> int | None:
+        """The number of items when it is cheap to know (no stdin, no JSONL read); else None."""
+        if any(kind == "stdin" for kind, _ in self._plan):
+            return None
+        total = 0
+        for kind, value in self._plan:
+            if kind == "manifest" and value.suffix == ".parquet":
+                total += pq.ParquetFile(value.path).metadata.num_rows
+            elif kind in ("manifest", "dir", "list"):
+                return None
+            else:
+                total += len(value) if kind == "glob" else 1
+        return total
+
+
+def _listed(lines: Iterable[str]) -> Iterator[str]:
+    """Non-blank lines that are not ``#`` comments, stripped of the newline only (names may have spaces)."""
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield line
+
+
+def read_scores(path: str) -> pa.Table:
+    """A whole scores file (for rank/filter, which need every row anyway)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return pq.read_table(path)
+    if suffix == ".csv":
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+    import pyarrow.json as pajson
+
+    return pajson.read_json(path)
+
+
+def read_provenance(path: str) -> dict[str, Any]:
+    if Path(path).suffix.lower() == ".parquet":
+        raw = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY.encode(), b"{}")
+        return json.loads(raw)
+    return json.loads(meta_path(path).read_text(encoding="utf-8"))
