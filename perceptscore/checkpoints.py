@@ -7,6 +7,7 @@ the file can run code.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from perceptscore.errors import CheckpointError, UsageError, WeightsNotFoundError
 from perceptscore.model import PerceptModel
-from perceptscore.tasks import get_task
+from perceptscore.tasks import Task, get_task
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,13 +46,13 @@ def read_release_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on CUDA, exact fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp16 on CUDA, exact fp32 elsewhere. Returns a key of ``PRECISIONS``."""
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
+    return precision
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -65,6 +66,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} asked for, but this torch sees no CUDA device")
     return dev
+
+
+def resolve_checkpoint(task: Task, given: str | Path | None) -> Path:
+    """The weights file to use for ``task``."""
+    if given is None:
+        raise WeightsNotFoundError(
+            f"no weights for task {task.name}: download {task.release.filename} from "
+            f"https://huggingface.co/{task.release.repo_id} and pass it with --checkpoint {task.name}=PATH"
+        )
+    return Path(given)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_model(
@@ -82,13 +101,9 @@ def load_model(
     non-standard sizes: it cannot be read from the tensors.
     """
     spec = get_task(task)
-    if checkpoint is None:
-        raise WeightsNotFoundError(
-            f"no weights given for task {spec.name}: download {spec.release.filename} from "
-            f"https://huggingface.co/{spec.release.repo_id} and pass checkpoint=PATH"
-        )
+    checkpoint = resolve_checkpoint(spec, checkpoint)
     dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    dtype = PRECISIONS[resolve_precision(precision, dev)]
     state_dict = read_release_state_dict(checkpoint)
     model = PerceptModel.from_release(state_dict, base=spec.architecture, heads=heads)
     if model.arch.outputs != spec.outputs:

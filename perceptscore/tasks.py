@@ -102,11 +102,44 @@ class Task:
             return (self.name, f"{self.name}_raw")
         return (self.name,)
 
+    @property
+    def sort_column(self) -> str:
+        """The number rank/filter use: the display score, or for a classifier its confidence."""
+        return f"{self.name}_confidence" if self.labels else self.name
+
     def display_score(self, raw: float) -> float:
         if self.display is None:
             return raw
         low, high = self.display
         return (raw - low) / (high - low)
+
+    def values(self, raw: Any) -> dict[str, list[Any]]:
+        """Raw head outputs (n, outputs) as a numpy array -> this task's output columns, one list each.
+
+        Regression: the raw value (and, where the release has one, its display mapping). Classification:
+        softmax probabilities per label, the argmax label and its probability.
+        """
+        import numpy as np
+
+        raw = np.asarray(raw, dtype=np.float64)
+        if self.labels:
+            shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
+            probs = shifted / shifted.sum(axis=1, keepdims=True)
+            best = probs.argmax(axis=1)
+            columns: dict[str, list[Any]] = {
+                self.name: [self.labels[i] for i in best],
+                f"{self.name}_confidence": probs.max(axis=1).tolist(),
+            }
+            for j, label in enumerate(self.labels):
+                columns[f"{self.name}_{label}"] = probs[:, j].tolist()
+            return columns
+        scores = raw[:, 0]
+        if self.display:
+            return {
+                self.name: [self.display_score(s) for s in scores.tolist()],
+                f"{self.name}_raw": scores.tolist(),
+            }
+        return {self.name: scores.tolist()}
 
 
 def _task_from_dict(name: str, d: dict[str, Any], archs: dict[str, Any]) -> Task:
@@ -147,3 +180,33 @@ def get_task(name: str) -> Task:
         f"{t.name} ({', '.join(t.aliases)})" if t.aliases else t.name for t in all_tasks().values()
     )
     raise UsageError(f"unknown task {name!r}; known tasks: {known}")
+
+
+def output_columns(tasks: list[Task]) -> list[str]:
+    """The columns of a scores file for these tasks, before any passthrough columns."""
+    return ["path", *(c for t in tasks for c in t.columns), "error"]
+
+
+def parse_tasks(values: list[str]) -> list[str]:
+    """``-t a,b -t c`` -> canonical names, in order, once each."""
+    names = [get_task(v).name for value in values for v in value.split(",") if v.strip()]
+    if not names:
+        raise UsageError("no task given: use -t memorability, quality or emotion (several: -t mem,quality)")
+    return list(dict.fromkeys(names))
+
+
+def parse_checkpoint_options(values: list[str], tasks: list[str]) -> dict[str, str]:
+    """``--checkpoint TASK=PATH`` (repeatable), or a bare ``PATH`` when exactly one task is asked."""
+    names = {alias: t.name for t in all_tasks().values() for alias in (t.name, *t.aliases)}
+    result: dict[str, str] = {}
+    for value in values:
+        key, sep, path = value.partition("=")
+        if sep and key.strip().lower() in names:
+            result[names[key.strip().lower()]] = path
+        elif len(tasks) == 1:
+            result[get_task(tasks[0]).name] = value
+        else:
+            raise UsageError(
+                f"--checkpoint {value!r}: with several tasks write TASK=PATH, e.g. quality=iqa.pth"
+            )
+    return result

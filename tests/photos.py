@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 from PIL import Image
 
@@ -28,3 +29,16 @@ def varied_photos() -> dict[str, Image.Image]:
         "exact_224": coffee.crop((0, 0, 224, 224)),
         "large_12mp": coffee.resize((4000, 3000), Image.Resampling.BICUBIC),
     }
+
+
+def write_photo_set(folder: Path) -> Path:
+    """Files whose sorted order is known: a_square.jpg, b_landscape.png, c_cat.webp, d_portrait.jpg,
+    e_panorama.jpg, f_12mp.jpg."""
+    coffee = sample("coffee.png")
+    sample("astronaut.png").save(folder / "a_square.jpg", quality=90)
+    coffee.save(folder / "b_landscape.png")
+    sample("chelsea.png").save(folder / "c_cat.webp", quality=85)
+    sample("rocket.jpg").save(folder / "d_portrait.jpg", quality=90)
+    coffee.resize((2400, 300), Image.Resampling.LANCZOS).save(folder / "e_panorama.jpg", quality=90)
+    coffee.resize((4000, 3000), Image.Resampling.BICUBIC).save(folder / "f_12mp.jpg", quality=90)
+    return folder

@@ -19,7 +19,8 @@ FULL_SIZE = {
     "num_hidden_layers": 24,
     "num_attention_heads": 16,
 }
-TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+# 128 wide, 2 heads: the loader's default heads (width // 64) fits it, so no override is needed.
+TINY = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 class ReleaseMLP(nn.Module):

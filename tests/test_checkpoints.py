@@ -14,7 +14,7 @@ LORA_B_1 = "model.base_model.model.encoder.layers.1.self_attn.v_proj.lora_B.defa
 
 
 def tampered(release_checkpoints, tmp_path: Path, change) -> Path:  # type: ignore[no-untyped-def]
-    sd = torch.load(release_checkpoints[1][0], weights_only=True)
+    sd = torch.load(release_checkpoints["memorability"][0], weights_only=True)
     change(sd)
     path = tmp_path / "tampered.pth"
     torch.save(sd, path)
@@ -65,7 +65,7 @@ def test_many_problems_are_counted_not_dumped(release_checkpoints, tmp_path: Pat
 
 
 def test_wrong_number_of_outputs_for_the_task(release_checkpoints) -> None:
-    message = load_error(release_checkpoints[8][0], task="memorability")
+    message = load_error(release_checkpoints["emotion"][0], task="memorability")
     assert "has 8 outputs, task memorability needs 1" in message
 
 
@@ -116,7 +116,7 @@ def test_no_checkpoint_names_where_to_get_one() -> None:
 
 
 def test_bad_device_and_precision_are_usage_errors(release_checkpoints) -> None:
-    path = release_checkpoints[1][0]
+    path = release_checkpoints["memorability"][0]
     with pytest.raises(UsageError, match="unknown precision 'fp8'"):
         perceptscore.load_model("memorability", checkpoint=path, precision="fp8")
     with pytest.raises(UsageError, match="unknown device"):

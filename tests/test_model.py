@@ -21,7 +21,7 @@ TASK_FOR_OUTPUTS = {1: "memorability", 8: "emotion"}
 def test_release_checkpoint_reproduces_release_forward(
     release_checkpoints, outputs: int, merge: bool
 ) -> None:
-    path, reference = release_checkpoints[outputs]
+    path, reference = release_checkpoints[TASK_FOR_OUTPUTS[outputs]]
     model = perceptscore.load_model(TASK_FOR_OUTPUTS[outputs], checkpoint=path, heads=2, merge=merge)
     assert model.merged is merge
     x = torch.randn(5, 3, 224, 224, generator=torch.Generator().manual_seed(7))
@@ -32,7 +32,7 @@ def test_release_checkpoint_reproduces_release_forward(
 
 
 def test_every_release_key_is_accounted_for(release_checkpoints) -> None:
-    path, _ = release_checkpoints[1]
+    path, _ = release_checkpoints["memorability"]
     saved = torch.load(path, weights_only=True)
     model = perceptscore.load_model("memorability", checkpoint=path, heads=2, merge=False)
     assert release_key_shapes(model.arch) == {k: tuple(v.shape) for k, v in saved.items()}
@@ -44,7 +44,7 @@ def test_every_release_key_is_accounted_for(release_checkpoints) -> None:
 
 def test_dropping_one_adapter_is_detected_by_the_tolerance(release_checkpoints) -> None:
     """The 1e-5 comparison above can fail: losing one layer's q adapter moves outputs far beyond it."""
-    path, reference = release_checkpoints[1]
+    path, reference = release_checkpoints["memorability"]
     sd = torch.load(path, weights_only=True)
     key = "model.base_model.model.encoder.layers.0.self_attn.q_proj.lora_B.default.weight"
     sd[key] = torch.zeros_like(sd[key])
@@ -55,7 +55,7 @@ def test_dropping_one_adapter_is_detected_by_the_tolerance(release_checkpoints) 
 
 
 def test_merge_folds_adapters_and_drops_their_keys(release_checkpoints) -> None:
-    path, _ = release_checkpoints[8]
+    path, _ = release_checkpoints["emotion"]
     model = perceptscore.load_model("emotion", checkpoint=path, heads=2, merge=False)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_merge_folds_adapters_and_drops_their_keys(release_checkpoints) -> None:
 
 
 def test_half_precision_stays_close_to_fp32(release_checkpoints) -> None:
-    path, _ = release_checkpoints[8]
+    path, _ = release_checkpoints["emotion"]
     exact = perceptscore.load_model("emotion", checkpoint=path, heads=2)
     half = perceptscore.load_model("emotion", checkpoint=path, heads=2, precision="bf16")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
