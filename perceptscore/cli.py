@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,8 +19,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
 
 def _show_version(value: bool) -> None:
@@ -38,6 +39,227 @@ def _root(
     """Score image collections for memorability, quality and emotion with PerceptCLIP."""
 
 
+# ---- options shared by the commands that score ------------------------------------------------------
+Inputs = Annotated[
+    list[str],
+    typer.Argument(
+        help="Image files, folders (recursive), globs, @list.txt, - (paths on stdin), .parquet/.csv/.jsonl "
+        "manifests, or scores files written by `score`.",
+        show_default=False,
+    ),
+]
+Checkpoints = Annotated[
+    list[str] | None,
+    typer.Option("--checkpoint", help="Weights: TASK=PATH (repeatable), or PATH when one task is asked."),
+]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+BatchSize = Annotated[int | None, typer.Option(help="Images per batch.", show_default="64 on CUDA, 8 on CPU")]
+Workers = Annotated[
+    int | None, typer.Option(help="Decode worker processes.", show_default="by device and cores")
+]
+PathColumn = Annotated[
+    str | None, typer.Option(help="Manifest column holding the paths.", show_default="path")
+]
+Recursive = Annotated[bool, typer.Option(help="Descend into sub-folders of folder inputs.")]
+FastDecode = Annotated[
+    bool, typer.Option(help="JPEG draft decoding: 4-6x faster on large photos, scores shift slightly.")
+]
+
+
+def _options(
+    tasks: list[str],
+    checkpoint: list[str] | None,
+    device: str,
+    precision: str,
+    batch_size: int | None,
+    workers: int | None,
+    fast_decode: bool,
+    recursive: bool,
+    path_column: str | None,
+):  # type: ignore[no-untyped-def]
+    from perceptscore.jobs import ScoreOptions
+    from perceptscore.tasks import parse_checkpoint_options
+
+    return ScoreOptions(
+        tasks, parse_checkpoint_options(checkpoint or [], tasks), device, precision, batch_size, workers,
+        fast_decode, recursive, path_column,
+    )  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _reporter(total: int | None):  # type: ignore[no-untyped-def]
+    from perceptscore.progress import Reporter
+
+    return Reporter(err_console, total)
+
+
+@app.command()
+def score(
+    inputs: Inputs,
+    task: Annotated[
+        list[str], typer.Option("-t", "--task", help="Task(s): memorability, quality, emotion; a,b.")
+    ],
+    out: Annotated[
+        str, typer.Option("-o", "--out", help="Output .csv/.parquet/.jsonl, or - for CSV on stdout.")
+    ] = "-",
+    checkpoint: Checkpoints = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    path_column: PathColumn = None,
+    recursive: Recursive = True,
+    fast_decode: FastDecode = False,
+) -> None:
+    """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
+    from perceptscore import jobs
+    from perceptscore.tasks import parse_tasks
+
+    tasks = parse_tasks(task)
+    options = _options(
+        tasks, checkpoint, device, precision, batch_size, workers, fast_decode, recursive, path_column
+    )
+    outcome = jobs.score(inputs, out, options, _reporter)
+    where = "stdout" if out == "-" else out
+    err_console.print(f"scored {_count(outcome.rows, 'file')}, {_count(outcome.errors, 'error')} -> {where}")
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def rank(
+    inputs: Inputs,
+    task: Annotated[str, typer.Option("-t", "--task", help="The task to rank by.")],
+    top: Annotated[int, typer.Option(help="How many rows to show and write (0: all).")] = 20,
+    ascending: Annotated[bool, typer.Option(help="Lowest scores first.")] = False,
+    out: Annotated[str | None, typer.Option("-o", "--out", help="Also write the ranked rows here.")] = None,
+    checkpoint: Checkpoints = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    path_column: PathColumn = None,
+    recursive: Recursive = True,
+    fast_decode: FastDecode = False,
+) -> None:
+    """Rank images (or a scores file) by one task's score; the top rows as a table, and to a file."""
+    from perceptscore import jobs, select
+    from perceptscore.tasks import get_task, parse_tasks
+
+    spec = get_task(task)
+    options = _options(
+        parse_tasks([task]),
+        checkpoint,
+        device,
+        precision,
+        batch_size,
+        workers,
+        fast_decode,
+        recursive,
+        path_column,
+    )
+    scored = jobs.scored_rows(inputs, [spec], options, _reporter)
+    select.require_columns(scored.frame, [spec], "input")
+    ranked = select.rank(scored.frame, spec, top, ascending)
+    if out:
+        jobs.write_rows(ranked, out, scored.provenance)
+    if console.is_terminal:
+        _print_ranking(ranked, spec)
+    elif not out:
+        jobs.write_rows(ranked, "-", scored.provenance)
+    raise typer.Exit(scored.outcome.exit_code)
+
+
+def _print_ranking(ranked, spec) -> None:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    table = Table("#", spec.sort_column, *(["emotion"] if spec.labels else []), "path")
+    for n, row in enumerate(ranked.itertuples(index=False), start=1):
+        values = row._asdict()
+        label = [str(values[spec.name])] if spec.labels else []
+        table.add_row(str(n), f"{values[spec.sort_column]:.4f}", *label, str(values["path"]))
+    console.print(table)
+
+
+@app.command("filter")
+def filter_(
+    inputs: Inputs,
+    min_quality: Annotated[
+        float | None, typer.Option(help="Keep quality >= X (display score, ~0-1).")
+    ] = None,
+    max_quality: Annotated[float | None, typer.Option(help="Keep quality <= X.")] = None,
+    min_memorability: Annotated[float | None, typer.Option(help="Keep memorability >= X.")] = None,
+    max_memorability: Annotated[float | None, typer.Option(help="Keep memorability <= X.")] = None,
+    emotion: Annotated[str | None, typer.Option(help="Keep these predicted emotions: a,b.")] = None,
+    top_fraction: Annotated[float | None, typer.Option(help="Keep the best F (0-1] by --by.")] = None,
+    by: Annotated[str | None, typer.Option(help="Task for --top-fraction.")] = None,
+    copy_to: Annotated[Path | None, typer.Option(help="Copy the kept files here (never overwrites).")] = None,
+    symlink_to: Annotated[Path | None, typer.Option(help="Symlink the kept files here.")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--out",
+            help="A list of paths (.txt), or rows (.csv/.parquet/.jsonl).",
+            show_default="paths on stdout",
+        ),
+    ] = None,
+    checkpoint: Checkpoints = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    path_column: PathColumn = None,
+    recursive: Recursive = True,
+    fast_decode: FastDecode = False,
+) -> None:
+    """Keep the images that meet thresholds; list, copy or symlink them."""
+    from perceptscore import jobs, select
+    from perceptscore.errors import UsageError
+    from perceptscore.sinks import FORMATS
+
+    criteria = select.Criteria(
+        minimum={
+            k: v for k, v in (("quality", min_quality), ("memorability", min_memorability)) if v is not None
+        },
+        maximum={
+            k: v for k, v in (("quality", max_quality), ("memorability", max_memorability)) if v is not None
+        },
+        emotions=[e.strip() for e in emotion.split(",") if e.strip()] if emotion else [],
+        top_fraction=top_fraction,
+        by=by,
+    )
+    criteria.validate()
+    if copy_to and symlink_to:
+        raise UsageError("choose one of --copy-to and --symlink-to")
+    tasks = [t.name for t in criteria.tasks()]
+    options = _options(
+        tasks, checkpoint, device, precision, batch_size, workers, fast_decode, recursive, path_column
+    )
+    scored = jobs.scored_rows(inputs, criteria.tasks(), options, _reporter)
+    select.require_columns(scored.frame, criteria.tasks(), "input")
+    kept = select.select(scored.frame, criteria)
+    paths = kept["path"].tolist()
+    failed: list[str] = []
+    if copy_to or symlink_to:
+        placed, failed = select.place(paths, copy_to or symlink_to, symlink=symlink_to is not None)  # type: ignore[arg-type]
+        verb = "symlinked" if symlink_to else "copied"
+        err_console.print(f"{verb} {len(placed)} files to {copy_to or symlink_to}")
+        for message in failed:
+            err_console.print(f"[red]not placed:[/red] {message}")
+    if out and Path(out).suffix.lower() in FORMATS:
+        jobs.write_rows(kept, out, scored.provenance)
+    elif out:
+        jobs.write_list(paths, out)
+    elif not (copy_to or symlink_to):
+        sys.stdout.write("".join(f"{p}\n" for p in paths))
+    err_console.print(f"kept {len(kept)} of {scored.outcome.rows} files")
+    raise typer.Exit(1 if failed else scored.outcome.exit_code)
+
+
 @app.command()
 def tasks() -> None:
     """List the perceptual tasks, their output columns and released weights."""
@@ -45,15 +267,10 @@ def tasks() -> None:
 
     from perceptscore.tasks import all_tasks
 
-    table = Table("task", "aliases", "columns", "preprocessing", "released weights")
+    table = Table("task", "aliases", "columns", "released weights")
     for t in all_tasks().values():
-        table.add_row(
-            t.name,
-            ", ".join(t.aliases),
-            ", ".join(t.columns[:3]) + (", ..." if len(t.columns) > 3 else ""),
-            t.preprocess.describe(),
-            f"{t.release.repo_id}/{t.release.filename}",
-        )
+        columns = ", ".join(t.columns[:3]) + (", ..." if len(t.columns) > 3 else "")
+        table.add_row(t.name, ", ".join(t.aliases), columns, f"{t.release.repo_id}/{t.release.filename}")
     console.print(table)
 
 

@@ -1,0 +1,130 @@
+"""Rank and filter scored rows, and place the chosen files (copy or symlink) without ever overwriting."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from perceptscore.errors import UsageError
+from perceptscore.tasks import Task, get_task
+
+
+def require_columns(df: pd.DataFrame, tasks: Iterable[Task], source: str) -> None:
+    missing = [t.sort_column for t in tasks if t.sort_column not in df.columns] + (
+        ["path"] if "path" not in df.columns else []
+    )
+    if missing:
+        found = ", ".join(map(str, df.columns))
+        raise UsageError(f"{source} lacks column(s) {', '.join(missing)} (columns found: {found})")
+
+
+def scored_only(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows that were scored: error rows (and rows with a missing score) take no part in a selection."""
+    return df[df["error"].isna()] if "error" in df.columns else df
+
+
+def rank(df: pd.DataFrame, task: Task, top: int = 0, ascending: bool = False) -> pd.DataFrame:
+    """Scored rows sorted by the task's score (display score; confidence for emotion), ties in input
+    order; the first ``top`` of them (0: all)."""
+    ranked = scored_only(df).dropna(subset=[task.sort_column])
+    ranked = ranked.sort_values(task.sort_column, ascending=ascending, kind="stable")
+    return ranked.head(top) if top > 0 else ranked
+
+
+@dataclass
+class Criteria:
+    """Thresholds on display scores (inclusive), emotion labels, and a top fraction by one task."""
+
+    minimum: dict[str, float] = field(default_factory=dict)
+    maximum: dict[str, float] = field(default_factory=dict)
+    emotions: Sequence[str] = ()
+    top_fraction: float | None = None
+    by: str | None = None
+
+    def tasks(self) -> list[Task]:
+        names = [
+            *self.minimum,
+            *self.maximum,
+            *(["emotion"] if self.emotions else []),
+            *([self.by] if self.by else []),
+        ]
+        return list({t.name: t for t in map(get_task, names)}.values())
+
+    def validate(self) -> None:
+        if not self.tasks():
+            raise UsageError(
+                "filter needs a criterion: --min-<task>, --max-<task>, --emotion or --top-fraction"
+            )
+        if (self.top_fraction is None) != (self.by is None):
+            raise UsageError("--top-fraction and --by go together")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise UsageError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
+        if self.emotions:
+            labels = get_task("emotion").labels or ()
+            unknown = [e for e in self.emotions if e not in labels]
+            if unknown:
+                raise UsageError(f"unknown emotion(s) {', '.join(unknown)}; known: {', '.join(labels)}")
+
+
+def select(df: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
+    """Scored rows meeting every threshold and label; then, if asked, the best ``top_fraction`` of those
+    by ``by`` (rounded up). Rows keep their input order."""
+    chosen = scored_only(df)
+    for name, low in criteria.minimum.items():
+        chosen = chosen[chosen[get_task(name).sort_column] >= low]
+    for name, high in criteria.maximum.items():
+        chosen = chosen[chosen[get_task(name).sort_column] <= high]
+    if criteria.emotions:
+        chosen = chosen[chosen["emotion"].isin(list(criteria.emotions))]
+    if criteria.top_fraction is not None and criteria.by is not None and len(chosen):
+        keep = math.ceil(criteria.top_fraction * len(chosen))
+        best = rank(chosen, get_task(criteria.by), top=keep)
+        chosen = chosen.loc[chosen.index.isin(best.index)]
+    return chosen
+
+
+def place(
+    paths: Iterable[str], dest: str | Path, symlink: bool = False
+) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Copy (or symlink) each file into ``dest``; a name already taken there gets ``-1``, ``-2``, ...
+    Returns (source, destination) pairs and one message per file that could not be placed."""
+    folder = Path(dest)
+    folder.mkdir(parents=True, exist_ok=True)
+    placed, failed = [], []
+    for src in paths:
+        if not os.path.isfile(src):
+            failed.append(f"{src}: no such file")
+            continue
+        name = Path(src)
+        for n in range(100_000):
+            target = folder / (name.name if n == 0 else f"{name.stem}-{n}{name.suffix}")
+            try:
+                if symlink:
+                    os.symlink(os.path.abspath(src), target)
+                else:
+                    _copy_exclusive(src, target)
+                placed.append((src, target))
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                failed.append(f"{src}: {exc.strerror or exc}")
+                break
+    return placed, failed
+
+
+def _copy_exclusive(src: str, target: Path) -> None:
+    """Copy data and timestamps; "x" mode creates the file or fails if any file has that name."""
+    with open(src, "rb") as fin, open(target, "xb") as fout:
+        try:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+        except BaseException:
+            target.unlink(missing_ok=True)  # no truncated copy left behind (disk full, Ctrl-C)
+            raise
+    shutil.copystat(src, target)
