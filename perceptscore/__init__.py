@@ -13,10 +13,15 @@ from perceptscore._version import __version__
 if TYPE_CHECKING:
     from perceptscore.checkpoints import load_model
     from perceptscore.model import PerceptModel
+    from perceptscore.pipeline import Scorer
 
-__all__ = ["PerceptModel", "__version__", "load_model"]
+__all__ = ["PerceptModel", "Scorer", "__version__", "load_model"]
 
-_LAZY = {"load_model": "perceptscore.checkpoints", "PerceptModel": "perceptscore.model"}
+_LAZY = {
+    "load_model": "perceptscore.checkpoints",
+    "PerceptModel": "perceptscore.model",
+    "Scorer": "perceptscore.pipeline",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -94,7 +95,8 @@ def _count(n: int, noun: str) -> str:
 def _reporter(total: int | None):  # type: ignore[no-untyped-def]
     from perceptscore.progress import Reporter
 
-    return Reporter(err_console, total)
+    # Off a terminal (cron, pipes) progress is a log line every PERCEPTSCORE_LOG_EVERY seconds.
+    return Reporter(err_console, total, interval=float(os.environ.get("PERCEPTSCORE_LOG_EVERY", "30")))
 
 
 @app.command()

@@ -45,7 +45,7 @@ class Reporter:
         self.files += files
         self.errors += errors
         if self._bar is not None:
-            errors_text = f"{self.errors} errors" if self.errors else ""
+            errors_text = f"{self.errors} error{'s' if self.errors != 1 else ''}" if self.errors else ""
             self._bar.update(
                 self._task, completed=self.files, rate=f"{self.rate:.1f} files/s", errors=errors_text
             )
