@@ -20,8 +20,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # never break a path across lines
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _show_version(value: bool) -> None:
@@ -276,10 +276,74 @@ def tasks() -> None:
     console.print(table)
 
 
+weights_app = typer.Typer(help="List, download, convert and check model weights.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+WeightsTask = Annotated[
+    str | None, typer.Option("--task", "-t", help="The task, when the file name does not say.")
+]
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """The released weights of each task and the local copy that would be used (no network)."""
+    from rich.table import Table
+
+    from perceptscore import jobs
+
+    table = Table("task", "released file", "local copy")
+    for row in jobs.weights_status():
+        table.add_row(row["task"], row["release"], row["local"])
+    console.print(table)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    task: Annotated[
+        list[str], typer.Argument(help="memorability, quality, emotion, or all.", show_default=False)
+    ],
+) -> None:
+    """Download a task's released weights (resumable, sha256-checked) and convert them into our cache."""
+    from perceptscore import jobs
+    from perceptscore.tasks import all_tasks, parse_tasks
+
+    names = list(all_tasks()) if task == ["all"] else parse_tasks(task)
+    for name in names:
+        report = jobs.fetch(name)
+        console.print(f"{report['task']}: {report['path']} (from {report['origin']})")
+
+
+@weights_app.command("convert")
+def weights_convert(
+    src: Annotated[str, typer.Argument(help="A release .pth (or one of our files).", show_default=False)],
+    dst: Annotated[str, typer.Argument(help="The output .safetensors.", show_default=False)],
+    task: WeightsTask = None,
+    precision: Annotated[str, typer.Option(help="fp32 (exact), fp16 or bf16 (half the size).")] = "fp32",
+) -> None:
+    """Convert weights to our safetensors format (no pickle, loads faster)."""
+    from perceptscore import jobs
+
+    report = jobs.convert(src, dst, task, precision)
+    console.print(f"{report['task']}: wrote {dst} ({report['bytes'] / 1e6:.1f} MB) from {src}")
+
+
+@weights_app.command("verify")
+def weights_verify(
+    path: Annotated[
+        str, typer.Argument(help="A release .pth or one of our .safetensors.", show_default=False)
+    ],
+    task: WeightsTask = None,
+) -> None:
+    """Load a weights file completely, check every key, and print what it holds."""
+    from perceptscore import jobs
+
+    for key, value in jobs.verify(path, task).items():
+        console.print(f"{key}: {value}")
+
+
 def main() -> None:
     """Console-script entry: user mistakes become one red line and their exit code, never a traceback."""
     try:
         app()
     except PerceptScoreError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(exc.exit_code)

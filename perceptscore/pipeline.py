@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,15 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from perceptscore._version import __version__
-from perceptscore.checkpoints import (
-    PRECISIONS,
-    file_sha256,
-    load_model,
-    resolve_checkpoint,
-    resolve_device,
-    resolve_precision,
-)
+from perceptscore.checkpoints import PRECISIONS, load_model, read_metadata, resolve_device, resolve_precision
 from perceptscore.errors import UsageError
+from perceptscore.hub import Weights, file_sha256, resolve
 from perceptscore.images import DecodeError, decode, draft_side
 from perceptscore.model import PerceptModel
 from perceptscore.preprocess import normalize, prepare
@@ -104,18 +99,27 @@ def default_workers(device: torch.device) -> int:
     return 0 if cores <= 4 else min(4, cores // 4)  # on CPU the model needs the cores; decoding is cheap
 
 
+def _source(path: Path) -> dict[str, str]:
+    """For a converted file: the release file it came from and that file's sha256."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    metadata = read_metadata(path)
+    return {"source": metadata["source"], "source_sha256": metadata["source_sha256"]}
+
+
 class Scorer:
     """Score images for one or more tasks; ``score()`` returns a DataFrame, ``iter_batches()`` streams rows.
 
-    ``checkpoints`` maps task name -> checkpoint file. ``device`` auto/cpu/cuda[:i]; ``precision``
-    auto (fp16 on CUDA, fp32 on CPU)/fp32/fp16/bf16. ``fast_decode`` uses JPEG draft mode (faster,
-    pixels differ slightly from the release's decoding).
+    ``checkpoints`` maps task name -> weights file (or resolved ``hub.Weights``); a task without one gets
+    its weights by ``hub.resolve`` (local folders, caches, then a download). ``device`` auto/cpu/cuda[:i];
+    ``precision`` auto (fp16 on CUDA, fp32 on CPU)/fp32/fp16/bf16. ``fast_decode`` uses JPEG draft mode
+    (faster, pixels differ slightly from the release's decoding).
     """
 
     def __init__(
         self,
         tasks: Sequence[str] | str,
-        checkpoints: dict[str, str] | None = None,
+        checkpoints: dict[str, str | Path | Weights] | None = None,
         device: str = "auto",
         precision: str = "auto",
         batch_size: int | None = None,
@@ -135,9 +139,13 @@ class Scorer:
             raise UsageError("--batch-size must be at least 1 and --workers at least 0")
         self.fast_decode = fast_decode
         given = {get_task(k).name: v for k, v in (checkpoints or {}).items()}
-        self.checkpoints = {t.name: resolve_checkpoint(t, given.get(t.name)) for t in self.tasks}
+        self.weights = {
+            t.name: w if isinstance(w := given.get(t.name), Weights) else resolve(t, w) for t in self.tasks
+        }
         self.models: dict[str, PerceptModel] = {
-            t.name: load_model(t.name, self.checkpoints[t.name], device=self.device, precision=self.precision)
+            t.name: load_model(
+                t.name, self.weights[t.name].path, device=self.device, precision=self.precision
+            )
             for t in self.tasks
         }
         self.specs = list(dict.fromkeys(t.preprocess for t in self.tasks))
@@ -166,8 +174,10 @@ class Scorer:
             "fast_decode": self.fast_decode,
             "tasks": {
                 t.name: {
-                    "checkpoint": str(self.checkpoints[t.name]),
-                    "sha256": file_sha256(self.checkpoints[t.name]),
+                    "checkpoint": str(self.weights[t.name].path),
+                    "origin": self.weights[t.name].origin,
+                    "sha256": file_sha256(self.weights[t.name].path),
+                    **_source(self.weights[t.name].path),
                     "preprocessing": t.preprocess.describe(),
                     **({"labels": list(t.labels), "labels_note": "index order assumed"} if t.labels else {}),
                 }

@@ -78,8 +78,18 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class Release:
+    """Where the authors publish a task's weights (a Hugging Face model repo)."""
+
     repo_id: str
     filename: str
+    revision: str = "main"
+    sha256: str | None = None  # pinned hash when known; downloads are always checked against the hub's
+    size: str = ""
+    license: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{self.filename}"
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,10 @@ class Task:
     release: Release
     labels: tuple[str, ...] | None = None
     display: tuple[float, float] | None = None  # raw -> (raw - low) / (high - low)
+    card: str = ""  # model card, relative to the weights package
+
+    def card_text(self) -> str:
+        return resources.files("perceptscore.weights").joinpath(self.card).read_text(encoding="utf-8")
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -154,6 +168,7 @@ def _task_from_dict(name: str, d: dict[str, Any], archs: dict[str, Any]) -> Task
         release=Release(**d["release"]),
         labels=tuple(d["labels"]) if d.get("labels") else None,
         display=(display["low"], display["high"]) if display else None,
+        card=d.get("card", ""),
     )
 
 

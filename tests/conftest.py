@@ -1,11 +1,28 @@
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
-import pytest
+# No test may reach a network or a user's caches: fresh cache folders, offline mode, and an endpoint where
+# nothing listens. Set before anything imports huggingface_hub, which reads some of these at import.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="perceptscore-tests-"))
+os.environ.update(
+    {
+        "HF_HOME": str(_SANDBOX / "hf"),
+        "PERCEPTSCORE_CACHE": str(_SANDBOX / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+)
+os.environ.pop("PERCEPTSCORE_WEIGHTS", None)
+os.environ.pop("HF_HUB_CACHE", None)
 
-from photos import write_photo_set
-from release_reference import ReleaseModel, make_release_checkpoint
+import pytest  # noqa: E402 - after the environment above, on purpose
+
+from photos import write_photo_set  # noqa: E402
+from release_reference import ReleaseModel, make_release_checkpoint  # noqa: E402
 
 OUTPUTS = {"memorability": 1, "quality": 1, "emotion": 8}
 

@@ -109,9 +109,10 @@ def test_garbage_and_absent_files(tmp_path: Path) -> None:
 
 
 def test_no_checkpoint_names_where_to_get_one() -> None:
-    with pytest.raises(
-        WeightsNotFoundError, match=r"perceptCLIP_IQA\.pth from https://huggingface\.co/PerceptCLIP"
-    ):
+    expected = (
+        r"perceptCLIP_IQA\.pth \(1\.23 GB\) from https://huggingface\.co/PerceptCLIP/PerceptCLIP_IQA/resolve/"
+    )
+    with pytest.raises(WeightsNotFoundError, match=expected):
         perceptscore.load_model("quality")
 
 

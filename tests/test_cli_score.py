@@ -186,7 +186,7 @@ def test_a_folder_with_bad_files_finishes_with_exit_code_1(
         (
             ["score", "PHOTOS", "-t", "quality"],
             3,
-            "error: no weights for task quality: download perceptCLIP_IQA.pth",
+            "error: no weights for task quality (HF_HUB_OFFLINE is set and nothing is cached)",
         ),
         (["score", "PHOTOS", "-t", "mem", "--checkpoint", "x.pth", "-o", "out.xlsx"], 2, "unknown format"),
         (["filter", "PHOTOS"], 2, "error: filter needs a criterion"),

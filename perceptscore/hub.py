@@ -1,0 +1,194 @@
+"""Where a task's weights come from, and getting them from the Hugging Face hub.
+
+Resolution order, first hit wins:
+``--checkpoint`` > ``$PERCEPTSCORE_WEIGHTS`` folder > our converted cache > the hub's cache > a download
+(unless ``HF_HUB_OFFLINE``) > ``WeightsNotFoundError`` (exit code 3) saying what to fetch and where to put it.
+
+Downloads go through ``huggingface_hub``: its cache under ``HF_HOME``/``HF_HUB_CACHE``, its progress bar,
+``HF_ENDPOINT``, and its resume of a dropped connection with a byte range. Since huggingface_hub 2 each
+download writes to a process-unique temporary file, so the partial file of a killed process is never reused
+and would stay on disk: stale ones (untouched for ``STALE_PARTIAL_S``) are removed before the next download.
+
+Every downloaded file's sha256 is checked against the registry's pin, else against the hash the hub reports
+(for LFS files the ETag, which also names the cached blob); a file that fails is deleted from the cache
+before the error is raised. Nothing here imports torch: a missing weight file is reported at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from perceptscore.errors import CheckpointError, WeightsNotFoundError
+from perceptscore.tasks import Task
+
+WEIGHTS_ENV = "PERCEPTSCORE_WEIGHTS"
+CACHE_ENV = "PERCEPTSCORE_CACHE"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+STALE_PARTIAL_S = 600  # a live download writes every few seconds; ten idle minutes means its process died
+
+
+def converted_cache() -> Path:
+    """Our cache of converted weights: ``$PERCEPTSCORE_CACHE``, else ``$XDG_CACHE_HOME/perceptscore``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "perceptscore"
+
+
+def hub_cache() -> Path:
+    """huggingface_hub's cache, read from the environment now (the library reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A task's weights file and where it was found (for messages and provenance)."""
+
+    task: str
+    path: Path
+    origin: str
+
+
+def missing_message(task: Task, reason: str) -> str:
+    folder = os.environ.get(WEIGHTS_ENV)
+    where = (
+        f"into {folder} ($PERCEPTSCORE_WEIGHTS)" if folder else "into a folder named by $PERCEPTSCORE_WEIGHTS"
+    )
+    return (
+        f"no weights for task {task.name} ({reason}): run `perceptscore weights fetch {task.name}` "
+        f"on a machine that reaches the hub, or download {task.release.filename} ({task.release.size}) from "
+        f"{task.release.url} {where}, or pass --checkpoint {task.name}=PATH"
+    )
+
+
+def local_candidates(task: Task) -> list[tuple[Path, str]]:
+    """Files that would serve ``task`` without any network, in resolution order."""
+    found: list[tuple[Path, str]] = []
+    if os.environ.get(WEIGHTS_ENV):
+        folder = Path(os.environ[WEIGHTS_ENV])
+        found += [
+            (folder / f"{task.name}.safetensors", f"${WEIGHTS_ENV}"),
+            (folder / task.release.filename, f"${WEIGHTS_ENV}"),
+        ]
+    found.append((converted_cache() / f"{task.name}.safetensors", "converted cache"))
+    cached = _hub_cached(task)
+    if cached is not None:
+        found.append((cached, "hub cache"))
+    return found
+
+
+def _hub_cached(task: Task) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(
+        task.release.repo_id, task.release.filename, cache_dir=hub_cache(), revision=task.release.revision
+    )
+    return Path(hit) if isinstance(hit, str) else None  # otherwise None or a "known missing" marker
+
+
+def resolve(task: Task, given: str | Path | None = None, download: bool = True) -> Weights:
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path}: no such file")
+        return Weights(task.name, path, "--checkpoint")
+    for path, origin in local_candidates(task):
+        if path.is_file():
+            return Weights(task.name, path, origin)
+    if not download:
+        raise WeightsNotFoundError(missing_message(task, "not downloaded yet"))
+    if offline():
+        raise WeightsNotFoundError(missing_message(task, "HF_HUB_OFFLINE is set and nothing is cached"))
+    return Weights(task.name, fetch_release(task), "downloaded")
+
+
+def fetch_release(task: Task) -> Path:
+    """Download the task's release file into the hub cache (resuming a partial one) and verify it."""
+    import huggingface_hub
+
+    _remove_stale_partials(task)
+    try:
+        path = Path(
+            huggingface_hub.hf_hub_download(
+                task.release.repo_id,
+                task.release.filename,
+                revision=task.release.revision,
+                cache_dir=hub_cache(),
+                endpoint=os.environ.get("HF_ENDPOINT") or None,
+            )
+        )
+    except (
+        Exception
+    ) as exc:  # the network stack's errors differ across huggingface_hub versions: all mean "failed"
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise WeightsNotFoundError(missing_message(task, f"download failed: {reason}")) from None
+    verify_download(task, path)
+    return path
+
+
+def _remove_stale_partials(task: Task) -> None:
+    blobs = hub_cache() / f"models--{task.release.repo_id.replace('/', '--')}" / "blobs"
+    now = time.time()
+    for partial in blobs.glob("*.incomplete"):
+        try:
+            if now - partial.stat().st_mtime > STALE_PARTIAL_S:
+                partial.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
+def verify_download(task: Task, path: Path) -> str:
+    """Check a downloaded file against the registry's pin or the hub's hash; delete it if it fails."""
+    blob = Path(os.path.realpath(path))
+    expected = task.release.sha256 or (blob.name if _SHA256.fullmatch(blob.name) else None)
+    actual = file_sha256(blob)
+    if expected is not None and actual != expected:
+        blob.unlink(missing_ok=True)
+        if path.is_symlink():
+            path.unlink()
+        raise CheckpointError(
+            f"downloaded {task.release.filename} is corrupt (sha256 {actual[:12]}..., the hub says "
+            f"{expected[:12]}...); it was removed from the cache: run again to download it anew"
+        )
+    return actual
+
+
+# ---- sha256 of large files, remembered -------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered in our cache by (real path, size, mtime): 1.2 GB takes about a second."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    memo_path = converted_cache() / "sha256.json"
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    memo[key] = digest.hexdigest()
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f".sha256.json.{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # a read-only cache only costs recomputing next time
+    return memo[key]
