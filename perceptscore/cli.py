@@ -116,6 +116,13 @@ def score(
     path_column: PathColumn = None,
     recursive: Recursive = True,
     fast_decode: FastDecode = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output.")] = False,
+    incremental: Annotated[
+        str | None,
+        typer.Option(
+            help="An earlier scores file: reuse its scores where a file's size and mtime are unchanged."
+        ),
+    ] = None,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore import jobs
@@ -125,10 +132,22 @@ def score(
     options = _options(
         tasks, checkpoint, device, precision, batch_size, workers, fast_decode, recursive, path_column
     )
-    outcome = jobs.score(inputs, out, options, _reporter)
-    where = "stdout" if out == "-" else out
-    err_console.print(f"scored {_count(outcome.rows, 'file')}, {_count(outcome.errors, 'error')} -> {where}")
+    outcome = jobs.score(inputs, out, options, _reporter, resume=resume, incremental=incremental)
+    err_console.print(_summary(outcome, out, incremental))
     raise typer.Exit(outcome.exit_code)
+
+
+def _summary(outcome, out: str, incremental: str | None) -> str:  # type: ignore[no-untyped-def]
+    notes = [f"{outcome.resumed} resumed"] if outcome.resumed else []
+    if incremental:
+        notes.append(f"{outcome.skipped} unchanged, reused from {incremental}")
+    if outcome.discarded:
+        notes.append(f"discarded {outcome.discarded} rows of an interrupted run (use --resume to keep them)")
+    if outcome.ignored:
+        notes.append(f"ignored {_count(outcome.ignored, 'file')} without an image extension")
+    where = "stdout" if out == "-" else out
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    return f"scored {_count(outcome.rows, 'file')}, {_count(outcome.errors, 'error')} -> {where}{extra}"
 
 
 @app.command()
@@ -347,3 +366,6 @@ def main() -> None:
     except PerceptScoreError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]")
+        sys.exit(130)

@@ -114,7 +114,7 @@ def resolve(task: Task, given: str | Path | None = None, download: bool = True) 
 
 
 def fetch_release(task: Task) -> Path:
-    """Download the task's release file into the hub cache (resuming a partial one) and verify it."""
+    """Download the task's release file into the hub cache and verify it."""
     import huggingface_hub
 
     _remove_stale_partials(task)
@@ -128,9 +128,8 @@ def fetch_release(task: Task) -> Path:
                 endpoint=os.environ.get("HF_ENDPOINT") or None,
             )
         )
-    except (
-        Exception
-    ) as exc:  # the network stack's errors differ across huggingface_hub versions: all mean "failed"
+    # The network stack's exceptions differ across huggingface_hub versions; here all mean "failed".
+    except Exception as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise WeightsNotFoundError(missing_message(task, f"download failed: {reason}")) from None
     verify_download(task, path)

@@ -9,6 +9,7 @@ files use their first frame, and images over Pillow's decompression-bomb limit a
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -40,7 +41,10 @@ def decode(path: str | os.PathLike[str], draft: int | None = None) -> Image.Imag
     Raises ``DecodeError`` with a short reason for anything that is not a readable image.
     """
     try:
-        if os.path.getsize(path) == 0:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named like an image would block or never end
+            raise DecodeError("is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+        if st.st_size == 0:
             raise DecodeError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

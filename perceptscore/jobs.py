@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +14,11 @@ import pandas as pd
 import pyarrow as pa
 
 from perceptscore.errors import UsageError
+from perceptscore.hub import Weights, file_sha256, resolve
 from perceptscore.progress import Reporter
+from perceptscore.runs import Interrupted, OutputLock, ShardedRun, StopOnSignal
 from perceptscore.sinks import FORMATS, Sink, check_output, write_atomic
-from perceptscore.sources import Sources, is_scores_file, read_provenance, read_scores
+from perceptscore.sources import SourceItem, Sources, is_scores_file, read_provenance, read_scores
 from perceptscore.tasks import Task, get_task, output_columns
 
 MakeReporter = Callable[[int | None], Reporter]
@@ -37,11 +42,13 @@ class ScoreOptions:
         columns = output_columns([get_task(t) for t in self.tasks])
         return Sources(inputs, self.recursive, self.path_column, reserved=columns)
 
-    def scorer(self):  # type: ignore[no-untyped-def]  # -> Scorer; imported lazily: it pulls in torch
-        from perceptscore.hub import resolve
+    def weights(self) -> dict[str, Weights]:
+        """Each task's weights file, found or downloaded, without loading anything (no torch)."""
+        return {t: resolve(get_task(t), self.checkpoints.get(t)) for t in self.tasks}
 
+    def scorer(self, weights: dict[str, Weights] | None = None):  # type: ignore[no-untyped-def]  # -> Scorer
         # Weights first, torch after: a missing file is reported at once, not after seconds of imports.
-        weights = {t: resolve(get_task(t), self.checkpoints.get(t)) for t in self.tasks}
+        weights = weights or self.weights()
         from perceptscore.pipeline import Scorer
 
         return Scorer(
@@ -52,30 +59,164 @@ class ScoreOptions:
 @dataclass
 class Outcome:
     rows: int = 0
-    errors: int = 0  # rows of this run that could not be scored
+    errors: int = 0  # rows of the output that could not be scored
+    resumed: int = 0  # rows taken from an interrupted run's shards
+    skipped: int = 0  # rows reused from --incremental's file (unchanged files)
+    discarded: int = 0  # rows of an interrupted run dropped because --resume was not given
+    ignored: int = 0  # files in input folders passed over (no image extension)
 
     @property
     def exit_code(self) -> int:
         return 1 if self.errors else 0
 
 
-def score(inputs: Sequence[str], out: str, options: ScoreOptions, make_reporter: MakeReporter) -> Outcome:
-    """Score every input into ``out`` (file or ``-``), streaming; the file appears only when complete."""
+def score(
+    inputs: Sequence[str],
+    out: str,
+    options: ScoreOptions,
+    make_reporter: MakeReporter,
+    resume: bool = False,
+    incremental: str | None = None,
+) -> Outcome:
+    """Score every input into ``out``. A file output is locked, written in resumable shards and appears
+    only when complete; ``resume`` continues an interrupted run; ``incremental`` reuses the scores of an
+    earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout."""
     sources = options.sources(inputs)  # bad inputs and outputs fail before seconds of model loading
     check_output(out)
-    scorer = options.scorer()
+    if out == "-" and (resume or incremental):
+        raise UsageError("--resume and --incremental need a file output (-o scores.parquet)")
+    tasks = [get_task(t) for t in options.tasks]
+    previous = Previous(incremental, tasks) if incremental else None
+    weights = options.weights()
+    if out == "-":
+        scorer = options.scorer(weights)
+        return _score_to_stream(scorer, sources, scorer.schema(sources.passthrough), make_reporter)
+
+    fingerprint = {
+        "tasks": [t.name for t in tasks],
+        "weights": {name: file_sha256(w.path) for name, w in weights.items()},
+        "precision": options.precision,
+        "fast_decode": options.fast_decode,
+        "inputs": list(inputs),
+        "recursive": options.recursive,
+        "path_column": options.path_column,
+        "incremental": incremental,
+    }
     outcome = Outcome()
-    with (
-        Sink(out, scorer.schema(sources.passthrough), scorer.provenance()) as sink,
-        make_reporter(sources.count()) as reporter,
-    ):
-        for rows in scorer.iter_batches(sources):
+    counted = _Counted(sources)
+    with OutputLock(Path(out)), StopOnSignal() as stop:  # the lock before the seconds of model loading
+        scorer = options.scorer(weights)
+        schema = scorer.schema(sources.passthrough)
+        run = ShardedRun(Path(out), schema, fingerprint, resume)
+        outcome.discarded = run.discarded
+        outcome.resumed = run.resumed_rows
+        pending = run.pending(counted)
+        batches = previous.merge(pending, scorer.iter_batches) if previous else scorer.iter_batches(pending)
+        with make_reporter(sources.count()) as reporter:
+            if run.resumed_rows:
+                reporter.advance(run.resumed_rows, 0)
+            for indices, rows in batches:
+                run.add(indices, rows)
+                reporter.advance(len(rows), sum(row["error"] is not None for row in rows))
+                if stop.signum is not None:
+                    run.flush()
+                    name = signal.Signals(stop.signum).name
+                    raise Interrupted(
+                        f"stopped by {name}: {run.resumed_rows} rows saved in {run.folder}; "
+                        "run the same command with --resume to continue",
+                        stop.signum,
+                    )
+        outcome.skipped = previous.skipped if previous else 0
+        provenance = scorer.provenance() | {"resumed_rows": outcome.resumed, "incremental": incremental}
+        with Sink(out, schema, provenance) as sink:
+            for table in run.tables(counted.count):
+                sink.write(table.to_pylist())
+                outcome.rows += table.num_rows
+                outcome.errors += table.num_rows - table.column("error").null_count
+        run.remove()
+    outcome.ignored = len(sources.ignored)
+    return outcome
+
+
+def _score_to_stream(scorer, sources: Sources, schema: pa.Schema, make_reporter: MakeReporter) -> Outcome:  # type: ignore[no-untyped-def]
+    outcome = Outcome()
+    with Sink("-", schema, scorer.provenance()) as sink, make_reporter(sources.count()) as reporter:
+        for _, rows in scorer.iter_batches(sources):
             sink.write(rows)
             errors = sum(row["error"] is not None for row in rows)
             outcome.rows += len(rows)
             outcome.errors += errors
             reporter.advance(len(rows), errors)
+    outcome.ignored = len(sources.ignored)
     return outcome
+
+
+class _Counted:
+    """Iterate the sources once, remembering how many items there were (to check the shards hold them all)."""
+
+    def __init__(self, items: Iterable[SourceItem]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        for item in self.items:
+            self.count = item.index + 1
+            yield item
+
+
+class Previous:
+    """An earlier scores file for ``--incremental``: its rows by path, reused where a file is unchanged."""
+
+    def __init__(self, path: str, tasks: Sequence[Task]) -> None:
+        if not (Path(path).is_file() and is_scores_file(path)):
+            raise UsageError(f"--incremental {path!r}: not a scores file written by perceptscore score")
+        table = read_scores(path)
+        self.columns = [c for t in tasks for c in t.columns]
+        needed = ["path", "error", "file_size", "file_mtime_ns", *self.columns]
+        missing = [c for c in needed if c not in table.column_names]
+        if missing:
+            raise UsageError(
+                f"--incremental {path!r} lacks column(s) {', '.join(missing)}: it was written for other "
+                "tasks or by an older perceptscore; score without --incremental once"
+            )
+        self.rows = {row["path"]: row for row in table.select(needed).to_pylist() if row["error"] is None}
+        self.skipped = 0
+
+    def reusable(self, item: SourceItem) -> dict[str, Any] | None:
+        old = self.rows.get(item.path)
+        if old is None or item.error:
+            return None
+        try:
+            st = os.stat(item.path)
+        except OSError:
+            return None
+        if (st.st_size, st.st_mtime_ns) != (old["file_size"], old["file_mtime_ns"]):
+            return None
+        return {"path": item.path, **{c: old[c] for c in self.columns}, "error": None,
+                "file_size": st.st_size, "file_mtime_ns": st.st_mtime_ns} | item.extras  # fmt: skip
+
+    def merge(
+        self, items: Iterable[SourceItem], score: Callable
+    ) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:  # type: ignore[type-arg]
+        """Reused rows and freshly scored batches, interleaved back into input order."""
+        reused: deque[tuple[int, dict[str, Any]]] = deque()
+
+        def to_score() -> Iterator[SourceItem]:
+            for item in items:
+                row = self.reusable(item)
+                if row is None:
+                    yield item
+                else:
+                    reused.append((item.index, row))
+                    self.skipped += 1
+
+        for indices, rows in score(to_score()):
+            while reused and reused[0][0] < indices[0]:
+                index, row = reused.popleft()
+                yield [index], [row]
+            yield indices, rows
+        while reused:
+            index, row = reused.popleft()
+            yield [index], [row]
 
 
 @dataclass
@@ -104,7 +245,7 @@ def scored_rows(
     rows: list[dict[str, Any]] = []
     outcome = Outcome()
     with make_reporter(sources.count()) as reporter:
-        for batch in scorer.iter_batches(sources):
+        for _, batch in scorer.iter_batches(sources):
             rows += batch
             errors = sum(row["error"] is not None for row in batch)
             outcome.rows += len(batch)

@@ -8,10 +8,12 @@ runs on the model's device. A file that cannot be decoded becomes a row with ``e
 from __future__ import annotations
 
 import os
+import signal
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from perceptscore._version import __version__
 from perceptscore.checkpoints import PRECISIONS, load_model, read_metadata, resolve_device, resolve_precision
@@ -37,6 +39,7 @@ class Decoded:
     item: SourceItem
     error: str | None
     pixels: dict[Preprocess, np.ndarray]  # per preprocessing: (crops, 3, H, W) uint8
+    stat: tuple[int, int] | None = None  # (size, mtime_ns) of the file scored, for incremental runs
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Batch:
     items: list[SourceItem]
     errors: list[str | None]
     pixels: dict[Preprocess, torch.Tensor]  # per preprocessing: the decoded items' crops, stacked
+    stats: list[tuple[int, int] | None] | None = None
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True) for custom batch types
         self.pixels = {spec: t.pin_memory() for spec, t in self.pixels.items()}
@@ -59,11 +63,18 @@ class DecodeDataset(Dataset[Decoded]):
     def __getitem__(self, item: SourceItem) -> Decoded:  # type: ignore[override]
         if item.error:
             return Decoded(item, item.error, {})
+        stat = file_stat(item.path)
+        in_worker = get_worker_info() is not None
+        if in_worker:
+            signal.setitimer(signal.ITIMER_REAL, DECODE_TIMEOUT_S)
         try:
             img = decode(item.path, self.draft)
-            return Decoded(item, None, {spec: prepare(img, spec) for spec in self.specs})
+            return Decoded(item, None, {spec: prepare(img, spec) for spec in self.specs}, stat)
         except DecodeError as exc:
-            return Decoded(item, str(exc), {})
+            return Decoded(item, str(exc), {}, stat)
+        finally:
+            if in_worker:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def collate(decoded: list[Decoded]) -> Batch:
@@ -73,30 +84,61 @@ def collate(decoded: list[Decoded]) -> Batch:
         if ok
         else {}
     )
-    return Batch([d.item for d in decoded], [d.error for d in decoded], pixels)
+    return Batch([d.item for d in decoded], [d.error for d in decoded], pixels, [d.stat for d in decoded])
+
+
+def file_stat(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns): what an incremental run compares to decide a file is unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 class _Chunks:
-    """A batch sampler over a stream: consecutive lists of ``size`` items, read lazily."""
+    """A batch sampler over a stream: consecutive lists of ``size`` items, read lazily. ``outstanding``
+    holds the chunks handed to the workers and not yet scored: what to redo if a worker dies."""
 
-    def __init__(self, items: Iterable[SourceItem], size: int) -> None:
+    def __init__(self, items: Iterator[SourceItem], size: int) -> None:
         self.items, self.size = items, size
+        self.outstanding: deque[list[SourceItem]] = deque()
 
     def __iter__(self) -> Iterator[list[SourceItem]]:
-        it = iter(self.items)
-        while chunk := list(islice(it, self.size)):
+        while chunk := list(islice(self.items, self.size)):
+            self.outstanding.append(chunk)
             yield chunk
 
 
-def _single_thread_worker(_: int) -> None:
+def _decode_worker(_: int) -> None:
     torch.set_num_threads(1)  # decode workers must not fight the model for cores
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle, cleanly
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the decode time limit: see DecodeDataset
+
+
+# A decode that takes longer than this kills its worker (SIGALRM at its default action, which stops C code
+# too), and the file is isolated like one that crashes its decoder: a hostile file must not hang a cron job.
+# A 12 MP JPEG takes ~0.2 s; Pillow's largest allowed image a few seconds.
+DECODE_TIMEOUT_S = float(os.environ.get("PERCEPTSCORE_DECODE_TIMEOUT", "60"))
+
+
+def _worker_died(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
+
+# torch's DataLoader installs a SIGCHLD handler that raises in whatever code the main thread is running when
+# a worker dies (possibly the caller's, between batches). Marking it installed keeps torch's other check,
+# which raises from the iterator itself (within 5 s), where iter_batches can catch it and isolate the file.
+torch.utils.data._utils.signal_handling._SIGCHLD_handler_set = True
 
 
 def default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     if device.type == "cuda":
         return min(16, max(2, cores - 2))
-    return 0 if cores <= 4 else min(4, cores // 4)  # on CPU the model needs the cores; decoding is cheap
+    # On CPU the model needs the cores and decoding is cheap, but one worker still keeps a crashing
+    # decoder out of the main process (and overlaps decoding with the model).
+    return 1 if cores <= 8 else min(4, cores // 4)
 
 
 def _source(path: Path) -> dict[str, str]:
@@ -162,7 +204,11 @@ class Scorer:
                 pa.field(c, pa.string() if c == task.name and task.labels else pa.float64())
                 for c in task.columns
             ]
-        fields.append(pa.field("error", pa.string()))
+        fields += [
+            pa.field("error", pa.string()),
+            pa.field("file_size", pa.int64()),
+            pa.field("file_mtime_ns", pa.int64()),
+        ]
         return pa.schema(fields + list(passthrough or []))
 
     def provenance(self) -> dict[str, Any]:
@@ -186,16 +232,17 @@ class Scorer:
         }
 
     # ---- scoring ---------------------------------------------------------------------------------
-    def loader(self, items: Iterable[SourceItem]) -> DataLoader:
+    def loader(self, chunks: _Chunks, workers: int | None = None, prefetch: int = 4) -> DataLoader:
         dataset = DecodeDataset(self.specs, draft_side(self.specs) if self.fast_decode else None)
+        workers = self.workers if workers is None else workers
         return DataLoader(
             dataset,
-            batch_sampler=_Chunks(items, self.batch_size),  # type: ignore[arg-type]
-            num_workers=self.workers,
+            batch_sampler=chunks,  # type: ignore[arg-type]
+            num_workers=workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_single_thread_worker if self.workers else None,
-            prefetch_factor=4 if self.workers else None,
+            worker_init_fn=_decode_worker if workers else None,
+            prefetch_factor=prefetch if workers else None,
         )
 
     @torch.inference_mode()
@@ -216,15 +263,56 @@ class Scorer:
         empty = dict.fromkeys(c for t in self.tasks for c in t.columns)
         rows = []
         position = {i: n for n, i in enumerate(ok)}
-        for i, (item, error) in enumerate(zip(batch.items, batch.errors, strict=True)):
+        stats = batch.stats or [None] * len(batch.items)
+        for i, (item, error, stat) in enumerate(zip(batch.items, batch.errors, stats, strict=True)):
             scored = {c: v[position[i]] for c, v in values.items()} if error is None else empty
-            rows.append({"path": item.path, **scored, "error": error, **item.extras})
+            size, mtime = stat or (None, None)
+            row = {"path": item.path, **scored, "error": error, "file_size": size, "file_mtime_ns": mtime}
+            rows.append(row | item.extras)
         return rows
 
-    def iter_batches(self, sources: Iterable[SourceItem]) -> Iterator[list[dict[str, Any]]]:
-        """Rows in input order, one list per batch, as soon as each batch is scored."""
-        for batch in self.loader(sources):
-            yield self.rows(batch)
+    def iter_batches(self, items: Iterable[SourceItem]) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+        """(input indices, rows) in input order, one pair per batch, as soon as each batch is scored.
+
+        A file that kills its decode worker (a crash, or a decode over ``DECODE_TIMEOUT_S``) does not stop
+        the run: the batches in flight are decoded again one file at a time, and the file that kills a
+        worker again becomes an error row.
+        """
+        stream = iter(items)
+        while True:
+            chunks = _Chunks(stream, self.batch_size)
+            try:
+                for batch in self.loader(chunks):
+                    rows = self.rows(batch)
+                    chunks.outstanding.popleft()
+                    yield [item.index for item in batch.items], rows
+                return
+            except RuntimeError as exc:
+                if not _worker_died(exc):
+                    raise
+                yield from self._isolate([item for chunk in chunks.outstanding for item in chunk])
+
+    def _isolate(self, items: list[SourceItem]) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+        remaining = iter(items)
+        while True:
+            single = _Chunks(remaining, 1)
+            try:
+                # One file in flight: a worker that dies can only have died on it. (With more, results it
+                # had queued just before dying can be lost, and the blame would fall on the wrong file.)
+                for batch in self.loader(single, workers=1, prefetch=1):
+                    rows = self.rows(batch)
+                    single.outstanding.popleft()
+                    yield [batch.items[0].index], rows
+                return
+            except RuntimeError as exc:
+                if not _worker_died(exc):
+                    raise
+                (culprit,) = single.outstanding.popleft()
+                reason = f"the decoder crashed, or hung for {DECODE_TIMEOUT_S:.0f} s, in its worker process"
+                crashed = Batch([culprit], [reason], {})
+                yield [culprit.index], self.rows(crashed)
+                # the items prefetched behind the culprit go again, ahead of the rest
+                remaining = chain([item for chunk in single.outstanding for item in chunk], remaining)
 
     def score(
         self, inputs: Sequence[str] | str, recursive: bool = True, path_column: str | None = None
@@ -233,6 +321,6 @@ class Scorer:
         sources = Sources(
             [inputs] if isinstance(inputs, str) else inputs, recursive, path_column, self.columns
         )
-        rows = [row for batch in self.iter_batches(sources) for row in batch]
+        rows = [row for _, batch in self.iter_batches(sources) for row in batch]
         schema = self.schema(sources.passthrough)
         return pa.Table.from_pylist(rows, schema=schema).to_pandas()

@@ -8,6 +8,7 @@ sha256, device, precision, preprocessing) goes into the parquet key-value metada
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -85,6 +86,13 @@ class Sink:
             self._writer = pacsv.CSVWriter(stream, self.schema)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._write(rows)
+        except OSError as exc:  # disk full, quota, file too large, output folder gone
+            self.abort()
+            raise UsageError(f"cannot write {self.out!r}: {exc.strerror or exc}") from None
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
         if self.format == ".jsonl":
             assert self._stream is not None
             self._stream.write(b"".join(_json_line(row) for row in rows))
@@ -107,6 +115,13 @@ class Sink:
 
     def close(self) -> None:
         """Finish the file and move it under its name (the sidecar first, so data never lacks it)."""
+        try:
+            self._close()
+        except OSError as exc:
+            self.abort()
+            raise UsageError(f"cannot write {self.out!r}: {exc.strerror or exc}") from None
+
+    def _close(self) -> None:
         if self.format == ".parquet":
             self._flush()
         if self._writer is not None:
@@ -125,7 +140,8 @@ class Sink:
     def abort(self) -> None:
         """Drop the partial file: nothing under the output name unless the run completed."""
         if self._stream is not None and self.path is not None:
-            self._stream.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._stream.close()
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
 

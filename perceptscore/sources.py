@@ -59,8 +59,9 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _walk(root: str, recursive: bool) -> Iterator[str]:
-    """Image files below ``root`` in sorted order; symlinks followed, each real folder visited once."""
+def _walk(root: str, recursive: bool, ignored: list[str] | None = None) -> Iterator[str]:
+    """Image files below ``root`` in sorted order; symlinks followed, each real folder visited once.
+    Other files are passed over and appended to ``ignored``."""
     seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         st = os.stat(folder)
@@ -73,6 +74,8 @@ def _walk(root: str, recursive: bool) -> Iterator[str]:
             # "._x.jpg" are macOS AppleDouble metadata files, never images.
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith("._"):
                 yield os.path.join(folder, name)
+            elif ignored is not None:
+                ignored.append(os.path.join(folder, name))
 
 
 class _Manifest:
@@ -148,6 +151,7 @@ class Sources:
         if sum(kind == "stdin" for kind, _ in self._plan) > 1:
             raise UsageError("'-' (paths on stdin) can be given only once")
         self._rename = {name: f"input_{name}" for name in reserved}
+        self.ignored: list[str] = []  # files in folders passed over: no image extension
         self.passthrough = self._passthrough_schema()
 
     @property
@@ -195,12 +199,12 @@ class Sources:
             if kind == "file":
                 yield value, {}
             elif kind == "dir":
-                for path in _walk(value, self.recursive):
+                for path in _walk(value, self.recursive, self.ignored):
                     yield path, {}
             elif kind == "glob":
                 for path in value:
                     if os.path.isdir(path):
-                        yield from ((p, {}) for p in _walk(path, self.recursive))
+                        yield from ((p, {}) for p in _walk(path, self.recursive, self.ignored))
                     else:
                         yield path, {}
             elif kind == "list":

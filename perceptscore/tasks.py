@@ -199,7 +199,7 @@ def get_task(name: str) -> Task:
 
 def output_columns(tasks: list[Task]) -> list[str]:
     """The columns of a scores file for these tasks, before any passthrough columns."""
-    return ["path", *(c for t in tasks for c in t.columns), "error"]
+    return ["path", *(c for t in tasks for c in t.columns), "error", "file_size", "file_mtime_ns"]
 
 
 def parse_tasks(values: list[str]) -> list[str]:

@@ -44,7 +44,11 @@ def test_score_to_parquet_matches_the_release_and_records_provenance(
     expected = release_center_outputs(release_checkpoints["memorability"][1], paths)[:, 0]
     np.testing.assert_allclose(df["memorability"], expected, atol=1e-4, rtol=0)
     assert list(df.columns[:5]) == ["path", "memorability", "quality", "quality_raw", "emotion"]
-    assert df.columns[-1] == "error" and len(df.columns) == 1 + 1 + 2 + 10 + 1
+    assert (
+        list(df.columns[-3:]) == ["error", "file_size", "file_mtime_ns"]
+        and len(df.columns) == 1 + 1 + 2 + 10 + 3
+    )
+    assert df["file_size"].tolist() == [p.stat().st_size for p in paths]
     meta = json.loads(table.schema.metadata[b"perceptscore"])
     checkpoint = release_checkpoints["quality"][0]
     assert meta["tasks"]["quality"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -85,7 +89,7 @@ def test_score_to_stdout_from_a_manifest_passes_columns_through(
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == '"path","memorability","error","photographer"'
+    assert lines[0] == '"path","memorability","error","file_size","file_mtime_ns","photographer"'
     assert [line.split(",")[0].strip('"') for line in lines[1:]] == [str(photo_dir / n) for n in names]
     assert lines[2].endswith('"person1"')
 

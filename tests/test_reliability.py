@@ -1,0 +1,344 @@
+"""Cron-grade behaviour with real processes: kills and resumes, locks, incremental runs, hostile inputs."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import perceptscore.pipeline
+from perceptscore.pipeline import Scorer
+
+from photos import sample
+from test_cli_score import EXE, run
+
+ENV = {**os.environ, "PERCEPTSCORE_SHARD_ROWS": "8"}  # small shards: many points to die between
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 distinct real photographs (crops of bundled samples), 480x360 JPEGs."""
+    folder = tmp_path_factory.mktemp("many")
+    sources = [sample(n).resize((1200, 900)) for n in ("coffee.png", "astronaut.png", "chelsea.png")]
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        x, y = (int(v) for v in rng.integers(0, 700, size=2))
+        sources[i % 3].crop((x, min(y, 540), x + 480, min(y, 540) + 360)).save(
+            folder / f"{i:04d}.jpg", quality=85
+        )
+    return folder
+
+
+def command(folder: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return [EXE, "score", str(folder), "-t", "mem", "--checkpoint", str(checkpoint), "--batch-size", "4",
+            "--workers", "1", "-o", str(out), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(
+    many_photos: Path, release_checkpoints, tmp_path_factory: pytest.TempPathFactory
+) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("ref") / "ref.parquet"
+    done = subprocess.run(
+        command(many_photos, release_checkpoints["memorability"][0], out),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return pd.read_parquet(out)
+
+
+def shards(out: Path) -> int:
+    return len(list(out.with_name(f".{out.name}.parts").glob("shard-*.parquet")))
+
+
+def wait_for_shards(proc: subprocess.Popen, out: Path, count: int, limit: float = 120) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and shards(out) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def same_as_reference(out: Path, reference: pd.DataFrame) -> None:
+    df = pd.read_parquet(out)
+    assert df["path"].tolist() == reference["path"].tolist()  # every row once, in input order
+    assert not df["path"].duplicated().any()
+    np.testing.assert_allclose(df["memorability"], reference["memorability"], atol=1e-6, rtol=0)
+
+
+def test_sigkill_at_random_points_then_resume(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.parquet"
+    args = command(many_photos, release_checkpoints["memorability"][0], out, "--resume")
+    rng = random.Random(20261129)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_shards(proc, out, shards(out) + rng.randint(1, 8))
+        time.sleep(rng.uniform(0, 0.05))  # anywhere: mid-batch, mid-shard-write
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait()
+        assert not out.exists()  # nothing under the output name until the run is complete
+    assert kills >= 2
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed" in done.stderr
+    same_as_reference(out, reference)
+    assert (
+        not out.with_name(f".{out.name}.parts").exists() and not out.with_name(f".{out.name}.lock").exists()
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_stop_cleanly_and_resume(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path, sig: int
+) -> None:
+    out = tmp_path / "out.parquet"
+    args = command(many_photos, release_checkpoints["memorability"][0], out)
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_shards(proc, out, 3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert f"stopped by {signal.Signals(sig).name}:" in stderr and "with --resume to continue" in stderr
+    assert "Traceback" not in stderr and not out.exists()
+    done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    same_as_reference(out, reference)
+
+
+def test_without_resume_an_interrupted_run_is_discarded_and_said(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.parquet"
+    args = command(many_photos, release_checkpoints["memorability"][0], out)
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_shards(proc, out, 2)
+    proc.kill()
+    proc.wait()
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "discarded" in done.stderr and "use --resume to keep them" in done.stderr
+    same_as_reference(out, reference)
+
+
+def test_resume_refuses_changed_inputs(many_photos: Path, release_checkpoints, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(many_photos.iterdir())[:40]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out.parquet"
+    args = command(photos, release_checkpoints["memorability"][0], out, "--resume")
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_shards(proc, out, 2)
+    proc.kill()
+    proc.wait()
+    (photos / "0000.jpg").rename(photos / "zzzz.jpg")  # every later row moves up one place
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--resume: the inputs changed since the interrupted run" in done.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_taken_over(
+    many_photos: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.parquet"
+    args = command(many_photos, release_checkpoints["memorability"][0], out)
+    first = subprocess.Popen(
+        [*args, "--batch-size", "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_shards(first, out, 1)
+    start = time.monotonic()
+    second = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert second.returncode == 2
+    assert f"out.parquet is being written by another run (pid {first.pid} on" in second.stderr
+    assert time.monotonic() - start < 3  # at once: the lock is taken before any model is loaded
+    assert first.poll() is None  # the first run was really still running
+    first.kill()
+    first.wait()
+    lock = out.with_name(f".{out.name}.lock")
+    assert str(first.pid) in lock.read_text()  # the dead run's lock file is still there
+    third = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr
+    assert len(pd.read_parquet(out)) == 300
+
+
+def test_incremental_scores_only_new_and_changed_files(
+    many_photos: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(many_photos.iterdir())[:30]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "scores.parquet"
+    checkpoint = release_checkpoints["memorability"][0]
+    assert subprocess.run(command(photos, checkpoint, out), env=ENV, capture_output=True).returncode == 0
+    before = pd.read_parquet(out).set_index("path")["memorability"]
+    (photos / "0003.jpg").write_bytes((many_photos / "0100.jpg").read_bytes())  # changed content
+    (photos / "0007.jpg").unlink()  # gone
+    (photos / "0500.jpg").write_bytes((many_photos / "0200.jpg").read_bytes())  # new
+    done = subprocess.run(
+        command(photos, checkpoint, out, "--incremental", str(out)), env=ENV, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "scored 30 files, 0 errors" in done.stderr and "28 unchanged, reused from" in done.stderr
+    after = pd.read_parquet(out)
+    assert after["path"].tolist() == sorted(str(p) for p in photos.iterdir())
+    new = after.set_index("path")["memorability"]
+    unchanged = [p for p in new.index if Path(p).name not in {"0003.jpg", "0500.jpg"}]
+    assert (new[unchanged] == before[unchanged]).all()  # reused exactly, not rescored
+    assert new[str(photos / "0003.jpg")] != before[str(photos / "0003.jpg")]
+
+
+def make_hostile_corpus(folder: Path, good: Path) -> dict[str, str]:
+    """Every hostile input the issue lists; returns name -> how its error starts ("" when it is scored)."""
+    data = good.read_bytes()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "trunc_header.jpg").write_bytes(data[:100])
+    (folder / "trunc_body.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "text.jpg").write_text("just text")
+    (folder / "random.png").write_bytes(os.urandom(4096))
+    Image.new("1", (14000, 14000)).save(folder / "bomb.png")  # 196 Mpx: over Pillow's refusal limit
+    Image.new("RGB", (1, 1), "red").save(folder / "one_pixel.png")
+    Image.new("RGB", (10000, 8), "blue").save(folder / "sliver.png")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 13 % 65535).astype(np.uint16)).save(
+        folder / "deep16.png"
+    )
+    Image.fromarray(np.random.default_rng(0).random((64, 64), dtype=np.float32)).save(folder / "float.tif")
+    img = sample("coffee.png").resize((120, 80))
+    img.convert("CMYK").save(folder / "cmyk.jpg")
+    img.convert("P").save(folder / "palette.png")
+    frames = [img.convert("P"), img.rotate(90).convert("P")]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    img.convert("RGBA").save(folder / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(folder / "rotated.jpg", exif=exif)
+    os.symlink(folder / "missing.jpg", folder / "dangling.jpg")
+    (folder / "loop").mkdir()
+    os.symlink(folder / "loop", folder / "loop" / "again")
+    (folder / "folder.jpg").mkdir()
+    img.save(folder / "with space é ü.jpg")
+    img.save(folder / "UPPER.JPEG")
+    img.save(folder / "no_extension", format="PNG")
+    os.mkfifo(folder / "fifo.jpg")  # opening it would block forever
+    unreadable, unknown = "unreadable image", "not a recognised image format"
+    errors = {
+        "empty.jpg": "empty file", "trunc_header.jpg": unreadable, "trunc_body.jpg": unreadable,
+        "text.jpg": unknown, "random.png": unknown, "bomb.png": "refused: decompression bomb",
+        "dangling.jpg": "no such file", "fifo.jpg": "not a regular file",
+    }  # fmt: skip
+    scored = ["one_pixel.png", "sliver.png", "deep16.png", "float.tif", "cmyk.jpg", "palette.png",
+              "animated.gif", "rgba.png", "rotated.jpg", "with space é ü.jpg", "UPPER.JPEG"]  # fmt: skip
+    return errors | dict.fromkeys(scored, "")
+
+
+def test_every_hostile_input_is_a_row_or_a_reported_skip(
+    photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    expected = make_hostile_corpus(corpus, photo_dir / "a_square.jpg")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path\n{corpus / 'rgba.png'}\nnot/there.jpg\n{corpus / 'no_extension'}\n")
+    out = tmp_path / "out.csv"
+    start = time.monotonic()
+    done = run(
+        "score",
+        corpus,
+        manifest,
+        "-t",
+        "mem",
+        "--checkpoint",
+        release_checkpoints["memorability"][0],
+        "-o",
+        out,
+    )
+    assert time.monotonic() - start < 120
+    assert done.returncode == 1, done.stderr
+    assert "ignored 1 file without an image extension" in done.stderr  # no_extension, inside the folder
+    df = pd.read_csv(out, keep_default_na=False)
+    names = [Path(p).name for p in df["path"]]
+    assert sorted(names[: len(expected)]) == sorted(expected)  # one row per file of the folder
+    for name, error in zip(names[: len(expected)], df["error"], strict=False):
+        assert (
+            df["error"].tolist()[names.index(name)].startswith(expected[name])
+            if expected[name]
+            else not error
+        )
+    tail = df.iloc[len(expected) :]
+    assert [Path(p).name for p in tail["path"]] == ["rgba.png", "there.jpg", "no_extension"]
+    assert tail["error"].tolist() == ["", "no such file", ""]  # a named file is scored whatever its name
+
+
+def test_a_decoder_that_kills_its_worker_becomes_an_error_row(
+    photo_dir: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = perceptscore.pipeline.decode
+
+    def crashing(path, draft=None):  # type: ignore[no-untyped-def]
+        if path.endswith("c_cat.webp"):
+            os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder bug in C does to its process
+        return real(path, draft)
+
+    monkeypatch.setattr(perceptscore.pipeline, "decode", crashing)  # forked workers inherit it
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    df = Scorer(["memorability"], checkpoint, device="cpu", batch_size=2, workers=1).score([str(photo_dir)])
+    assert df["path"].tolist() == [str(p) for p in sorted(photo_dir.iterdir())]
+    errors = df.set_index(df["path"].map(lambda p: Path(p).name))["error"]
+    assert errors["c_cat.webp"].startswith("the decoder crashed, or hung for")
+    assert errors.drop("c_cat.webp").isna().all()
+
+
+def test_a_decoder_that_hangs_becomes_an_error_row(
+    photo_dir: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = perceptscore.pipeline.decode
+
+    def hanging(path, draft=None):  # type: ignore[no-untyped-def]
+        if path.endswith("d_portrait.jpg"):
+            time.sleep(3600)  # a decoder stuck in a loop on a hostile file
+        return real(path, draft)
+
+    monkeypatch.setattr(perceptscore.pipeline, "decode", hanging)
+    monkeypatch.setattr(perceptscore.pipeline, "DECODE_TIMEOUT_S", 3.0)
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    start = time.monotonic()
+    df = Scorer(["memorability"], checkpoint, device="cpu", batch_size=2, workers=1).score([str(photo_dir)])
+    assert time.monotonic() - start < 60
+    errors = df.set_index(df["path"].map(lambda p: Path(p).name))["error"]
+    assert errors["d_portrait.jpg"] == "the decoder crashed, or hung for 3 s, in its worker process"
+    assert errors.drop("d_portrait.jpg").isna().all() and len(df) == 6
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_complete_looking_file(
+    many_photos: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    """RLIMIT_FSIZE makes writes past 20 kB fail as a full disk would: the shards fit, the final file not."""
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "out.csv"
+    # --workers 0: the limit would also stop the shared-memory files workers pass batches through
+    args = [*command(many_photos, release_checkpoints["memorability"][0], out), "--workers", "0"]
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: cannot write '{out}': File too large")
+    assert not out.exists() and not list(tmp_path.glob(".out.csv.partial*"))
+    done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "300 resumed" in done.stderr and len(pd.read_csv(out)) == 300
