@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from perceptscore._version import __version__
 from perceptscore.errors import PerceptScoreError
@@ -20,8 +21,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False, soft_wrap=True)  # never break a path across lines
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: paths and messages are shown as they are ("photo[1].jpg", "[Errno 27]"); never wrapped, so a
+# path is never broken across lines.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def _show_version(value: bool) -> None:
@@ -142,7 +145,7 @@ def _summary(outcome, out: str, incremental: str | None) -> str:  # type: ignore
     if incremental:
         notes.append(f"{outcome.skipped} unchanged, reused from {incremental}")
     if outcome.discarded:
-        notes.append(f"discarded {outcome.discarded} rows of an interrupted run (use --resume to keep them)")
+        notes.append(f"discarded {outcome.discarded} rows of an interrupted run: --resume keeps them")
     if outcome.ignored:
         notes.append(f"ignored {_count(outcome.ignored, 'file')} without an image extension")
     where = "stdout" if out == "-" else out
@@ -270,7 +273,7 @@ def filter_(
         verb = "symlinked" if symlink_to else "copied"
         err_console.print(f"{verb} {len(placed)} files to {copy_to or symlink_to}")
         for message in failed:
-            err_console.print(f"[red]not placed:[/red] {message}")
+            err_console.print(Text.assemble(("not placed:", "red"), f" {message}"))
     if out and Path(out).suffix.lower() in FORMATS:
         jobs.write_rows(kept, out, scored.provenance)
     elif out:
@@ -364,8 +367,8 @@ def main() -> None:
     try:
         app()
     except PerceptScoreError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(Text.assemble(("error:", "red"), f" {exc}"))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]")
+        err_console.print(Text("interrupted", style="red"))
         sys.exit(130)

@@ -27,13 +27,13 @@ class Reporter:
         self.start = self._last_log = time.monotonic()
         self._bar: Progress | None = None
         if console.is_terminal:
-            columns = [SpinnerColumn(), TextColumn("[bold]{task.description}")]
+            columns = [SpinnerColumn(), TextColumn("{task.description}", style="bold", markup=False)]
             columns += [BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()] if total else []
             columns += [
                 TextColumn("{task.completed} files" if not total else ""),
                 TextColumn("{task.fields[rate]}"),
             ]
-            columns += [TextColumn("[red]{task.fields[errors]}")]
+            columns += [TextColumn("{task.fields[errors]}", style="red", markup=False)]
             self._bar = Progress(*columns, console=console, transient=False)
             self._task = self._bar.add_task(label, total=total, rate="", errors="")
 

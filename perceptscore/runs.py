@@ -226,7 +226,8 @@ class ShardedRun:
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise UsageError(f"cannot write {self.folder}: {exc.strerror or exc}") from None
+            reason = " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
+            raise UsageError(f"cannot write {self.out.name}'s shards in {self.folder}: {reason}") from None
         self.shards.append(Shard(first, last, info["first_path"], final))
         self._rows, self._indices = [], []
         self._opened = time.monotonic()

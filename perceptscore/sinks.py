@@ -90,7 +90,8 @@ class Sink:
             self._write(rows)
         except OSError as exc:  # disk full, quota, file too large, output folder gone
             self.abort()
-            raise UsageError(f"cannot write {self.out!r}: {exc.strerror or exc}") from None
+            reason = " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
+            raise UsageError(f"cannot write {self.out!r}: {reason}") from None
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self.format == ".jsonl":
@@ -119,7 +120,8 @@ class Sink:
             self._close()
         except OSError as exc:
             self.abort()
-            raise UsageError(f"cannot write {self.out!r}: {exc.strerror or exc}") from None
+            reason = " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
+            raise UsageError(f"cannot write {self.out!r}: {reason}") from None
 
     def _close(self) -> None:
         if self.format == ".parquet":

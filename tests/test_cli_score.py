@@ -203,3 +203,24 @@ def test_user_mistakes_exit_with_their_code_and_one_line(
     assert done.returncode == code
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_paths_with_brackets_are_printed_as_they_are(
+    tmp_path: Path, photo_dir: Path, release_checkpoints
+) -> None:
+    """Rich would read "[1]" as markup and drop it; messages and tables show user paths verbatim."""
+    shutil.copy(photo_dir / "a_square.jpg", tmp_path / "shot[1].jpg")
+    out = tmp_path / "scores[v2].csv"
+    done = run(
+        "score",
+        tmp_path / "shot[1].jpg",
+        "-t",
+        "mem",
+        "--checkpoint",
+        release_checkpoints["memorability"][0],
+        "-o",
+        out,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().endswith(f"-> {out}")
+    assert pd.read_csv(out)["path"].tolist() == [str(tmp_path / "shot[1].jpg")]
