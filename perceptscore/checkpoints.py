@@ -179,7 +179,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file as a view of a private memory map of it: nothing is copied or
-    read until used, like ``torch.load(mmap=True)`` (safetensors' own ``get_tensor`` copies each one)."""
+    read until used, as torch does for a memory-mapped .pth (safetensors' own ``get_tensor`` copies)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")

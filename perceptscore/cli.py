@@ -318,6 +318,16 @@ def weights_list() -> None:
     console.print(table)
 
 
+@weights_app.command("card")
+def weights_card(task: Annotated[str, typer.Argument(help="The task.", show_default=False)]) -> None:
+    """Show a task's model card: what it predicts, training data, score range, preprocessing, licence."""
+    from rich.markdown import Markdown
+
+    from perceptscore.tasks import get_task
+
+    console.print(Markdown(get_task(task).card_text()))
+
+
 @weights_app.command("fetch")
 def weights_fetch(
     task: Annotated[

@@ -109,12 +109,12 @@ def score(
         schema = scorer.schema(sources.passthrough)
         run = ShardedRun(Path(out), schema, fingerprint, resume)
         outcome.discarded = run.discarded
-        outcome.resumed = run.resumed_rows
+        outcome.resumed = run.saved_rows
         pending = run.pending(counted)
         batches = previous.merge(pending, scorer.iter_batches) if previous else scorer.iter_batches(pending)
         with make_reporter(sources.count()) as reporter:
-            if run.resumed_rows:
-                reporter.advance(run.resumed_rows, 0)
+            if outcome.resumed:
+                reporter.advance(outcome.resumed, 0)
             for indices, rows in batches:
                 run.add(indices, rows)
                 reporter.advance(len(rows), sum(row["error"] is not None for row in rows))
@@ -122,7 +122,7 @@ def score(
                     run.flush()
                     name = signal.Signals(stop.signum).name
                     raise Interrupted(
-                        f"stopped by {name}: {run.resumed_rows} rows saved in {run.folder}; "
+                        f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
                         "run the same command with --resume to continue",
                         stop.signum,
                     )
@@ -130,7 +130,7 @@ def score(
         provenance = scorer.provenance() | {"resumed_rows": outcome.resumed, "incremental": incremental}
         with Sink(out, schema, provenance) as sink:
             for table in run.tables(counted.count):
-                sink.write(table.to_pylist())
+                sink.write(table)
                 outcome.rows += table.num_rows
                 outcome.errors += table.num_rows - table.column("error").null_count
         run.remove()
@@ -259,7 +259,7 @@ def write_rows(frame: pd.DataFrame, out: str, provenance: dict[str, Any]) -> Non
     """A selection as a scores file (.csv/.parquet/.jsonl or - for CSV on stdout)."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     with Sink(out, table.schema, provenance) as sink:
-        sink.write(table.to_pylist())
+        sink.write(table)
 
 
 def write_list(paths: Sequence[str], out: str) -> None:

@@ -154,7 +154,8 @@ class ShardedRun:
         self._opened = time.monotonic()
 
     @property
-    def resumed_rows(self) -> int:
+    def saved_rows(self) -> int:
+        """Rows held by complete shards (at the start: what --resume took over)."""
         return sum(s.last - s.first + 1 for s in self.shards)
 
     def _scan(self) -> list[Shard]:

@@ -62,8 +62,7 @@ class Sink:
         check_output(out)
         self.out, self.format = out, output_format(out)
         self.schema, self.provenance = schema, provenance
-        self.rows_written = 0
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[pa.Table] = []
         self._stream: BinaryIO | None = None
         self._writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
         if out == "-":
@@ -85,33 +84,34 @@ class Sink:
         elif self.format == ".csv":
             self._writer = pacsv.CSVWriter(stream, self.schema)
 
-    def write(self, rows: list[dict[str, Any]]) -> None:
+    def write(self, rows: list[dict[str, Any]] | pa.Table) -> None:
+        """Append rows: dicts (converted with the schema) or a table with the schema's columns."""
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self.schema)
         try:
-            self._write(rows)
+            self._write(table.select(self.schema.names).cast(self.schema))
         except OSError as exc:  # disk full, quota, file too large, output folder gone
             self.abort()
             reason = " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
             raise UsageError(f"cannot write {self.out!r}: {reason}") from None
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
+    def _write(self, table: pa.Table) -> None:
         if self.format == ".jsonl":
             assert self._stream is not None
-            self._stream.write(b"".join(_json_line(row) for row in rows))
+            self._stream.write(b"".join(_json_line(row) for row in table.to_pylist()))
         elif self.format == ".parquet":
-            self._pending.extend(rows)  # few large row groups read far faster than many small ones
-            if len(self._pending) >= _PARQUET_ROW_GROUP:
+            self._pending.append(table)  # few large row groups read far faster than many small ones
+            if sum(t.num_rows for t in self._pending) >= _PARQUET_ROW_GROUP:
                 self._flush()
         else:
             assert isinstance(self._writer, pacsv.CSVWriter)
-            self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+            self._writer.write_table(table)
             if self.path is None:
                 sys.stdout.buffer.flush()  # a pipe reader sees rows as they are scored
-        self.rows_written += len(rows)
 
     def _flush(self) -> None:
         if self._pending:
             assert isinstance(self._writer, pq.ParquetWriter)
-            self._writer.write_table(pa.Table.from_pylist(self._pending, schema=self.schema))
+            self._writer.write_table(pa.concat_tables(self._pending))
             self._pending = []
 
     def close(self) -> None:

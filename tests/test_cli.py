@@ -43,3 +43,10 @@ def test_tasks_lists_the_registry() -> None:
     assert result.exit_code == 0
     for name in ("memorability", "quality", "emotion", "PerceptCLIP/PerceptCLIP_IQA"):
         assert name in result.output
+
+
+def test_model_cards_ship_with_the_package() -> None:
+    result = CliRunner().invoke(app, ["weights", "card", "emotions"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "PerceptCLIP visual emotion" in result.output and "Label order (ASSUMED)" in result.output
+    assert "Licence" in result.output

@@ -30,6 +30,9 @@ def test_wheel_ships_trainer_and_weights_inside_the_package(tmp_path: Path) -> N
     (wheel,) = tmp_path.glob("perceptscore-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "perceptscore/weights/registry.json" in names
+    assert {f"perceptscore/weights/cards/{t}.md" for t in ("memorability", "quality", "emotion")} <= set(
+        names
+    )
     assert "perceptscore/trainer/__init__.py" in names
     assert "perceptscore/model.py" in names
     assert not [n for n in names if n.startswith(("trainer/", "weights/", "tests/"))]
