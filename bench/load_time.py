@@ -22,12 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from release_reference import FULL_SIZE, make_release_checkpoint  # noqa: E402
-
 import perceptscore  # noqa: E402
 from perceptscore.checkpoints import save_converted  # noqa: E402
 from perceptscore.hub import file_sha256  # noqa: E402
 from perceptscore.tasks import get_task  # noqa: E402
+
+from release_reference import FULL_SIZE, make_release_checkpoint  # noqa: E402
 
 
 def timed_load(path: Path, repeats: int) -> float:
@@ -68,12 +68,14 @@ def main() -> None:
         baseline = timed_load(pth, args.repeats)
         print(f"{'file':<26} {'MB on disk':>10} {'load s':>8} {'vs .pth':>8} {'max |d raw|':>12} {'rel':>9}")
         for name, path in files.items():
-            size = sum(p.stat().st_size for p in path.parent.glob("*.safetensors")) if "split" in name else path.stat().st_size
+            parts = path.parent.glob("*.safetensors") if "split" in name else [path]
+            size = sum(p.stat().st_size for p in parts)
             seconds = baseline if path == pth else timed_load(path, args.repeats)
             with torch.no_grad():
                 diff = (perceptscore.load_model("quality", checkpoint=path)(x) - reference).abs().max().item()
             rel = diff / reference.abs().max().item()
-            print(f"{name:<26} {size / 1e6:>10.0f} {seconds:>8.3f} {baseline / seconds:>7.2f}x {diff:>12.2e} {rel:>9.2e}")
+            speed = baseline / seconds
+            print(f"{name:<26} {size / 1e6:>10.0f} {seconds:>8.3f} {speed:>7.2f}x {diff:>12.2e} {rel:>9.2e}")
 
 
 if __name__ == "__main__":
