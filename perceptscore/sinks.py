@@ -141,6 +141,11 @@ class Sink:
 
     def abort(self) -> None:
         """Drop the partial file: nothing under the output name unless the run completed."""
+        if self._writer is not None:
+            # Close it now: left open, its destructor would write a footer into the closed stream later.
+            with contextlib.suppress(Exception):  # fails again on a full disk; the file goes anyway
+                self._writer.close()
+            self._writer = None
         if self._stream is not None and self.path is not None:
             with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
                 self._stream.close()
