@@ -56,7 +56,10 @@ class OutputLock:
         self.previous: dict[str, Any] | None = None
 
     def __enter__(self) -> OutputLock:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EAGAIN or EACCES, by platform: held by a live process
@@ -147,8 +150,11 @@ class ShardedRun:
             self.discarded = sum(s.last - s.first + 1 for s in self._scan())
             shutil.rmtree(self.folder)
         if not self.folder.exists():
-            self.folder.mkdir()
-            _write_json(self.folder / "run.json", fingerprint)
+            try:
+                self.folder.mkdir()
+                _write_json(self.folder / "run.json", fingerprint)
+            except OSError as exc:
+                raise UsageError(f"cannot write in {self.folder.parent}: {exc.strerror or exc}") from None
         self._rows: list[dict[str, Any]] = []
         self._indices: list[int] = []
         self._opened = time.monotonic()

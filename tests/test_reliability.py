@@ -342,3 +342,21 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_complete_looking_file(
     done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "300 resumed" in done.stderr and len(pd.read_csv(out)) == 300
+
+
+@pytest.mark.parametrize("folder", ["/sys", "/proc"])
+def test_an_unwritable_output_folder_is_one_line(folder: str, photo_dir: Path, release_checkpoints) -> None:
+    """/sys and /proc refuse new files even to root: real unwritable folders without changing users."""
+    out = f"{folder}/scores.parquet"
+    done = run(
+        "score",
+        photo_dir / "a_square.jpg",
+        "-t",
+        "mem",
+        "--checkpoint",
+        release_checkpoints["memorability"][0],
+        "-o",
+        out,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: cannot write in {folder}: ") and "Traceback" not in done.stderr
