@@ -126,6 +126,11 @@ def score(
             help="An earlier scores file: reuse its scores where a file's size and mtime are unchanged."
         ),
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(help="Scoring processes, each with its own model.", show_default="one per visible GPU"),
+    ] = None,
+    part: Annotated[str | None, typer.Option(hidden=True, help="Internal: this process is part I/N.")] = None,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore import jobs
@@ -135,7 +140,16 @@ def score(
     options = _options(
         tasks, checkpoint, device, precision, batch_size, workers, fast_decode, recursive, path_column
     )
-    outcome = jobs.score(inputs, out, options, _reporter, resume=resume, incremental=incremental)
+    outcome = jobs.score(
+        inputs,
+        out,
+        options,
+        _reporter,
+        resume,
+        incremental,
+        processes,
+        jobs.parse_part(part) if part else None,
+    )
     err_console.print(_summary(outcome, out, incremental))
     raise typer.Exit(outcome.exit_code)
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
+import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,8 +20,9 @@ import pyarrow as pa
 
 from perceptscore.errors import UsageError
 from perceptscore.hub import Weights, file_sha256, resolve
+from perceptscore.outputs import output_schema, provenance
 from perceptscore.progress import Reporter
-from perceptscore.runs import Interrupted, OutputLock, ShardedRun, StopOnSignal
+from perceptscore.runs import SHARD_ROWS, Interrupted, OutputLock, ShardedRun, StopOnSignal
 from perceptscore.sinks import FORMATS, Sink, check_output, write_atomic
 from perceptscore.sources import SourceItem, Sources, is_scores_file, read_provenance, read_scores
 from perceptscore.tasks import Task, get_task, output_columns
@@ -77,14 +83,20 @@ def score(
     make_reporter: MakeReporter,
     resume: bool = False,
     incremental: str | None = None,
+    processes: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Outcome:
     """Score every input into ``out``. A file output is locked, written in resumable shards and appears
     only when complete; ``resume`` continues an interrupted run; ``incremental`` reuses the scores of an
-    earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout."""
+    earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout.
+
+    ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
+    CUDA, else one); each takes every n-th block of rows, the parent assembles. ``part`` (i, n) is such a
+    process: it writes its shards into the parent's run and leaves the rest to it."""
     sources = options.sources(inputs)  # bad inputs and outputs fail before seconds of model loading
     check_output(out)
-    if out == "-" and (resume or incremental):
-        raise UsageError("--resume and --incremental need a file output (-o scores.parquet)")
+    if out == "-" and (resume or incremental or (processes or 1) > 1):
+        raise UsageError("--resume, --incremental and --processes need a file output (-o scores.parquet)")
     tasks = [get_task(t) for t in options.tasks]
     previous = Previous(incremental, tasks) if incremental else None
     weights = options.weights()
@@ -102,33 +114,43 @@ def score(
         "path_column": options.path_column,
         "incremental": incremental,
     }
+    schema = output_schema(tasks, sources.passthrough)
+    if part is not None:
+        return _score_part(sources, out, options, weights, schema, fingerprint, previous, part)
+    if (processes or 1) > 1 and "-" in inputs:
+        raise UsageError("--processes needs inputs every process can read: not - (stdin)")
     outcome = Outcome()
     counted = _Counted(sources)
-    with OutputLock(Path(out)), StopOnSignal() as stop:  # the lock before the seconds of model loading
-        scorer = options.scorer(weights)
-        schema = scorer.schema(sources.passthrough)
+    with OutputLock(Path(out)), StopOnSignal() as stop:  # the lock before torch and the models load
+        processes = processes or default_processes(options.device)
         run = ShardedRun(Path(out), schema, fingerprint, resume)
         outcome.discarded = run.discarded
         outcome.resumed = run.saved_rows
-        pending = run.pending(counted)
-        batches = previous.merge(pending, scorer.iter_batches) if previous else scorer.iter_batches(pending)
         with make_reporter(sources.count()) as reporter:
             if outcome.resumed:
                 reporter.advance(outcome.resumed, 0)
-            for indices, rows in batches:
-                run.add(indices, rows)
-                reporter.advance(len(rows), sum(row["error"] is not None for row in rows))
-                if stop.signum is not None:
-                    run.flush()
-                    name = signal.Signals(stop.signum).name
-                    raise Interrupted(
-                        f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
-                        "run the same command with --resume to continue",
-                        stop.signum,
-                    )
+            if processes > 1:
+                _run_parts(inputs, out, options, weights, incremental, processes, run, reporter, stop)
+                for _ in counted:  # the parts read the inputs themselves; the total is still needed here
+                    pass
+                device = f"{processes} processes on {options.device}"
+            else:
+                scorer = options.scorer(weights)
+                device = str(scorer.device)
+                pending = run.pending(counted)
+                batches = (
+                    previous.merge(pending, scorer.iter_batches) if previous else scorer.iter_batches(pending)
+                )
+                for indices, rows in batches:
+                    run.add(indices, rows)
+                    reporter.advance(len(rows), sum(row["error"] is not None for row in rows))
+                    if stop.signum is not None:
+                        run.flush()
+                        raise _interrupted(stop.signum, run)
         outcome.skipped = previous.skipped if previous else 0
-        provenance = scorer.provenance() | {"resumed_rows": outcome.resumed, "incremental": incremental}
-        with Sink(out, schema, provenance) as sink:
+        about = provenance(tasks, weights, device, _precision_name(options), options.fast_decode)
+        about |= {"resumed_rows": outcome.resumed, "incremental": incremental}
+        with Sink(out, schema, about) as sink:
             for table in run.tables(counted.count):
                 sink.write(table)
                 outcome.rows += table.num_rows
@@ -136,6 +158,129 @@ def score(
         run.remove()
     outcome.ignored = len(sources.ignored)
     return outcome
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise UsageError(f"--part takes I/N with 0 <= I < N, got {text!r}")
+    return int(i), int(n)
+
+
+def _interrupted(signum: int, run: ShardedRun) -> Interrupted:
+    name = signal.Signals(signum).name
+    return Interrupted(
+        f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
+        "run the same command with --resume to continue",
+        signum,
+    )
+
+
+def _precision_name(options: ScoreOptions) -> str:
+    if options.precision != "auto":
+        return options.precision
+    return (
+        "fp16"
+        if options.device.startswith("cuda") or (options.device == "auto" and _cuda_count())
+        else "fp32"
+    )
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def default_processes(device: str) -> int:
+    """One process per visible GPU when scoring on CUDA (``auto`` or ``cuda`` without an index), else one."""
+    return max(1, _cuda_count()) if device in ("auto", "cuda") else 1
+
+
+def _part_device(device: str, i: int) -> str:
+    return f"cuda:{i}" if device in ("auto", "cuda") else device
+
+
+def _score_part(sources, out, options, weights, schema, fingerprint, previous, part) -> Outcome:  # type: ignore[no-untyped-def]
+    """One of several processes: score every n-th block of rows (blocks of SHARD_ROWS) into the run."""
+    i, n = part
+    if options.device == "cpu":
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))  # the processes share the cores
+    scorer = options.scorer(weights)
+    run = ShardedRun(Path(out), schema, fingerprint, resume=True)
+    mine = (item for item in run.pending(sources) if (item.index // SHARD_ROWS) % n == i)
+    batches = previous.merge(mine, scorer.iter_batches) if previous else scorer.iter_batches(mine)
+    outcome = Outcome()
+    with StopOnSignal() as stop:
+        for indices, rows in batches:
+            run.add(indices, rows)
+            outcome.rows += len(rows)
+            outcome.errors += sum(row["error"] is not None for row in rows)
+            if stop.signum is not None:
+                run.flush()
+                raise _interrupted(stop.signum, run)
+        run.flush()
+    return outcome
+
+
+def _part_command(inputs, out, options, weights, incremental) -> list[str]:  # type: ignore[no-untyped-def]
+    """The ``perceptscore score`` command line of one part: the same run, weights already resolved."""
+    command = [
+        sys.executable,
+        "-m",
+        "perceptscore",
+        "score",
+        *inputs,
+        "-o",
+        out,
+        "-t",
+        ",".join(options.tasks),
+    ]
+    command += [arg for t, w in weights.items() for arg in ("--checkpoint", f"{t}={w.path}")]
+    command += ["--precision", options.precision]
+    command += ["--workers", str(options.workers)] if options.workers is not None else []
+    command += ["--batch-size", str(options.batch_size)] if options.batch_size else []
+    command += ["--path-column", options.path_column] if options.path_column else []
+    command += [] if options.recursive else ["--no-recursive"]
+    command += ["--fast-decode"] if options.fast_decode else []
+    command += ["--incremental", incremental] if incremental else []
+    return command
+
+
+def _run_parts(inputs, out, options, weights, incremental, n, run, reporter, stop) -> None:  # type: ignore[no-untyped-def]
+    """Start n ``perceptscore score --part i/n`` processes, show their progress from the shards they write,
+    pass SIGINT/SIGTERM on, and fail with the first broken part's last message."""
+    command = _part_command(inputs, out, options, weights, incremental)
+    env = {**os.environ, "PERCEPTSCORE_LOG_EVERY": "86400"}  # the parent reports progress
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(n)]
+        procs = [
+            subprocess.Popen([*command, "--device", _part_device(options.device, i), "--part", f"{i}/{n}"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logs[i], env=env)
+            for i in range(n)
+        ]  # fmt: skip
+        stack.callback(lambda: [p.kill() for p in procs if p.poll() is None])
+        shown = run.saved_rows
+        while any(p.poll() is None for p in procs):
+            if stop.signum is not None:
+                for p in procs:
+                    p.send_signal(stop.signum)  # each part saves its current shard and stops
+                for p in procs:
+                    p.wait()
+                run.refresh()
+                raise _interrupted(stop.signum, run)
+            time.sleep(0.5)
+            run.refresh()
+            reporter.advance(run.saved_rows - shown, 0)
+            shown = run.saved_rows
+        run.refresh()
+        for i, p in enumerate(procs):
+            if p.returncode not in (0, 1):
+                logs[i].seek(0)
+                last = (logs[i].read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+                raise UsageError(f"scoring process {i + 1} of {n} failed (exit code {p.returncode}): {last}")
 
 
 def _score_to_stream(scorer, sources: Sources, schema: pa.Schema, make_reporter: MakeReporter) -> Outcome:  # type: ignore[no-untyped-def]

@@ -12,7 +12,6 @@ import signal
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,12 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from perceptscore._version import __version__
-from perceptscore.checkpoints import PRECISIONS, load_model, read_metadata, resolve_device, resolve_precision
+from perceptscore.checkpoints import PRECISIONS, load_model, resolve_device, resolve_precision
 from perceptscore.errors import UsageError
-from perceptscore.hub import Weights, file_sha256, resolve
+from perceptscore.hub import Weights, resolve
 from perceptscore.images import DecodeError, decode, draft_side
 from perceptscore.model import PerceptModel
+from perceptscore.outputs import output_schema, provenance
 from perceptscore.preprocess import normalize, prepare
 from perceptscore.sources import SourceItem, Sources
 from perceptscore.tasks import Preprocess, Task, get_task, output_columns
@@ -141,14 +140,6 @@ def default_workers(device: torch.device) -> int:
     return 1 if cores <= 8 else min(4, cores // 4)
 
 
-def _source(path: Path) -> dict[str, str]:
-    """For a converted file: the release file it came from and that file's sha256."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    metadata = read_metadata(path)
-    return {"source": metadata["source"], "source_sha256": metadata["source_sha256"]}
-
-
 class Scorer:
     """Score images for one or more tasks; ``score()`` returns a DataFrame, ``iter_batches()`` streams rows.
 
@@ -198,38 +189,10 @@ class Scorer:
         return output_columns(self.tasks)
 
     def schema(self, passthrough: pa.Schema | None = None) -> pa.Schema:
-        fields = [pa.field("path", pa.string())]
-        for task in self.tasks:
-            fields += [
-                pa.field(c, pa.string() if c == task.name and task.labels else pa.float64())
-                for c in task.columns
-            ]
-        fields += [
-            pa.field("error", pa.string()),
-            pa.field("file_size", pa.int64()),
-            pa.field("file_mtime_ns", pa.int64()),
-        ]
-        return pa.schema(fields + list(passthrough or []))
+        return output_schema(self.tasks, passthrough)
 
     def provenance(self) -> dict[str, Any]:
-        return {
-            "perceptscore": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": str(self.device),
-            "precision": self.precision,
-            "fast_decode": self.fast_decode,
-            "tasks": {
-                t.name: {
-                    "checkpoint": str(self.weights[t.name].path),
-                    "origin": self.weights[t.name].origin,
-                    "sha256": file_sha256(self.weights[t.name].path),
-                    **_source(self.weights[t.name].path),
-                    "preprocessing": t.preprocess.describe(),
-                    **({"labels": list(t.labels), "labels_note": "index order assumed"} if t.labels else {}),
-                }
-                for t in self.tasks
-            },
-        }
+        return provenance(self.tasks, self.weights, str(self.device), self.precision, self.fast_decode)
 
     # ---- scoring ---------------------------------------------------------------------------------
     def loader(self, chunks: _Chunks, workers: int | None = None, prefetch: int = 4) -> DataLoader:

@@ -164,6 +164,10 @@ class ShardedRun:
         """Rows held by complete shards (at the start: what --resume took over)."""
         return sum(s.last - s.first + 1 for s in self.shards)
 
+    def refresh(self) -> None:
+        """Re-read the shards on disk (other processes of the run write them too)."""
+        self.shards = self._scan()
+
     def _scan(self) -> list[Shard]:
         shards = []
         for path in sorted(self.folder.glob("shard-*.parquet")):

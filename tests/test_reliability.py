@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -360,3 +362,43 @@ def test_an_unwritable_output_folder_is_one_line(folder: str, photo_dir: Path, r
     )
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: cannot write in {folder}: ") and "Traceback" not in done.stderr
+
+
+def test_several_processes_give_the_single_process_output(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+) -> None:
+    """--processes 2 (one per GPU on CUDA; here on CPU): alternate blocks of rows each, assembled in order."""
+    out = tmp_path / "out.parquet"
+    args = [
+        *command(many_photos, release_checkpoints["memorability"][0], out),
+        "--device",
+        "cpu",
+        "--processes",
+        "2",
+    ]
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    same_as_reference(out, reference)
+    assert json.loads(pq.read_schema(out).metadata[b"perceptscore"])["device"] == "2 processes on cpu"
+
+
+def test_sigterm_reaches_every_process_and_the_run_resumes(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.parquet"
+    args = [
+        *command(many_photos, release_checkpoints["memorability"][0], out),
+        "--device",
+        "cpu",
+        "--processes",
+        "2",
+    ]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_shards(proc, out, 4)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and not out.exists()
+    done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    same_as_reference(out, reference)
