@@ -138,15 +138,7 @@ def score(
                 scorer = options.scorer(weights)
                 device = str(scorer.device)
                 pending = run.pending(counted)
-                batches = (
-                    previous.merge(pending, scorer.iter_batches) if previous else scorer.iter_batches(pending)
-                )
-                for indices, rows in batches:
-                    run.add(indices, rows)
-                    reporter.advance(len(rows), sum(row["error"] is not None for row in rows))
-                    if stop.signum is not None:
-                        run.flush()
-                        raise _interrupted(stop.signum, run)
+                _feed(run, scorer, pending, previous, stop, reporter.advance)
         outcome.skipped = previous.skipped if previous else 0
         about = provenance(tasks, weights, device, _precision_name(options), options.fast_decode)
         about |= {"resumed_rows": outcome.resumed, "incremental": incremental}
@@ -211,18 +203,28 @@ def _score_part(sources, out, options, weights, schema, fingerprint, previous, p
     scorer = options.scorer(weights)
     run = ShardedRun(Path(out), schema, fingerprint, resume=True)
     mine = (item for item in run.pending(sources) if (item.index // SHARD_ROWS) % n == i)
-    batches = previous.merge(mine, scorer.iter_batches) if previous else scorer.iter_batches(mine)
     outcome = Outcome()
+
+    def count(rows: int, errors: int) -> None:
+        outcome.rows += rows
+        outcome.errors += errors
+
     with StopOnSignal() as stop:
-        for indices, rows in batches:
-            run.add(indices, rows)
-            outcome.rows += len(rows)
-            outcome.errors += sum(row["error"] is not None for row in rows)
-            if stop.signum is not None:
-                run.flush()
-                raise _interrupted(stop.signum, run)
+        _feed(run, scorer, mine, previous, stop, count)
         run.flush()
     return outcome
+
+
+def _feed(run, scorer, items, previous, stop, progress) -> None:  # type: ignore[no-untyped-def]
+    """Score ``items`` (reusing ``previous``'s unchanged rows) into ``run``'s shards; on a stop signal save
+    the current shard and raise ``Interrupted``. ``progress(rows, errors)`` after each batch."""
+    batches = previous.merge(items, scorer.iter_batches) if previous else scorer.iter_batches(items)
+    for indices, rows in batches:
+        run.add(indices, rows)
+        progress(len(rows), sum(row["error"] is not None for row in rows))
+        if stop.signum is not None:
+            run.flush()
+            raise _interrupted(stop.signum, run)
 
 
 def _part_command(inputs, out, options, weights, incremental) -> list[str]:  # type: ignore[no-untyped-def]
