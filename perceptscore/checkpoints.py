@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from perceptscore.errors import CheckpointError, UsageError
 from perceptscore.hub import resolve
 from perceptscore.model import PerceptModel
+from perceptscore.outputs import safetensors_header
 from perceptscore.tasks import Architecture, Task, get_task
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -180,12 +181,9 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file as a view of a private memory map of it: nothing is copied or
     read until used, as torch does for a memory-mapped .pth (safetensors' own ``get_tensor`` copies)."""
+    header, start = safetensors_header(path)
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
     data = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))
-    start = 8 + header_len
     tensors = {}
     for key, entry in header.items():
         if key == "__metadata__":

@@ -31,11 +31,16 @@ def output_schema(tasks: Sequence[Task], passthrough: pa.Schema | None = None) -
     return pa.schema(fields + list(passthrough or []))
 
 
-def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's header (8-byte length, then JSON), tensors unread."""
+def safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (8-byte length, then JSON) and the offset where its tensor data starts."""
     with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return header.get("__metadata__") or {}
+        length = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(length)), 8 + length
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, tensors unread."""
+    return safetensors_header(path)[0].get("__metadata__") or {}
 
 
 def _source(path: Path) -> dict[str, str]:
