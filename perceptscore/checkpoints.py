@@ -164,21 +164,21 @@ def read_converted(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Te
     """Metadata and all tensors of a converted file, its shared base joined in when it is split."""
     path = Path(path)
     metadata = read_metadata(path)
-    tensors = _load_tensors(path)
+    tensors = map_safetensors(path)
     if "base" in metadata:
         base_path = path.with_name(metadata["base"])
         if not base_path.is_file():
             raise CheckpointError(
                 f"checkpoint {path}: its base {base_path.name} is missing from {path.parent}"
             )
-        tensors |= _load_tensors(base_path)
+        tensors |= map_safetensors(base_path)
     return metadata, tensors
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file as a view of a private memory map of it: nothing is copied or
     read until used, as torch does for a memory-mapped .pth (safetensors' own ``get_tensor`` copies)."""
     header, start = safetensors_header(path)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perceptscore.errors import CheckpointError, WeightsNotFoundError
-from perceptscore.tasks import Task
+from perceptscore.tasks import Release, Task
 
 WEIGHTS_ENV = "PERCEPTSCORE_WEIGHTS"
 CACHE_ENV = "PERCEPTSCORE_CACHE"
@@ -82,19 +82,10 @@ def local_candidates(task: Task) -> list[tuple[Path, str]]:
             (folder / task.release.filename, f"${WEIGHTS_ENV}"),
         ]
     found.append((converted_cache() / f"{task.name}.safetensors", "converted cache"))
-    cached = _hub_cached(task)
-    if cached is not None:
-        found.append((cached, "hub cache"))
+    hit = hub_cached(task.release)
+    if hit is not None:
+        found.append((hit, "hub cache"))
     return found
-
-
-def _hub_cached(task: Task) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(
-        task.release.repo_id, task.release.filename, cache_dir=hub_cache(), revision=task.release.revision
-    )
-    return Path(hit) if isinstance(hit, str) else None  # otherwise None or a "known missing" marker
 
 
 def resolve(task: Task, given: str | Path | None = None, download: bool = True) -> Weights:
@@ -115,29 +106,50 @@ def resolve(task: Task, given: str | Path | None = None, download: bool = True) 
 
 def fetch_release(task: Task) -> Path:
     """Download the task's release file into the hub cache and verify it."""
+    try:
+        return download(task.release)
+    except DownloadError as exc:
+        raise WeightsNotFoundError(missing_message(task, f"download failed: {exc}")) from None
+
+
+class DownloadError(Exception):
+    """The hub could not be reached or refused the file; the message is the reason, one line."""
+
+
+def download(release: Release) -> Path:
+    """Download one hub file into the hub cache (resuming a dropped connection) and verify its sha256."""
     import huggingface_hub
 
-    _remove_stale_partials(task)
+    _remove_stale_partials(release)
     try:
         path = Path(
             huggingface_hub.hf_hub_download(
-                task.release.repo_id,
-                task.release.filename,
-                revision=task.release.revision,
+                release.repo_id,
+                release.filename,
+                revision=release.revision,
                 cache_dir=hub_cache(),
                 endpoint=os.environ.get("HF_ENDPOINT") or None,
             )
         )
     # The network stack's exceptions differ across huggingface_hub versions; here all mean "failed".
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise WeightsNotFoundError(missing_message(task, f"download failed: {reason}")) from None
-    verify_download(task, path)
+        raise DownloadError(" ".join(str(exc).split())[:200] or type(exc).__name__) from None
+    verify_download(release, path)
     return path
 
 
-def _remove_stale_partials(task: Task) -> None:
-    blobs = hub_cache() / f"models--{task.release.repo_id.replace('/', '--')}" / "blobs"
+def hub_cached(release: Release) -> Path | None:
+    """The hub cache's copy of a release file, if there is one (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(
+        release.repo_id, release.filename, cache_dir=hub_cache(), revision=release.revision
+    )
+    return Path(hit) if isinstance(hit, str) else None  # otherwise None or a "known missing" marker
+
+
+def _remove_stale_partials(release: Release) -> None:
+    blobs = hub_cache() / f"models--{release.repo_id.replace('/', '--')}" / "blobs"
     now = time.time()
     for partial in blobs.glob("*.incomplete"):
         try:
@@ -147,17 +159,17 @@ def _remove_stale_partials(task: Task) -> None:
             pass  # gone already, or not ours to remove
 
 
-def verify_download(task: Task, path: Path) -> str:
+def verify_download(release: Release, path: Path) -> str:
     """Check a downloaded file against the registry's pin or the hub's hash; delete it if it fails."""
     blob = Path(os.path.realpath(path))
-    expected = task.release.sha256 or (blob.name if _SHA256.fullmatch(blob.name) else None)
+    expected = release.sha256 or (blob.name if _SHA256.fullmatch(blob.name) else None)
     actual = file_sha256(blob)
     if expected is not None and actual != expected:
         blob.unlink(missing_ok=True)
         if path.is_symlink():
             path.unlink()
         raise CheckpointError(
-            f"downloaded {task.release.filename} is corrupt (sha256 {actual[:12]}..., the hub says "
+            f"downloaded {release.filename} is corrupt (sha256 {actual[:12]}..., the hub says "
             f"{expected[:12]}...); it was removed from the cache: run again to download it anew"
         )
     return actual

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -109,7 +109,7 @@ class _Chunks:
             yield chunk
 
 
-def _decode_worker(_: int) -> None:
+def decode_worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode workers must not fight the model for cores
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle, cleanly
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the decode time limit: see DecodeDataset
@@ -129,6 +129,24 @@ def _worker_died(exc: BaseException) -> bool:
 # a worker dies (possibly the caller's, between batches). Marking it installed keeps torch's other check,
 # which raises from the iterator itself (within 5 s), where iter_batches can catch it and isolate the file.
 torch.utils.data._utils.signal_handling._SIGCHLD_handler_set = True
+
+
+@torch.inference_mode()
+def raw_outputs(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    task: Task,
+    crops: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+) -> np.ndarray:
+    """uint8 crops (n * crops_per_image, 3, H, W) -> raw outputs (n, outputs) averaged over each image's
+    crops. The one place images meet a model: scoring and the trainer's evaluation both go through it."""
+    arch = task.architecture
+    x = normalize(crops.to(device, non_blocking=True), arch.mean, arch.std, dtype)
+    out = torch.cat([model(chunk).float() for chunk in x.split(batch_size)])
+    per_image = out.view(-1, task.preprocess.crops, out.shape[-1]).mean(dim=1)
+    return per_image.cpu().numpy()
 
 
 def default_workers(device: torch.device) -> int:
@@ -204,18 +222,13 @@ class Scorer:
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_decode_worker if workers else None,
+            worker_init_fn=decode_worker_init if workers else None,
             prefetch_factor=prefetch if workers else None,
         )
 
-    @torch.inference_mode()
     def _raw(self, task: Task, crops: torch.Tensor) -> np.ndarray:
-        """uint8 crops (n * crops_per_image, 3, H, W) -> raw outputs averaged over each image's crops."""
-        model, arch = self.models[task.name], task.architecture
-        x = normalize(crops.to(self.device, non_blocking=True), arch.mean, arch.std, self.dtype)
-        out = torch.cat([model(chunk).float() for chunk in x.split(self.batch_size)])
-        per_image = out.view(-1, task.preprocess.crops, out.shape[-1]).mean(dim=1)
-        return per_image.cpu().numpy()
+        model = self.models[task.name]
+        return raw_outputs(model, task, crops, self.device, self.dtype, self.batch_size)
 
     def rows(self, batch: Batch) -> list[dict[str, Any]]:
         ok = [i for i, e in enumerate(batch.errors) if e is None]
