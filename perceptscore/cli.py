@@ -386,6 +386,160 @@ def weights_verify(
         console.print(f"{key}: {value}")
 
 
+# ---- training and evaluation (the [train] extra) ----------------------------------------------------
+
+
+def _trainer():  # type: ignore[no-untyped-def]
+    """The trainer package, or one line saying how to install what it needs."""
+    from perceptscore.errors import UsageError
+
+    try:
+        import scipy  # noqa: F401 - the metrics need it
+
+        from perceptscore.trainer import run
+    except ImportError as exc:
+        raise UsageError(
+            f"training needs the train extra ({exc.name} is missing): pip install 'perceptscore[train]'"
+        ) from None
+    return run
+
+
+DataSpec = Annotated[
+    list[str],
+    typer.Option(
+        "--data",
+        help="NAME=ROOT of a known dataset (lamem, memcat, koniq, livec, spaq, emoset, fi), or a labelled "
+        "manifest (.csv/.parquet/.jsonl: path, label[, split]). Repeat for two-stage training.",
+        show_default=False,
+    ),
+]
+LabelColumn = Annotated[str, typer.Option(help="Manifest column holding the labels.")]
+SplitId = Annotated[int, typer.Option(help="LaMem's official split (1-5).")]
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
+    data: DataSpec,
+    out: Annotated[Path, typer.Option("-o", "--out", help="The run folder (checkpoints, logs, export/).")],
+    init: Annotated[
+        str, typer.Option(help="Starting CLIP tower: openai (downloaded) or a weights file.")
+    ] = "openai",
+    target: Annotated[
+        list[str] | None, typer.Option(help="Stage 2 targets (dataset names).", show_default="every dataset")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (stage 1).", show_default="recipe")] = None,
+    stage2_epochs: Annotated[
+        int | None, typer.Option(help="Epochs of stage 2.", show_default="recipe")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.", show_default="32")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.", show_default="recipe")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay.", show_default="0.01")
+    ] = None,
+    warmup_fraction: Annotated[
+        float | None, typer.Option(help="Warmup share of steps.", show_default="0.05")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of init, order and augmentation.", show_default="0")
+    ] = None,
+    accumulate: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16.")
+    ] = "auto",
+    device: Device = "auto",
+    workers: Workers = None,
+    save_every: Annotated[
+        int, typer.Option(help="Checkpoint every N steps (and at each epoch's end).")
+    ] = 500,
+    max_steps: Annotated[int | None, typer.Option(help="Stop each stage after N steps (trial runs).")] = None,
+    split_id: SplitId = 1,
+    path_column: Annotated[str, typer.Option(help="Manifest column holding the paths.")] = "path",
+    label_column: LabelColumn = "label",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+) -> None:
+    """Train a PerceptCLIP model (LoRA + head); export it as a perceptscore checkpoint with a model card."""
+    run = _trainer()
+    overrides = {
+        "epochs": epochs, "stage2_epochs": stage2_epochs, "batch_size": batch_size, "lr": lr,
+        "weight_decay": weight_decay, "warmup_fraction": warmup_fraction, "seed": seed,
+    }  # fmt: skip
+    options = run.TrainOptions(
+        task, data, out, init, target or [], overrides, accumulate, precision, device, workers, save_every,
+        max_steps, split_id, path_column, label_column, resume,
+    )  # fmt: skip
+    run.train(options, err_console)
+
+
+@app.command("eval")
+def eval_(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="A manifest or scores file with a label column, or with --dataset the dataset's folder.",
+            show_default=False,
+        ),
+    ],
+    task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="Read INPUT as this dataset (lamem, koniq, ...; manifest: a labelled manifest's split)."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option(help="With --dataset: train, val or test.")] = "test",
+    split_id: SplitId = 1,
+    label_column: LabelColumn = "label",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write the metrics as JSON.")] = None,
+    checkpoint: Checkpoints = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    path_column: PathColumn = None,
+    fast_decode: FastDecode = False,
+) -> None:
+    """Score a labelled set with any checkpoint (the released ones too) and report SRCC/PLCC or accuracy."""
+    import json
+
+    from rich.table import Table
+
+    from perceptscore import jobs
+    from perceptscore.tasks import get_task, parse_tasks
+
+    run = _trainer()
+    spec = get_task(task)
+    inputs, path_column, label_column, tmp = run.labelled_inputs(
+        inputs, spec, dataset, split, split_id, path_column or "path", label_column
+    )
+    try:
+        options = _options(
+            parse_tasks([task]),
+            checkpoint,
+            device,
+            precision,
+            batch_size,
+            workers,
+            fast_decode,
+            True,
+            path_column,
+        )
+        scored = jobs.scored_rows(inputs, [spec], options, _reporter)
+        metrics = run.frame_metrics(scored.frame, spec, label_column)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    table = Table("metric", "value")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if out:
+        from perceptscore.sinks import write_atomic
+
+        write_atomic(out, (json.dumps(metrics, indent=2) + "\n").encode())
+    raise typer.Exit(scored.outcome.exit_code)
+
+
 def main() -> None:
     """Console-script entry: user mistakes become one red line and their exit code, never a traceback."""
     try:

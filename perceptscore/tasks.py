@@ -185,6 +185,14 @@ def all_tasks() -> dict[str, Task]:
     return {name: _task_from_dict(name, d, reg["architectures"]) for name, d in reg["tasks"].items()}
 
 
+def base_release(name: str) -> Release:
+    """A CLIP backbone the trainer can start from, by its registry name (e.g. ``openai``)."""
+    bases = registry().get("bases", {})
+    if name not in bases:
+        raise UsageError(f"unknown base {name!r}; known: {', '.join(bases)}, or a path to a weights file")
+    return Release(**bases[name])
+
+
 def get_task(name: str) -> Task:
     """Look a task up by name or alias, case-insensitively."""
     key = name.strip().lower()

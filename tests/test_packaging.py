@@ -33,7 +33,7 @@ def test_wheel_ships_trainer_and_weights_inside_the_package(tmp_path: Path) -> N
     assert {f"perceptscore/weights/cards/{t}.md" for t in ("memorability", "quality", "emotion")} <= set(
         names
     )
-    assert "perceptscore/trainer/__init__.py" in names
+    assert {f"perceptscore/trainer/{m}" for m in ("__init__.py", "run.py", "recipes.json")} <= set(names)
     assert "perceptscore/model.py" in names
     assert not [n for n in names if n.startswith(("trainer/", "weights/", "tests/"))]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
