@@ -141,6 +141,10 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # safetensors creates its file private (0600); a weights file is meant to be shared like any other
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -175,7 +179,11 @@ def read_converted(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Te
     return metadata, tensors
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 
 
 def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -189,7 +197,9 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if key == "__metadata__":
             continue
         begin, end = entry["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {entry['dtype']}, which is not read here")
         tensors[key] = data[start + begin : start + end].view(dtype).view(entry["shape"])
     return tensors
 

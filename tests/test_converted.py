@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,9 @@ def test_split_conversion_stores_one_base_for_tasks_that_share_it(
         )
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 3 and files[0].startswith("base-")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(cache / f).stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}  # shareable, not 0600
     base_size = (cache / files[0]).stat().st_size
     assert (cache / "quality.safetensors").stat().st_size < base_size
     assert torch.allclose(

@@ -19,6 +19,7 @@ from perceptscore.trainer.datasets import LayoutError, hash_split, load_dataset
 from perceptscore.trainer.loop import Device, Settings, Stage, StageRun, TrainNet, lr_factor
 from PIL import Image
 from rich.console import Console
+from safetensors.torch import load_file
 from scipy.io import savemat
 from scipy.stats import pearsonr
 
@@ -337,3 +338,22 @@ def test_accumulating_two_half_batches_is_one_full_batch(tmp_path: Path) -> None
     for key in whole:
         torch.testing.assert_close(accumulated[key], whole[key], rtol=0, atol=1e-6)
     assert any(not torch.allclose(first_half_only[k], whole[k], rtol=0, atol=1e-6) for k in whole)
+
+
+def test_a_tower_built_from_open_clip_weights_computes_what_open_clip_computes(tmp_path: Path) -> None:
+    """Untrained adapters (B = 0) change nothing: the training network's features are open_clip's own."""
+    from open_clip.transformer import QuickGELU, VisionTransformer
+    from perceptscore.trainer.loop import build_net
+
+    path = tiny_clip(tmp_path / "clip.safetensors", seed=3, width=128)
+    reference = VisionTransformer(
+        image_size=224, patch_size=14, width=128, layers=2, heads=2, mlp_ratio=4.0, output_dim=48,
+        act_layer=QuickGELU,
+    ).eval()  # fmt: skip
+    reference.load_state_dict({k.removeprefix("visual."): v for k, v in load_file(path).items()})
+    base = load_base(str(path), get_task("quality").architecture)
+    net = build_net(base, base.arch, ["a"], seed=0).eval()
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net.visual(x), reference(x), rtol=0, atol=1e-5)
+        assert net(x, "a").shape == (3, 1)

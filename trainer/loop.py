@@ -264,7 +264,8 @@ class StageRun:
             )
         shown = ", ".join(f"{n} {key} {r[key]:.4f}" for n, r in results.items())
         self.console.print(f"{self.stage.name} epoch {epoch + 1}: {shown}")
-        if not self.best or (score == score and score > self.best["score"]):
+        previous = self.best.get("score", float("nan"))
+        if (score == score and (previous != previous or score > previous)) or not self.best:  # NaN: no score
             self.best = {"score": score, "metric": key, "epoch": epoch + 1, "step": self.step, "val": results}
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.net.trainable().items()}
             tmp = self.folder / f".best.safetensors.partial-{os.getpid()}"
