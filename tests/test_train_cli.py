@@ -316,3 +316,27 @@ def test_eval_scores_a_released_checkpoint_against_labels(
         missing.returncode == 2
         and "no label column 'label' in the input (columns found: path" in missing.stderr
     )
+
+
+def test_bf16_on_cpu_trains_and_unreadable_images_are_skipped_not_fatal(data: Path, tmp_path: Path) -> None:
+    frame = pd.read_csv(data / "blur.csv").head(48)
+    frame["path"] = [str(data / p) for p in frame["path"]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((data / "blur0000.png").read_bytes()[:200])  # truncated
+    frame = pd.concat(
+        [frame, pd.DataFrame({"path": [str(broken)], "label": [1.0], "split": ["train"]})], ignore_index=True
+    )
+    frame["split"] = frame["split"].fillna("train")
+    frame.loc[frame.index[:8], "split"] = "val"
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    args = ["train", "-t", "mem", "--data", tmp_path / "m.csv", "--init", data / "tiny.safetensors", *CPU]
+    done = perceptscore(
+        *args, "-o", tmp_path / "run", "--batch-size", "41", "--epochs", "3", "--precision", "bf16"
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"skipped {broken}: unreadable image" in done.stderr
+    log = pd.read_csv(tmp_path / "run" / "train" / "log.csv")
+    assert log["skipped"].sum() == 3 and log["images"].sum() == 3 * 40  # 3 epochs of 40 readable images
+    assert np.isfinite(log["loss"]).all()
+    refused = perceptscore(*args, "-o", tmp_path / "fp16", "--precision", "fp16")
+    assert refused.returncode == 2 and "fp16 training needs CUDA" in refused.stderr

@@ -41,6 +41,10 @@ class TrainBatch:
     labels: torch.Tensor  # (n,) float32 (scores, or class indices)
     skipped: list[str]  # "path: reason" of images that could not be decoded
 
+    def pin_memory(self) -> TrainBatch:  # called by DataLoader(pin_memory=True) for custom batch types
+        self.pixels, self.labels = self.pixels.pin_memory(), self.labels.pin_memory()
+        return self
+
 
 class AugmentedImages(Dataset[tuple[int, np.ndarray | None, float, str | None]]):
     """``(dataset, example)`` keys -> an augmented uint8 crop, its label, and an error if undecodable."""

@@ -130,7 +130,8 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any]:
         )
     for data in sets:
         console.print(f"{data.name}: {data.describe()} ({data.source})")
-        data.split("train"), data.split("val")
+        for split in ("train", "val"):  # both are needed: one to learn from, one to pick the best epoch
+            data.split(split)
     targets = options.targets or names
     missing = [t for t in targets if t not in names]
     if missing:
