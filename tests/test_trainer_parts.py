@@ -12,11 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from perceptscore.trainer import datasets, losses, metrics
-from perceptscore.trainer.base import load_base
-from perceptscore.trainer.data import TrainBatch, epoch_batches
-from perceptscore.trainer.datasets import LayoutError, hash_split, load_dataset
-from perceptscore.trainer.loop import Device, Settings, Stage, StageRun, TrainNet, lr_factor
 from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file
@@ -26,6 +21,11 @@ from scipy.stats import pearsonr
 from perceptscore.errors import UsageError
 from perceptscore.model import PerceptModel
 from perceptscore.tasks import get_task
+from perceptscore.trainer import datasets, losses, metrics
+from perceptscore.trainer.base import load_base
+from perceptscore.trainer.data import TrainBatch, epoch_batches
+from perceptscore.trainer.datasets import LayoutError, hash_split, load_dataset
+from perceptscore.trainer.loop import Device, Settings, Stage, StageRun, TrainNet, lr_factor
 
 from synthetic import tiny_clip
 
@@ -343,6 +343,7 @@ def test_accumulating_two_half_batches_is_one_full_batch(tmp_path: Path) -> None
 def test_a_tower_built_from_open_clip_weights_computes_what_open_clip_computes(tmp_path: Path) -> None:
     """Untrained adapters (B = 0) change nothing: the training network's features are open_clip's own."""
     from open_clip.transformer import QuickGELU, VisionTransformer
+
     from perceptscore.trainer.loop import build_net
 
     path = tiny_clip(tmp_path / "clip.safetensors", seed=3, width=128)

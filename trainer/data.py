@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from perceptscore.trainer.datasets import Example
 from torch.utils.data import DataLoader, Dataset
 
 from perceptscore.images import DecodeError, decode
@@ -26,6 +25,7 @@ from perceptscore.pipeline import DecodeDataset, collate, decode_worker_init, ra
 from perceptscore.preprocess import resize
 from perceptscore.sources import SourceItem
 from perceptscore.tasks import Preprocess, Task
+from perceptscore.trainer.datasets import Example
 
 Key = tuple[int, int]  # (dataset number within the stage, example index within its train split)
 

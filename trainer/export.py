@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from perceptscore.trainer.base import Base
-from perceptscore.trainer.data import predict
-from perceptscore.trainer.datasets import LabelledSet
-from perceptscore.trainer.loop import Device, TrainNet, evaluate_raw
 
 from perceptscore._version import __version__
 from perceptscore.checkpoints import load_model, save_converted
 from perceptscore.model import PerceptModel
 from perceptscore.tasks import Task
+from perceptscore.trainer.base import Base
+from perceptscore.trainer.data import predict
+from perceptscore.trainer.datasets import LabelledSet
+from perceptscore.trainer.loop import Device, TrainNet, evaluate_raw
 
 
 def calibrate(

@@ -22,11 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from perceptscore.trainer import metrics
-from perceptscore.trainer.base import Base
-from perceptscore.trainer.data import AugmentedImages, TrainBatch, epoch_batches, predict, train_loader
-from perceptscore.trainer.datasets import LabelledSet
-from perceptscore.trainer.losses import LOSSES
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -35,6 +30,11 @@ from perceptscore.model import PerceptHead, PerceptModel
 from perceptscore.preprocess import normalize
 from perceptscore.runs import Interrupted, StopOnSignal
 from perceptscore.tasks import Architecture, Task
+from perceptscore.trainer import metrics
+from perceptscore.trainer.base import Base
+from perceptscore.trainer.data import AugmentedImages, TrainBatch, epoch_batches, predict, train_loader
+from perceptscore.trainer.datasets import LabelledSet
+from perceptscore.trainer.losses import LOSSES
 
 
 class TrainNet(nn.Module):

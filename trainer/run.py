@@ -28,11 +28,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from perceptscore.trainer.datasets import LabelledSet, class_index, load_dataset
 from rich.console import Console
 
 from perceptscore.errors import UsageError
 from perceptscore.tasks import Task, get_task
+from perceptscore.trainer.datasets import LabelledSet, class_index, load_dataset
 
 RECIPE_FIELDS = (
     "loss",
@@ -108,12 +108,11 @@ class TrainOptions:
 
 def train(options: TrainOptions, console: Console) -> dict[str, Any]:
     """Run (or resume) a training run; returns the exported checkpoints and their final metrics."""
-    from perceptscore.trainer.base import load_base
-    from perceptscore.trainer.loop import Device, Stage, StageRun, build_net, load_trainable
-
     from perceptscore.checkpoints import resolve_device
     from perceptscore.pipeline import default_workers
     from perceptscore.runs import OutputLock
+    from perceptscore.trainer.base import load_base
+    from perceptscore.trainer.loop import Device, Stage, StageRun, build_net, load_trainable
 
     task = get_task(options.task)
     values, settings = options.settings(task)
@@ -282,6 +281,7 @@ def labelled_inputs(
 def frame_metrics(frame: Any, task: Task, label_column: str) -> dict[str, float]:
     """Metrics of a scores frame (the columns ``score`` writes) against its label column."""
     import numpy as np
+
     from perceptscore.trainer.loop import evaluate_raw
 
     if label_column not in frame.columns:
