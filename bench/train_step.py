@@ -75,6 +75,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224, device=device)
 
     release = ReleaseModel(1, FULL_SIZE).to(device)
+    release.proj.weight.requires_grad_(False)  # frozen in the release, as the tower is
     release_trainable = sum(p.numel() for p in release.parameters() if p.requires_grad)
     baseline = step_time(release, release, x, args.steps, autocast=False)
     del release
