@@ -131,6 +131,13 @@ def test_classification_learns_colours_and_score_gives_the_same_labels(data: Pat
     scored = pd.read_parquet(tmp_path / "s.parquet")
     assert scored["emotion"].tolist() == predictions["emotion"].tolist()
     np.testing.assert_allclose(scored["emotion_confidence"], predictions["emotion_confidence"], atol=1e-6)
+    # `perceptscore eval` of the test split reports the trainer's accuracy (labels read back as indices)
+    done = perceptscore(
+        "eval", data / "colour.csv", "-t", "emotion", "--dataset", "manifest", "--split", "test",
+        "--checkpoint", out / "export" / "colour.safetensors", *CPU, "-o", tmp_path / "m.json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(results["test"], nan_ok=True)
     truth = pd.read_csv(data / "colour.csv").set_index("path")["label"]
     hits = [truth[Path(p).name] == e for p, e in zip(scored["path"], scored["emotion"], strict=True)]
     assert np.mean(hits) == pytest.approx(results["test"]["accuracy"])

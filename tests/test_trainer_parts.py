@@ -251,7 +251,7 @@ def test_wrong_layouts_say_what_was_expected_and_found(tmp_path: Path) -> None:
         load_dataset(f"imagenet={tmp_path}", get_task("quality"))
 
 
-def test_manifest_labels_and_split_column(tmp_path: Path) -> None:
+def test_manifest_labels_and_split_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _images(tmp_path, ["a.png", "b.png", "c.png"])
     pd.DataFrame(
         {
@@ -260,8 +260,9 @@ def test_manifest_labels_and_split_column(tmp_path: Path) -> None:
             "split": ["train", "val", "test"],
         }
     ).to_parquet(tmp_path / "m.parquet")
-    data = load_dataset(f"mine={tmp_path / 'm.parquet'}", get_task("emotion"))
-    assert data.name == "mine"
+    monkeypatch.chdir(tmp_path)
+    data = load_dataset("mine=m.parquet", get_task("emotion"))
+    assert data.name == "mine" and data.splits["train"][0].path == str(tmp_path / "a.png")
     assert [(s, e.label) for s, v in data.splits.items() for e in v] == [
         ("train", 2),
         ("val", 7),

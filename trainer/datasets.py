@@ -316,6 +316,8 @@ def _number(value: object, path: Path, row: int) -> float:
 
 
 def class_index(label: object, name: str, where: Path) -> int:
+    if isinstance(label, (int, float)) or hasattr(label, "dtype"):  # a number, from any table reader
+        label = int(label) if float(label).is_integer() else label  # type: ignore[arg-type]
     text = str(label).strip().lower()
     if text in EMOTIONS:
         return EMOTIONS.index(text)
@@ -374,7 +376,7 @@ def load_dataset(
     name, sep, location = spec.partition("=")
     if not sep:
         name, location = "", spec
-    path = Path(location).expanduser()
+    path = Path(location).expanduser().absolute()  # examples carry absolute paths: valid from any folder
     key = name.strip().lower()
     if key in ADAPTERS:
         adapter_task, adapter = ADAPTERS[key]
