@@ -272,6 +272,14 @@ def test_user_mistakes_are_one_line_errors(data: Path, tmp_path: Path) -> None:
         "train", "-t", "quality", "--data", data / "blur.csv", "-o", tmp_path / "o", "--init", "openai"
     )
     assert done.returncode == 3 and "base 'openai' is not downloaded and HF_HUB_OFFLINE is set" in done.stderr
+    for init, message in (
+        (tmp_path / "nope.safetensors", "nope.safetensors: no such file"),
+        ("laion", "unknown base 'laion'"),
+    ):
+        done = perceptscore(
+            "train", "-t", "quality", "--data", data / "blur.csv", "-o", tmp_path / "p", "--init", init
+        )
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_init_openai_downloads_the_tower_once(data: Path, tmp_path: Path) -> None:

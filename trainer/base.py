@@ -47,6 +47,8 @@ def load_base(init: str, template: Architecture) -> Base:
     path = Path(init).expanduser()
     if path.is_file():
         return _from_file(path, template, str(path))
+    if path.suffix or "/" in init:  # meant as a file
+        raise CheckpointError(f"--init {init}: no such file")
     release = base_release(init)
     hit = hub_cached(release)
     if hit is None:
