@@ -21,7 +21,6 @@ from perceptscore.errors import CheckpointError, WeightsNotFoundError
 from perceptscore.hub import DownloadError, download, file_sha256, hub_cached, offline
 from perceptscore.model import (
     RELEASE_PREFIX,
-    PerceptModel,
     convert_release_state_dict,
     infer_release_architecture,
 )
@@ -121,19 +120,3 @@ def _open_clip_architecture(visual: dict[str, torch.Tensor], template: Architect
         mlp_ratio=mlp / width,
         embed_dim=visual["visual.proj"].shape[1],
     )
-
-
-def check_fits(base: Base, model: PerceptModel) -> None:
-    """Every frozen tensor of the model is in the base with its shape, or one line says which are not."""
-    expected = {
-        k: tuple(v.shape)
-        for k, v in model.state_dict().items()
-        if k in base.tensors or (k.startswith("visual.") and ".lora_" not in k)
-    }
-    problems = [
-        k for k, shape in expected.items() if k not in base.tensors or tuple(base.tensors[k].shape) != shape
-    ]
-    if problems:
-        raise CheckpointError(
-            f"base {base.source}: {len(problems)} tower tensors missing or mis-shaped, e.g. {problems[0]}"
-        )

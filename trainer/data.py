@@ -82,6 +82,12 @@ def collate_train(items: list[tuple[int, np.ndarray | None, float, str | None]])
     return TrainBatch(items[0][0], pixels, labels, [err for *_, err in items if err is not None])
 
 
+def batches_in(size: int, batch_size: int) -> int:
+    """Micro-batches a dataset of ``size`` gives per epoch: full batches only (the last partial one is
+    dropped), or one batch of all of it when it is smaller than a batch."""
+    return size // batch_size if size >= batch_size else 1
+
+
 def epoch_batches(
     sizes: Sequence[int], batch_size: int, seed: int, stage: int, epoch: int
 ) -> list[list[Key]]:
@@ -91,8 +97,10 @@ def epoch_batches(
     batches: list[list[Key]] = []
     for d, size in enumerate(sizes):
         order = rng_for(seed, stage, epoch, d, 1).permutation(size)
-        cut = size - size % batch_size if size >= batch_size else size  # drop a last partial batch
-        batches += [[(d, int(i)) for i in order[s : s + batch_size]] for s in range(0, cut, batch_size)]
+        batches += [
+            [(d, int(i)) for i in order[b * batch_size : (b + 1) * batch_size]]
+            for b in range(batches_in(size, batch_size))
+        ]
     mix = rng_for(seed, stage, epoch, 2).permutation(len(batches))
     return [batches[i] for i in mix]
 

@@ -23,16 +23,24 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from perceptscore.errors import CheckpointError
 from perceptscore.model import PerceptHead, PerceptModel
 from perceptscore.preprocess import normalize
 from perceptscore.runs import Interrupted, StopOnSignal
 from perceptscore.tasks import Architecture, Task
 from perceptscore.trainer import metrics
 from perceptscore.trainer.base import Base
-from perceptscore.trainer.data import AugmentedImages, TrainBatch, epoch_batches, predict, train_loader
+from perceptscore.trainer.data import (
+    AugmentedImages,
+    TrainBatch,
+    batches_in,
+    epoch_batches,
+    predict,
+    train_loader,
+)
 from perceptscore.trainer.datasets import LabelledSet
 from perceptscore.trainer.losses import LOSSES
 
@@ -73,8 +81,6 @@ def build_net(base: Base, arch: Architecture, heads: list[str], seed: int) -> Tr
     missing, unexpected = net.load_state_dict(base.tensors, strict=False)
     frozen_missing = [k for k in missing if k.startswith("visual.") and ".lora_" not in k]
     if frozen_missing or unexpected:
-        from perceptscore.errors import CheckpointError
-
         bad = (frozen_missing + unexpected)[0]
         raise CheckpointError(f"base {base.source} does not fit the tower (e.g. {bad})")
     return net
@@ -104,8 +110,7 @@ class Stage:
     start: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable tensors to start from (stage 2)
 
     def steps_per_epoch(self) -> int:
-        sizes = [len(s.split("train")) for s in self.sets]
-        micro = sum(n // self.settings.batch_size if n >= self.settings.batch_size else 1 for n in sizes)
+        micro = sum(batches_in(len(s.split("train")), self.settings.batch_size) for s in self.sets)
         return max(1, micro // self.settings.accumulate)
 
     def total_steps(self) -> int:
@@ -306,10 +311,6 @@ def evaluate_raw(task: Task, raw: np.ndarray, labels: list[float]) -> dict[str, 
     else:
         result = metrics.regression(raw[ok, 0], y)
     return result | {"errors": int((~ok).sum())}
-
-
-def load_trainable(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:

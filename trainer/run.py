@@ -108,11 +108,13 @@ class TrainOptions:
 
 def train(options: TrainOptions, console: Console) -> dict[str, Any]:
     """Run (or resume) a training run; returns the exported checkpoints and their final metrics."""
+    from safetensors.torch import load_file
+
     from perceptscore.checkpoints import resolve_device
     from perceptscore.pipeline import default_workers
     from perceptscore.runs import OutputLock
     from perceptscore.trainer.base import load_base
-    from perceptscore.trainer.loop import Device, Stage, StageRun, build_net, load_trainable
+    from perceptscore.trainer.loop import Device, Stage, StageRun, build_net
 
     task = get_task(options.task)
     values, settings = options.settings(task)
@@ -175,7 +177,7 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any]:
             if not (folder / "done.json").is_file():
                 runner = StageRun(stage, net, task, folder, dev, console, options.save_every)
                 runner.run(resume=options.resume)
-            net.load_state_dict(load_trainable(folder / "best.safetensors"), strict=False)
+            net.load_state_dict(load_file(folder / "best.safetensors"), strict=False)
             return net
 
         exports: dict[str, Any] = {}
@@ -183,12 +185,15 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any]:
             net = run_stage(Stage("train", 1, sets, settings))
             exports[sets[0].name] = _export(net, sets[0], task, out, base, dev, record, console)
         else:
-            run_stage(Stage("stage1", 1, sets, settings))
-            first = load_trainable(out / "stage1" / "best.safetensors")
+            first = run_stage(Stage("stage1", 1, sets, settings)).trainable()  # its best epoch
             stage2 = replace(settings, epochs=int(values["stage2_epochs"][0]))
             for n, target in enumerate(targets, start=2):
                 data = sets[names.index(target)]
-                start = {k: v for k, v in first.items() if ".lora_" in k or k.startswith(f"heads.{target}.")}
+                start = {
+                    k: v.detach().clone()
+                    for k, v in first.items()
+                    if ".lora_" in k or k.startswith(f"heads.{target}.")
+                }
                 net = run_stage(Stage(f"stage2-{target}", n, [data], stage2, start))
                 exports[target] = _export(net, data, task, out, base, dev, record, console)
     return exports
