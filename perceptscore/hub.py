@@ -20,9 +20,12 @@ import hashlib
 import json
 import os
 import re
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from perceptscore.errors import CheckpointError, WeightsNotFoundError
 from perceptscore.tasks import Release, Task
@@ -120,6 +123,8 @@ def download(release: Release) -> Path:
     """Download one hub file into the hub cache (resuming a dropped connection) and verify its sha256."""
     import huggingface_hub
 
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    _check_resolves(endpoint)  # an unresolvable host is not transient: no retries, no retry log
     _remove_stale_partials(release)
     try:
         path = Path(
@@ -133,9 +138,63 @@ def download(release: Release) -> Path:
         )
     # The network stack's exceptions differ across huggingface_hub versions; here all mean "failed".
     except Exception as exc:
-        raise DownloadError(" ".join(str(exc).split())[:200] or type(exc).__name__) from None
+        raise DownloadError(_why(exc, release)) from None
     verify_download(release, path)
     return path
+
+
+def _check_resolves(endpoint: str, timeout: float = 5.0) -> None:
+    """Fail at once, with one line, when the endpoint's host name cannot be resolved (no network)."""
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    outcome: list[BaseException | None] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=look_up, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    if not outcome or outcome[0] is not None:
+        raise DownloadError(
+            f"cannot resolve {host} (no network or no DNS here): fetch the weights on a machine that has "
+            "a network, or set HF_ENDPOINT to a mirror you can reach; HF_HUB_OFFLINE=1 skips the hub"
+        )
+
+
+def _why(exc: Exception, release: Release) -> str:
+    """One sentence per way the hub refuses a file, with what to do about it."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    repo = release.repo_id
+    if isinstance(exc, GatedRepoError):
+        return (
+            f"{repo} is gated: accept its conditions on its hub page while logged in, then log in here "
+            "(`hf auth login`, or set HF_TOKEN)"
+        )
+    if status == 401 or isinstance(exc, RepositoryNotFoundError):
+        return (
+            f"the hub refused {repo} (401: a private or gated repository, or a missing or invalid token): "
+            "log in with `hf auth login` or set HF_TOKEN to a token that can read it"
+        )
+    if status == 403:
+        return f"the hub forbids this token to read {repo} (403): use a token with read access (HF_TOKEN)"
+    if status == 404 or isinstance(exc, (EntryNotFoundError, RevisionNotFoundError)):
+        return (
+            f"{release.filename} is not in {repo} at revision {release.revision} (404): check HF_ENDPOINT "
+            "(a mirror may lack it) or download the file by hand"
+        )
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def hub_cached(release: Release) -> Path | None:

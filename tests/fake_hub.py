@@ -31,6 +31,9 @@ class FakeHub:
     throttle: float = 0.0  # seconds between 64 KiB chunks of a GET, to catch a download mid-way
     drop_after: int | None = None  # the next full GET sends this many bytes, then the connection dies
     log: list[Logged] = field(default_factory=list)
+    # "org/name/filename" -> (status, headers): answer every request for it so (a private, gated or
+    # missing repository, as the real hub answers them)
+    refuse: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
 
     @property
     def file_requests(self) -> list[Logged]:
@@ -49,6 +52,18 @@ class FakeHub:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
+
+            def _refused(self) -> bool:
+                parts = self.path.split("?")[0].strip("/").split("/")
+                key = "/".join([*parts[:2], *parts[4:]]) if len(parts) >= 5 else ""
+                if key not in hub.refuse:
+                    return False
+                status, headers = hub.refuse[key]
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": "0"}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                return True
 
             def _key(self) -> str | None:
                 parts = self.path.split("?")[0].strip("/").split("/")
@@ -69,6 +84,8 @@ class FakeHub:
 
             def do_HEAD(self) -> None:
                 hub.log.append(Logged("HEAD", self.path, None))
+                if self._refused():
+                    return
                 key = self._key()
                 if key is None:
                     self.send_response(404)
@@ -80,6 +97,8 @@ class FakeHub:
             def do_GET(self) -> None:
                 requested = self.headers.get("Range")
                 hub.log.append(Logged("GET", self.path, requested))
+                if self._refused():
+                    return
                 key = self._key()
                 if key is None:
                     self.send_error(404)

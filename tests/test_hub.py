@@ -162,3 +162,42 @@ def test_offline_with_nothing_cached_exits_3_at_once(tmp_path: Path, photo_dir: 
     )
     assert "Traceback" not in done.stderr
     assert elapsed < 3.0  # ~0.5 s here: nothing heavy is imported before the weights are resolved
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (401, {}, "the hub refused PerceptCLIP/PerceptCLIP_IQA (401: a private or gated repository"),
+        (
+            403,
+            {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model is restricted."},
+            "PerceptCLIP/PerceptCLIP_IQA is gated: accept its conditions on its hub page",
+        ),
+        (
+            404,
+            {"X-Error-Code": "EntryNotFound"},
+            "perceptCLIP_IQA.pth is not in PerceptCLIP/PerceptCLIP_IQA at revision main (404)",
+        ),
+    ],
+)
+def test_each_hub_refusal_says_what_it_is_and_what_to_do(
+    hub: FakeHub, tmp_path: Path, status: int, headers: dict[str, str], expected: str
+) -> None:
+    hub.refuse["/".join(QUALITY)] = (status, headers)
+    done = perceptscore(env_for(tmp_path, hub), "weights", "fetch", "quality")
+    assert done.returncode == 3, done.stderr
+    (line,) = done.stderr.strip().splitlines()  # one line: no retry log, no traceback
+    assert line.startswith("error: no weights for task quality (download failed: " + expected), line
+
+
+def test_an_unresolvable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
+    """No network and HF_HUB_OFFLINE unset: a name that does not resolve is not retried (it took 24 s and
+    ten lines of retry log)."""
+    env = env_for(tmp_path, None, HF_HUB_OFFLINE="0", HF_ENDPOINT="https://hub.perceptscore.invalid")
+    start = time.monotonic()
+    done = perceptscore(env, "weights", "fetch", "quality")
+    elapsed = time.monotonic() - start
+    assert done.returncode == 3
+    (line,) = done.stderr.strip().splitlines()
+    assert "cannot resolve hub.perceptscore.invalid (no network or no DNS here)" in line
+    assert elapsed < 10  # ~2 s of imports; the look-up itself is bounded at 5 s
