@@ -13,8 +13,9 @@ Facts and their sources: ../shared/reference/perceptclip.md.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 import torch
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
+from perceptscore.architecture import Architecture
 from perceptscore.errors import CheckpointError
-from perceptscore.tasks import Architecture
 
 
 class LoRAQKVAttention(nn.Module):
@@ -46,6 +47,7 @@ class LoRAQKVAttention(nn.Module):
         self.lora_A: nn.Parameter | None = nn.Parameter(torch.empty(3, rank, width))
         self.lora_B: nn.Parameter | None = nn.Parameter(torch.zeros(3, width, rank))
         self.lora_dropout = nn.Dropout(dropout)
+        self.record: list[torch.Tensor] | None = None  # set by PerceptModel.recording_attention()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,7 +96,13 @@ class LoRAQKVAttention(nn.Module):
             delta = torch.einsum("bnpr,pdr->bnpd", low, self.lora_B)
             qkv = qkv + self.scaling * delta.reshape(batch, tokens, 3 * self.width)
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if self.record is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:  # the same attention, computed step by step to keep its probabilities (explain)
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            probs = (scores if attn_mask is None else scores + attn_mask).softmax(dim=-1)
+            self.record.append(probs.detach())
+            out = probs @ v
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.width)), None
 
 
@@ -145,7 +153,30 @@ class PerceptModel(nn.Module):
             param.requires_grad = name.startswith("head.") or ".lora_" in name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.visual(x))
+        return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised images (B, 3, H, W) -> the projected image embedding (B, embed_dim)."""
+        return self.visual(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (B, embed_dim) -> raw outputs (B, outputs)."""
+        return self.head(features)
+
+    @contextlib.contextmanager
+    def recording_attention(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, every forward appends each layer's attention probabilities (B, heads, T, T),
+        first layer first, to the list it yields (token 0 is the class token, then the patches row by row).
+        Outside it, attention takes the fused SDPA path and keeps nothing."""
+        maps: list[torch.Tensor] = []
+        layers = [m for m in self.modules() if isinstance(m, LoRAQKVAttention)]
+        for layer in layers:
+            layer.record = maps
+        try:
+            yield maps
+        finally:
+            for layer in layers:
+                layer.record = None
 
     @property
     def merged(self) -> bool:

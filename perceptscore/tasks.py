@@ -13,36 +13,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from perceptscore.architecture import Architecture
 from perceptscore.errors import UsageError
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The PerceptCLIP network: CLIP ViT vision tower + q/k/v LoRA + MLP head."""
-
-    image_size: int = 224
-    patch_size: int = 14
-    width: int = 1024
-    layers: int = 24
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    embed_dim: int = 768  # output of the frozen visual projection, input of the head
-    head_dims: tuple[int, ...] = (512, 256)
-    outputs: int = 1
-    lora_rank: int = 16
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.1
-    head_dropout: float = 0.5
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Architecture:
-        tuples = {"head_dims", "mean", "std"}
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -155,6 +127,19 @@ class Task:
             }
         return {self.name: scores.tolist()}
 
+    def raw_from(self, frame: Any) -> Any:
+        """The inverse of ``values``: raw outputs (n, outputs) from a frame of this task's columns (NaN rows
+        where a row has no score). A classifier's are its log-probabilities: the logits up to a constant,
+        which changes neither the argmax nor the softmax."""
+        import numpy as np
+
+        if self.labels:
+            probs = frame[[f"{self.name}_{label}" for label in self.labels]].to_numpy(dtype=np.float64)
+            with np.errstate(divide="ignore"):
+                return np.log(probs)
+        column = f"{self.name}_raw" if f"{self.name}_raw" in frame.columns else self.name
+        return frame[[column]].to_numpy(dtype=np.float64)
+
 
 def _task_from_dict(name: str, d: dict[str, Any], archs: dict[str, Any]) -> Task:
     display = d.get("display")
@@ -203,11 +188,6 @@ def get_task(name: str) -> Task:
         f"{t.name} ({', '.join(t.aliases)})" if t.aliases else t.name for t in all_tasks().values()
     )
     raise UsageError(f"unknown task {name!r}; known tasks: {known}")
-
-
-def output_columns(tasks: list[Task]) -> list[str]:
-    """The columns of a scores file for these tasks, before any passthrough columns."""
-    return ["path", *(c for t in tasks for c in t.columns), "error", "file_size", "file_mtime_ns"]
 
 
 def parse_tasks(values: list[str]) -> list[str]:

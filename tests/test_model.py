@@ -107,3 +107,40 @@ def test_full_size_release_checkpoint(tmp_path: Path, outputs: int) -> None:
         merged = model.merge()(x)
     assert torch.allclose(unmerged, expected, atol=1e-5, rtol=0), (unmerged - expected).abs().max()
     assert torch.allclose(merged, expected, atol=1e-5, rtol=0), (merged - expected).abs().max()
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_recorded_attention_is_the_release_attention_and_changes_no_output(
+    release_checkpoints, merge: bool
+) -> None:
+    """explain's attention maps: the same probabilities transformers computes for the release's structure
+    (output_attentions), while the outputs stay those of the fused path."""
+    path, reference = release_checkpoints["memorability"]
+    model = perceptscore.load_model("memorability", checkpoint=path, merge=merge)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        fused = model(x)
+        with model.recording_attention() as maps:
+            recorded = model(x)
+        reference.model.config._attn_implementation = "eager"  # transformers returns probabilities only so
+        try:
+            expected = reference.model(pixel_values=x, output_attentions=True)
+        finally:
+            reference.model.config._attn_implementation = "sdpa"
+    assert torch.allclose(recorded, fused, atol=1e-5, rtol=0)
+    assert len(maps) == len(expected.attentions) == 2
+    for got, want in zip(maps, expected.attentions, strict=True):
+        assert got.shape == (3, 2, 257, 257)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    with torch.no_grad():
+        model(x)
+    assert len(maps) == 2  # nothing recorded once the block is left
+
+
+def test_forward_is_features_then_head(release_checkpoints) -> None:
+    model = perceptscore.load_model("emotion", checkpoint=release_checkpoints["emotion"][0])
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 768)
+        assert torch.equal(model.forward_head(features), model(x))
