@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from perceptscore.checkpoints import save_converted  # noqa: E402
 from perceptscore.model import PerceptModel  # noqa: E402
-from perceptscore.pipeline import Scorer  # noqa: E402
+from perceptscore.scorer import Scorer  # noqa: E402
 from perceptscore.tasks import get_task  # noqa: E402
 
 FLOP_PER_IMAGE = 2 * 257 * 24 * (12 * 1024 * 1024) + 2 * 2 * 24 * 257 * 257 * 1024

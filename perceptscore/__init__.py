@@ -13,14 +13,14 @@ from perceptscore._version import __version__
 if TYPE_CHECKING:
     from perceptscore.checkpoints import load_model
     from perceptscore.model import PerceptModel
-    from perceptscore.pipeline import Scorer
+    from perceptscore.scorer import Scorer
 
 __all__ = ["PerceptModel", "Scorer", "__version__", "load_model"]
 
 _LAZY = {
     "load_model": "perceptscore.checkpoints",
     "PerceptModel": "perceptscore.model",
-    "Scorer": "perceptscore.pipeline",
+    "Scorer": "perceptscore.scorer",
 }
 
 

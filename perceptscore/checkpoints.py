@@ -26,10 +26,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from perceptscore._safetensors import safetensors_header
 from perceptscore.errors import CheckpointError, UsageError
 from perceptscore.hub import resolve
 from perceptscore.model import PerceptModel
-from perceptscore.outputs import safetensors_header
 from perceptscore.tasks import Architecture, Task, get_task
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

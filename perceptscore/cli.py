@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from perceptscore._cli_options import ScoringArgs, scoring_options
 from perceptscore._version import __version__
 from perceptscore.errors import PerceptScoreError
 
@@ -43,7 +44,7 @@ def _root(
     """Score image collections for memorability, quality and emotion with PerceptCLIP."""
 
 
-# ---- options shared by the commands that score ------------------------------------------------------
+# ---- the commands that score (their shared options: _cli_options) -----------------------------------
 Inputs = Annotated[
     list[str],
     typer.Argument(
@@ -52,43 +53,17 @@ Inputs = Annotated[
         show_default=False,
     ),
 ]
-Checkpoints = Annotated[
+InputsOrStdin = Annotated[
     list[str] | None,
-    typer.Option("--checkpoint", help="Weights: TASK=PATH (repeatable), or PATH when one task is asked."),
+    typer.Argument(
+        help="As for score; none: read standard input, paths one a line or a scores stream from `score`.",
+        show_default=False,
+    ),
 ]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Precision = Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
-BatchSize = Annotated[int | None, typer.Option(help="Images per batch.", show_default="64 on CUDA, 8 on CPU")]
 Workers = Annotated[
     int | None, typer.Option(help="Decode worker processes.", show_default="by device and cores")
 ]
-PathColumn = Annotated[
-    str | None, typer.Option(help="Manifest column holding the paths.", show_default="path")
-]
-Recursive = Annotated[bool, typer.Option(help="Descend into sub-folders of folder inputs.")]
-FastDecode = Annotated[
-    bool, typer.Option(help="JPEG draft decoding: 4-6x faster on large photos, scores shift slightly.")
-]
-
-
-def _options(
-    tasks: list[str],
-    checkpoint: list[str] | None,
-    device: str,
-    precision: str,
-    batch_size: int | None,
-    workers: int | None,
-    fast_decode: bool,
-    recursive: bool,
-    path_column: str | None,
-):  # type: ignore[no-untyped-def]
-    from perceptscore.jobs import ScoreOptions
-    from perceptscore.tasks import parse_checkpoint_options
-
-    return ScoreOptions(
-        tasks, parse_checkpoint_options(checkpoint or [], tasks), device, precision, batch_size, workers,
-        fast_decode, recursive, path_column,
-    )  # fmt: skip
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
 
 def _count(n: int, noun: str) -> str:
@@ -103,22 +78,16 @@ def _reporter(total: int | None):  # type: ignore[no-untyped-def]
 
 
 @app.command()
+@scoring_options
 def score(
     inputs: Inputs,
     task: Annotated[
         list[str], typer.Option("-t", "--task", help="Task(s): memorability, quality, emotion; a,b.")
     ],
+    scoring: ScoringArgs,
     out: Annotated[
         str, typer.Option("-o", "--out", help="Output .csv/.parquet/.jsonl, or - for CSV on stdout.")
     ] = "-",
-    checkpoint: Checkpoints = None,
-    batch_size: BatchSize = None,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    workers: Workers = None,
-    path_column: PathColumn = None,
-    recursive: Recursive = True,
-    fast_decode: FastDecode = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output.")] = False,
     incremental: Annotated[
         str | None,
@@ -130,26 +99,13 @@ def score(
         int | None,
         typer.Option(help="Scoring processes, each with its own model.", show_default="one per visible GPU"),
     ] = None,
-    part: Annotated[str | None, typer.Option(hidden=True, help="Internal: this process is part I/N.")] = None,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
-    from perceptscore import jobs
+    from perceptscore.commands.score import score as run
     from perceptscore.tasks import parse_tasks
 
-    tasks = parse_tasks(task)
-    options = _options(
-        tasks, checkpoint, device, precision, batch_size, workers, fast_decode, recursive, path_column
-    )
-    outcome = jobs.score(
-        inputs,
-        out,
-        options,
-        _reporter,
-        resume,
-        incremental,
-        processes,
-        jobs.parse_part(part) if part else None,
-    )
+    options = scoring.options(parse_tasks(task))
+    outcome = run(inputs, out, options, _reporter, resume, incremental, processes)
     err_console.print(_summary(outcome, out, incremental))
     raise typer.Exit(outcome.exit_code)
 
@@ -161,53 +117,41 @@ def _summary(outcome, out: str, incremental: str | None) -> str:  # type: ignore
     if outcome.discarded:
         notes.append(f"discarded {outcome.discarded} rows of an interrupted run: --resume keeps them")
     if outcome.ignored:
-        notes.append(f"ignored {_count(outcome.ignored, 'file')} without an image extension")
+        shown = ", ".join(outcome.ignored[:3]) + (", ..." if len(outcome.ignored) > 3 else "")
+        n = len(outcome.ignored)
+        what = "file that is not an image" if n == 1 else "files that are not images"
+        notes.append(f"ignored {n} {what}: {shown}")
     where = "stdout" if out == "-" else out
     extra = f" ({'; '.join(notes)})" if notes else ""
     return f"scored {_count(outcome.rows, 'file')}, {_count(outcome.errors, 'error')} -> {where}{extra}"
 
 
 @app.command()
+@scoring_options
 def rank(
-    inputs: Inputs,
+    inputs: InputsOrStdin = None,
+    *,
     task: Annotated[str, typer.Option("-t", "--task", help="The task to rank by.")],
+    scoring: ScoringArgs,
     top: Annotated[int, typer.Option(help="How many rows to show and write (0: all).")] = 20,
     ascending: Annotated[bool, typer.Option(help="Lowest scores first.")] = False,
     out: Annotated[str | None, typer.Option("-o", "--out", help="Also write the ranked rows here.")] = None,
-    checkpoint: Checkpoints = None,
-    batch_size: BatchSize = None,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    workers: Workers = None,
-    path_column: PathColumn = None,
-    recursive: Recursive = True,
-    fast_decode: FastDecode = False,
 ) -> None:
     """Rank images (or a scores file) by one task's score; the top rows as a table, and to a file."""
-    from perceptscore import jobs, select
-    from perceptscore.tasks import get_task, parse_tasks
+    from perceptscore import select
+    from perceptscore.commands.score import scored_rows, write_rows
+    from perceptscore.tasks import get_task
 
     spec = get_task(task)
-    options = _options(
-        parse_tasks([task]),
-        checkpoint,
-        device,
-        precision,
-        batch_size,
-        workers,
-        fast_decode,
-        recursive,
-        path_column,
-    )
-    scored = jobs.scored_rows(inputs, [spec], options, _reporter)
+    scored = scored_rows(inputs, scoring.options([spec.name]), _reporter)
     select.require_columns(scored.frame, [spec], "input")
     ranked = select.rank(scored.frame, spec, top, ascending)
     if out:
-        jobs.write_rows(ranked, out, scored.provenance)
+        write_rows(ranked, out, scored.provenance)
     if console.is_terminal:
         _print_ranking(ranked, spec)
     elif not out:
-        jobs.write_rows(ranked, "-", scored.provenance)
+        write_rows(ranked, "-", scored.provenance)
     raise typer.Exit(scored.outcome.exit_code)
 
 
@@ -223,8 +167,11 @@ def _print_ranking(ranked, spec) -> None:  # type: ignore[no-untyped-def]
 
 
 @app.command("filter")
+@scoring_options
 def filter_(
-    inputs: Inputs,
+    inputs: InputsOrStdin = None,
+    *,
+    scoring: ScoringArgs,
     min_quality: Annotated[
         float | None, typer.Option(help="Keep quality >= X (display score, ~0-1).")
     ] = None,
@@ -245,19 +192,12 @@ def filter_(
             show_default="paths on stdout",
         ),
     ] = None,
-    checkpoint: Checkpoints = None,
-    batch_size: BatchSize = None,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    workers: Workers = None,
-    path_column: PathColumn = None,
-    recursive: Recursive = True,
-    fast_decode: FastDecode = False,
 ) -> None:
     """Keep the images that meet thresholds; list, copy or symlink them."""
-    from perceptscore import jobs, select
+    from perceptscore import select
+    from perceptscore.commands.score import scored_rows, write_list, write_rows
     from perceptscore.errors import UsageError
-    from perceptscore.sinks import FORMATS
+    from perceptscore.formats import format_of
 
     criteria = select.Criteria(
         minimum={
@@ -273,11 +213,7 @@ def filter_(
     criteria.validate()
     if copy_to and symlink_to:
         raise UsageError("choose one of --copy-to and --symlink-to")
-    tasks = [t.name for t in criteria.tasks()]
-    options = _options(
-        tasks, checkpoint, device, precision, batch_size, workers, fast_decode, recursive, path_column
-    )
-    scored = jobs.scored_rows(inputs, criteria.tasks(), options, _reporter)
+    scored = scored_rows(inputs, scoring.options([t.name for t in criteria.tasks()]), _reporter)
     select.require_columns(scored.frame, criteria.tasks(), "input")
     kept = select.select(scored.frame, criteria)
     paths = kept["path"].tolist()
@@ -288,10 +224,10 @@ def filter_(
         err_console.print(f"{verb} {len(placed)} files to {copy_to or symlink_to}")
         for message in failed:
             err_console.print(Text.assemble(("not placed:", "red"), f" {message}"))
-    if out and Path(out).suffix.lower() in FORMATS:
-        jobs.write_rows(kept, out, scored.provenance)
+    if out and format_of(out) is not None:
+        write_rows(kept, out, scored.provenance)
     elif out:
-        jobs.write_list(paths, out)
+        write_list(paths, out)
     elif not (copy_to or symlink_to):
         sys.stdout.write("".join(f"{p}\n" for p in paths))
     err_console.print(f"kept {len(kept)} of {scored.outcome.rows} files")
@@ -324,10 +260,10 @@ def weights_list() -> None:
     """The released weights of each task and the local copy that would be used (no network)."""
     from rich.table import Table
 
-    from perceptscore import jobs
+    from perceptscore.commands import weights
 
     table = Table("task", "released file", "local copy")
-    for row in jobs.weights_status():
+    for row in weights.weights_status():
         table.add_row(row["task"], row["release"], row["local"])
     console.print(table)
 
@@ -349,12 +285,12 @@ def weights_fetch(
     ],
 ) -> None:
     """Download a task's released weights (resumable, sha256-checked) and convert them into our cache."""
-    from perceptscore import jobs
+    from perceptscore.commands.weights import fetch
     from perceptscore.tasks import all_tasks, parse_tasks
 
     names = list(all_tasks()) if task == ["all"] else parse_tasks(task)
     for name in names:
-        report = jobs.fetch(name)
+        report = fetch(name)
         console.print(f"{report['task']}: {report['path']} (from {report['origin']})")
 
 
@@ -366,9 +302,9 @@ def weights_convert(
     precision: Annotated[str, typer.Option(help="fp32 (exact), fp16 or bf16 (half the size).")] = "fp32",
 ) -> None:
     """Convert weights to our safetensors format (no pickle, loads faster)."""
-    from perceptscore import jobs
+    from perceptscore.commands.weights import convert
 
-    report = jobs.convert(src, dst, task, precision)
+    report = convert(src, dst, task, precision)
     console.print(f"{report['task']}: wrote {dst} ({report['bytes'] / 1e6:.1f} MB) from {src}")
 
 
@@ -380,9 +316,9 @@ def weights_verify(
     task: WeightsTask = None,
 ) -> None:
     """Load a weights file completely, check every key, and print what it holds."""
-    from perceptscore import jobs
+    from perceptscore.commands.weights import verify
 
-    for key, value in jobs.verify(path, task).items():
+    for key, value in verify(path, task).items():
         console.print(f"{key}: {value}")
 
 
@@ -472,6 +408,7 @@ def train(
 
 
 @app.command("eval")
+@scoring_options
 def eval_(
     inputs: Annotated[
         list[str],
@@ -481,6 +418,7 @@ def eval_(
         ),
     ],
     task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
+    scoring: ScoringArgs,
     dataset: Annotated[
         str | None,
         typer.Option(
@@ -491,40 +429,24 @@ def eval_(
     split_id: SplitId = 1,
     label_column: LabelColumn = "label",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write the metrics as JSON.")] = None,
-    checkpoint: Checkpoints = None,
-    batch_size: BatchSize = None,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    workers: Workers = None,
-    path_column: PathColumn = None,
-    fast_decode: FastDecode = False,
 ) -> None:
     """Score a labelled set with any checkpoint (the released ones too) and report SRCC/PLCC or accuracy."""
     import json
+    from dataclasses import replace
 
     from rich.table import Table
 
-    from perceptscore import jobs
-    from perceptscore.tasks import get_task, parse_tasks
+    from perceptscore.commands.score import scored_rows
+    from perceptscore.tasks import get_task
 
     run = _trainer()
     spec = get_task(task)
     inputs, path_column, label_column, tmp = run.labelled_inputs(
-        inputs, spec, dataset, split, split_id, path_column or "path", label_column
+        inputs, spec, dataset, split, split_id, scoring.path_column or "path", label_column
     )
     try:
-        options = _options(
-            parse_tasks([task]),
-            checkpoint,
-            device,
-            precision,
-            batch_size,
-            workers,
-            fast_decode,
-            True,
-            path_column,
-        )
-        scored = jobs.scored_rows(inputs, [spec], options, _reporter)
+        options = replace(scoring, path_column=path_column).options([spec.name])
+        scored = scored_rows(inputs, options, _reporter)
         metrics = run.frame_metrics(scored.frame, spec, label_column)
     finally:
         if tmp is not None:

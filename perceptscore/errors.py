@@ -24,3 +24,8 @@ class WeightsNotFoundError(PerceptScoreError):
     """No weights available for a task: offline, not cached, not given (exit code 3)."""
 
     exit_code = 3
+
+
+class DecodeError(Exception):
+    """One input that cannot be scored (unreadable, not an image, ...): the message becomes its row's
+    ``error`` and the run goes on. Not a ``PerceptScoreError``: it never ends a run."""

@@ -27,11 +27,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perceptscore.columns import PATH
 from perceptscore.errors import PerceptScoreError, UsageError
-from perceptscore.sources import SourceItem
+from perceptscore.sources import Item
 
-SHARD_ROWS = int(os.environ.get("PERCEPTSCORE_SHARD_ROWS", "4096"))
-SHARD_SECONDS = float(os.environ.get("PERCEPTSCORE_SHARD_SECONDS", "60"))
+
+def shard_limits() -> tuple[int, float]:
+    """Rows and seconds after which a shard is written, read when a run starts (not frozen at import)."""
+    rows = int(os.environ.get("PERCEPTSCORE_SHARD_ROWS", "4096"))
+    return rows, float(os.environ.get("PERCEPTSCORE_SHARD_SECONDS", "60"))
 
 
 class Interrupted(PerceptScoreError):
@@ -155,7 +159,8 @@ class ShardedRun:
                 _write_json(self.folder / "run.json", fingerprint)
             except OSError as exc:
                 raise UsageError(f"cannot write in {self.folder.parent}: {exc.strerror or exc}") from None
-        self._rows: list[dict[str, Any]] = []
+        self.shard_rows, self.shard_seconds = shard_limits()
+        self._batches: list[pa.RecordBatch] = []
         self._indices: list[int] = []
         self._opened = time.monotonic()
 
@@ -190,7 +195,7 @@ class ShardedRun:
             )
         self.shards = self._scan()
 
-    def pending(self, items: Iterable[SourceItem]) -> Iterator[SourceItem]:
+    def pending(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items no shard holds yet; checks that each shard's first row is still the same file."""
         starts = {s.first: s for s in self.shards}
         done = sorted((s.first, s.last) for s in self.shards)
@@ -208,26 +213,32 @@ class ShardedRun:
                 continue
             yield item
 
-    def add(self, indices: list[int], rows: list[dict[str, Any]]) -> None:
+    def add(self, indices: list[int], batch: pa.RecordBatch) -> None:
         """Rows in input order; they start a new shard wherever they do not follow the previous row."""
-        for index, row in zip(indices, rows, strict=True):
-            if self._indices and index != self._indices[-1] + 1:
-                self.flush()
-            self._indices.append(index)
-            self._rows.append(row)
-        if len(self._rows) >= SHARD_ROWS or time.monotonic() - self._opened >= SHARD_SECONDS:
+        start = 0
+        for n, index in enumerate(indices):
+            if n > start and index != indices[n - 1] + 1:
+                self._append(indices[start:n], batch.slice(start, n - start))
+                start = n
+        self._append(indices[start:], batch.slice(start))
+        if len(self._indices) >= self.shard_rows or time.monotonic() - self._opened >= self.shard_seconds:
             self.flush()
+
+    def _append(self, indices: list[int], batch: pa.RecordBatch) -> None:
+        if self._indices and indices and indices[0] != self._indices[-1] + 1:
+            self.flush()
+        self._indices += indices
+        self._batches.append(batch)
 
     def flush(self) -> None:
         """Write the rows held so far as one complete shard (temporary name, fsync, rename)."""
-        if not self._rows:
+        if not self._indices:
             self._opened = time.monotonic()
             return
         first, last = self._indices[0], self._indices[-1]
-        info = {"first": first, "last": last, "first_path": self._rows[0]["path"]}
-        table = pa.Table.from_pylist(
-            self._rows, schema=self.schema.with_metadata({"shard": json.dumps(info)})
-        )
+        table = pa.Table.from_batches(self._batches).cast(self.schema)
+        info = {"first": first, "last": last, "first_path": table.column(PATH)[0].as_py()}
+        table = table.replace_schema_metadata({"shard": json.dumps(info)})
         final = self.folder / f"shard-{first:012d}-{last:012d}.parquet"
         tmp = self.folder / f".{final.name}.partial"
         try:
@@ -240,7 +251,7 @@ class ShardedRun:
             reason = " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
             raise UsageError(f"cannot write {self.out.name}'s shards in {self.folder}: {reason}") from None
         self.shards.append(Shard(first, last, info["first_path"], final))
-        self._rows, self._indices = [], []
+        self._batches, self._indices = [], []
         self._opened = time.monotonic()
 
     def tables(self, total: int) -> Iterator[pa.Table]:

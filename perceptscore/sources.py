@@ -11,8 +11,8 @@ such paths already, so their relative paths are taken as relative to the working
 from __future__ import annotations
 
 import glob
-import json
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,35 +24,41 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from perceptscore.errors import UsageError
-from perceptscore.images import IMAGE_EXTENSIONS
+from perceptscore.formats import is_scores_file
+from perceptscore.images import IMAGE_EXTENSIONS, looks_like_image
+from perceptscore.locators import Locator, locate
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl")
-PROVENANCE_KEY = "perceptscore"  # parquet metadata key / sidecar file marking a scores file
 _ROWS_PER_READ = 16_384
 
 
 @dataclass(frozen=True)
-class SourceItem:
-    """One row to produce: the file to open, the manifest columns to pass through, or why it can't be."""
+class Item:
+    """One row to produce: where its bytes are, the manifest columns to pass through, or why it can't be."""
 
     index: int
-    path: str
+    locator: Locator
     extras: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
+    @property
+    def path(self) -> str:
+        """The ``path`` column's value."""
+        return self.locator.uri
 
-def meta_path(path: str | os.PathLike[str]) -> Path:
-    """The provenance sidecar of a CSV/JSONL output: ``<out>.meta.json``."""
-    return Path(f"{os.fspath(path)}.meta.json")
+
+SourceItem = Item  # the name before the engine redesign
 
 
-def is_scores_file(path: str | os.PathLike[str]) -> bool:
-    """Written by ``perceptscore score``: parquet with our metadata key, or CSV/JSONL with a sidecar."""
-    p = Path(path)
-    if p.suffix.lower() == ".parquet":
-        metadata = pq.read_schema(p).metadata or {}
-        return PROVENANCE_KEY.encode() in metadata
-    return meta_path(p).is_file()
+def _sniffed_image(path: str) -> bool:
+    """A regular file whose first bytes are an image signature (never opens a FIFO or device)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return looks_like_image(f.read(16))
+    except OSError:
+        return False
 
 
 def _is_glob(text: str) -> bool:
@@ -60,8 +66,9 @@ def _is_glob(text: str) -> bool:
 
 
 def _walk(root: str, recursive: bool, ignored: list[str] | None = None) -> Iterator[str]:
-    """Image files below ``root`` in sorted order; symlinks followed, each real folder visited once.
-    Other files are passed over and appended to ``ignored``."""
+    """Image files below ``root`` in sorted order; symlinks followed, each real folder visited once. A file
+    with no extension at all is an image if its first bytes say so. Other files are passed over and appended
+    to ``ignored``."""
     seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         st = os.stat(folder)
@@ -71,11 +78,15 @@ def _walk(root: str, recursive: bool, ignored: list[str] | None = None) -> Itera
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(dirs) if recursive else []
         for name in sorted(files):
+            path, suffix = os.path.join(folder, name), os.path.splitext(name)[1].lower()
             # "._x.jpg" are macOS AppleDouble metadata files, never images.
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith("._"):
-                yield os.path.join(folder, name)
-            elif ignored is not None:
-                ignored.append(os.path.join(folder, name))
+            if name.startswith("._"):
+                pass
+            elif suffix in IMAGE_EXTENSIONS or (not suffix and _sniffed_image(path)):
+                yield path
+                continue
+            if ignored is not None:
+                ignored.append(path)
 
 
 class _Manifest:
@@ -129,7 +140,7 @@ class _Manifest:
 
 
 class Sources:
-    """The inputs of one run, validated up front, iterated lazily as ``SourceItem``s in input order.
+    """The inputs of one run, validated up front, iterated lazily as ``Item``s in input order.
 
     ``reserved``: output column names; a manifest column with such a name is passed through as
     ``input_<name>`` instead of being overwritten.
@@ -151,7 +162,7 @@ class Sources:
         if sum(kind == "stdin" for kind, _ in self._plan) > 1:
             raise UsageError("'-' (paths on stdin) can be given only once")
         self._rename = {name: f"input_{name}" for name in reserved}
-        self.ignored: list[str] = []  # files in folders passed over: no image extension
+        self.ignored: list[str] = []  # files in folders passed over: not images by name or content
         self.passthrough = self._passthrough_schema()
 
     @property
@@ -220,12 +231,12 @@ class Sources:
                         path = os.path.join(manifest.folder, path)
                     yield path, {self._rename.get(k, k): v for k, v in extras.items()}
 
-    def __iter__(self) -> Iterator[SourceItem]:
+    def __iter__(self) -> Iterator[Item]:
         for index, (path, extras) in enumerate(self._paths()):
             if not path:
-                yield SourceItem(index, "", extras, error="manifest row has no path")
+                yield Item(index, locate(""), extras, error="manifest row has no path")
             else:
-                yield SourceItem(index, path, extras)
+                yield Item(index, locate(path), extras)
 
     def count(self) -> int | None:
         """The number of items when it is cheap to know (no stdin, no JSONL read); else None."""
@@ -248,22 +259,3 @@ def _listed(lines: Iterable[str]) -> Iterator[str]:
         line = line.rstrip("\r\n")
         if line.strip() and not line.lstrip().startswith("#"):
             yield line
-
-
-def read_scores(path: str) -> pa.Table:
-    """A whole scores file (for rank/filter, which need every row anyway)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".parquet":
-        return pq.read_table(path)
-    if suffix == ".csv":
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
-    import pyarrow.json as pajson
-
-    return pajson.read_json(path)
-
-
-def read_provenance(path: str) -> dict[str, Any]:
-    if Path(path).suffix.lower() == ".parquet":
-        raw = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY.encode(), b"{}")
-        return json.loads(raw)
-    return json.loads(meta_path(path).read_text(encoding="utf-8"))

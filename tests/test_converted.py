@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import perceptscore
-from perceptscore import hub, jobs
+from perceptscore import hub
 from perceptscore.checkpoints import save_converted
+from perceptscore.commands import weights as weights_commands
 from perceptscore.errors import CheckpointError
 from perceptscore.tasks import get_task
 
@@ -30,7 +31,7 @@ def outputs(task: str, checkpoint: Path, **kwargs) -> torch.Tensor:  # type: ign
 @pytest.mark.parametrize("task", ["memorability", "emotion"])
 def test_fp32_conversion_scores_like_the_release_file(release_checkpoints, tmp_path: Path, task: str) -> None:
     src = release_checkpoints[task][0]
-    report = jobs.convert(str(src), str(tmp_path / "c.safetensors"), task, "fp32")
+    report = weights_commands.convert(str(src), str(tmp_path / "c.safetensors"), task, "fp32")
     assert report["source_sha256"] == hub.file_sha256(src)
     for merge in (False, True):
         expected, got = (
@@ -44,8 +45,8 @@ def test_fp16_conversion_halves_the_file_within_the_documented_tolerance(
     release_checkpoints, tmp_path: Path
 ) -> None:
     src = release_checkpoints["quality"][0]
-    jobs.convert(str(src), str(tmp_path / "32.safetensors"), "quality", "fp32")
-    jobs.convert(str(src), str(tmp_path / "16.safetensors"), "quality", "fp16")
+    weights_commands.convert(str(src), str(tmp_path / "32.safetensors"), "quality", "fp32")
+    weights_commands.convert(str(src), str(tmp_path / "16.safetensors"), "quality", "fp16")
     assert (tmp_path / "16.safetensors").stat().st_size < 0.55 * (tmp_path / "32.safetensors").stat().st_size
     expected = outputs("quality", src)
     deviation = (
@@ -91,7 +92,9 @@ def test_split_conversion_stores_one_base_for_tasks_that_share_it(
 
 
 def test_converted_files_that_do_not_fit_are_refused(release_checkpoints, tmp_path: Path) -> None:
-    jobs.convert(str(release_checkpoints["emotion"][0]), str(tmp_path / "e.safetensors"), "emotion", "fp32")
+    weights_commands.convert(
+        str(release_checkpoints["emotion"][0]), str(tmp_path / "e.safetensors"), "emotion", "fp32"
+    )
     with pytest.raises(CheckpointError, match="holds task 'emotion', not memorability"):
         perceptscore.load_model("memorability", checkpoint=tmp_path / "e.safetensors")
     save_file({"w": torch.ones(2)}, tmp_path / "other.safetensors", metadata={"format": "somebody-else"})
@@ -110,7 +113,7 @@ def test_resolution_order(release_checkpoints, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("PERCEPTSCORE_WEIGHTS", str(folder))
     monkeypatch.setenv("PERCEPTSCORE_CACHE", str(cache))
     src = release_checkpoints["emotion"][0]
-    jobs.convert(str(src), str(cache / "emotion.safetensors"), "emotion", "fp32")
+    weights_commands.convert(str(src), str(cache / "emotion.safetensors"), "emotion", "fp32")
     (folder / task.release.filename).write_bytes(src.read_bytes())
     assert hub.resolve(task, src).origin == "--checkpoint"
     assert hub.resolve(task).path == folder / task.release.filename

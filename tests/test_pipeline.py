@@ -11,9 +11,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+import perceptscore.batches
 import perceptscore.images
-from perceptscore.pipeline import Scorer
 from perceptscore.preprocess import random_crop_offsets
+from perceptscore.scorer import Scorer
 from perceptscore.tasks import get_task
 
 CLIP = get_task("memorability").architecture
@@ -106,12 +107,12 @@ def test_three_tasks_decode_each_file_exactly_once(
     log = tmp_path / "decodes.log"
     real_decode = perceptscore.images.decode
 
-    def counting_decode(path, draft=None):  # type: ignore[no-untyped-def]
+    def counting_decode(source, draft=None):  # type: ignore[no-untyped-def]
         with open(log, "a") as f:
-            f.write(f"{path}\n")
-        return real_decode(path, draft)
+            f.write(f"{source.name}\n")
+        return real_decode(source, draft)
 
-    monkeypatch.setattr(perceptscore.pipeline, "decode", counting_decode)  # workers fork with it
+    monkeypatch.setattr(perceptscore.batches, "decode", counting_decode)  # workers fork with it
     tasks = ["memorability", "quality", "emotion"]
     df = scorer(release_checkpoints, tasks, batch_size=2, workers=2).score([str(photo_dir)])
     assert df["error"].isna().all() and len(df) == 6

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import perceptscore.pipeline
-from perceptscore.pipeline import Scorer
+import perceptscore.batches
+from perceptscore.scorer import Scorer
 
 from photos import sample
 from test_cli_score import EXE, run
@@ -234,8 +234,11 @@ def make_hostile_corpus(folder: Path, good: Path) -> dict[str, str]:
     (folder / "folder.jpg").mkdir()
     img.save(folder / "with space é ü.jpg")
     img.save(folder / "UPPER.JPEG")
-    img.save(folder / "no_extension", format="PNG")
+    img.save(folder / "no_extension", format="PNG")  # crawled collections name files by hash: sniffed
+    (folder / "README").write_text("not an image, and no extension either")
+    (folder / "notes.txt").write_text("an extension that is not an image's")
     os.mkfifo(folder / "fifo.jpg")  # opening it would block forever
+    os.mkfifo(folder / "fifo_no_extension")  # never opened to be sniffed
     unreadable, unknown = "unreadable image", "not a recognised image format"
     errors = {
         "empty.jpg": "empty file", "trunc_header.jpg": unreadable, "trunc_body.jpg": unreadable,
@@ -243,7 +246,8 @@ def make_hostile_corpus(folder: Path, good: Path) -> dict[str, str]:
         "dangling.jpg": "no such file", "fifo.jpg": "not a regular file",
     }  # fmt: skip
     scored = ["one_pixel.png", "sliver.png", "deep16.png", "float.tif", "cmyk.jpg", "palette.png",
-              "animated.gif", "rgba.png", "rotated.jpg", "with space é ü.jpg", "UPPER.JPEG"]  # fmt: skip
+              "animated.gif", "rgba.png", "rotated.jpg", "with space é ü.jpg", "UPPER.JPEG",
+              "no_extension"]  # fmt: skip
     return errors | dict.fromkeys(scored, "")
 
 
@@ -270,7 +274,8 @@ def test_every_hostile_input_is_a_row_or_a_reported_skip(
     )
     assert time.monotonic() - start < 120
     assert done.returncode == 1, done.stderr
-    assert "ignored 1 file without an image extension" in done.stderr  # no_extension, inside the folder
+    ignored = sorted(str(corpus / name) for name in ("README", "fifo_no_extension", "notes.txt"))
+    assert f"ignored 3 files that are not images: {', '.join(ignored)})" in done.stderr
     df = pd.read_csv(out, keep_default_na=False)
     names = [Path(p).name for p in df["path"]]
     assert sorted(names[: len(expected)]) == sorted(expected)  # one row per file of the folder
@@ -288,14 +293,14 @@ def test_every_hostile_input_is_a_row_or_a_reported_skip(
 def test_a_decoder_that_kills_its_worker_becomes_an_error_row(
     photo_dir: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = perceptscore.pipeline.decode
+    real = perceptscore.batches.decode
 
-    def crashing(path, draft=None):  # type: ignore[no-untyped-def]
-        if path.endswith("c_cat.webp"):
+    def crashing(f, draft=None):  # type: ignore[no-untyped-def]
+        if f.name.endswith("c_cat.webp"):
             os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder bug in C does to its process
-        return real(path, draft)
+        return real(f, draft)
 
-    monkeypatch.setattr(perceptscore.pipeline, "decode", crashing)  # forked workers inherit it
+    monkeypatch.setattr(perceptscore.batches, "decode", crashing)  # forked workers inherit it
     checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
     df = Scorer(["memorability"], checkpoint, device="cpu", batch_size=2, workers=1).score([str(photo_dir)])
     assert df["path"].tolist() == [str(p) for p in sorted(photo_dir.iterdir())]
@@ -307,15 +312,15 @@ def test_a_decoder_that_kills_its_worker_becomes_an_error_row(
 def test_a_decoder_that_hangs_becomes_an_error_row(
     photo_dir: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = perceptscore.pipeline.decode
+    real = perceptscore.batches.decode
 
-    def hanging(path, draft=None):  # type: ignore[no-untyped-def]
-        if path.endswith("d_portrait.jpg"):
+    def hanging(f, draft=None):  # type: ignore[no-untyped-def]
+        if f.name.endswith("d_portrait.jpg"):
             time.sleep(3600)  # a decoder stuck in a loop on a hostile file
-        return real(path, draft)
+        return real(f, draft)
 
-    monkeypatch.setattr(perceptscore.pipeline, "decode", hanging)
-    monkeypatch.setattr(perceptscore.pipeline, "DECODE_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(perceptscore.batches, "decode", hanging)
+    monkeypatch.setenv("PERCEPTSCORE_DECODE_TIMEOUT", "3")  # read when the engine starts
     checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
     start = time.monotonic()
     df = Scorer(["memorability"], checkpoint, device="cpu", batch_size=2, workers=1).score([str(photo_dir)])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from perceptscore._safetensors import safetensors_header
 from perceptscore.checkpoints import FORMAT, map_safetensors, read_converted, read_release_state_dict
 from perceptscore.errors import CheckpointError, WeightsNotFoundError
 from perceptscore.hub import DownloadError, download, file_sha256, hub_cached, offline
@@ -24,7 +25,6 @@ from perceptscore.model import (
     convert_release_state_dict,
     infer_release_architecture,
 )
-from perceptscore.outputs import safetensors_header
 from perceptscore.tasks import Architecture, base_release
 
 _BLOCK = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.")

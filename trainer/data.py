@@ -17,13 +17,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from perceptscore.images import DecodeError, decode
-from perceptscore.pipeline import DecodeDataset, collate, decode_worker_init, raw_outputs
+from perceptscore.engines.local import LocalEngine, worker_init
+from perceptscore.errors import DecodeError
+from perceptscore.images import decode
+from perceptscore.locators import locate
+from perceptscore.plan import ScoringPlan
+from perceptscore.predict import Predictor
 from perceptscore.preprocess import resize
-from perceptscore.sources import SourceItem
+from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess, Task
 from perceptscore.trainer.datasets import Example
 
@@ -115,7 +120,7 @@ def train_loader(
         collate_fn=collate_train,
         pin_memory=pin,
         generator=torch.Generator(),  # keep the global RNG (dropout) untouched by the loader's seeding
-        worker_init_fn=decode_worker_init if workers else None,
+        worker_init_fn=worker_init if workers else None,
         persistent_workers=False,
     )
     return iter(loader)
@@ -131,22 +136,14 @@ def predict(
     workers: int,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Raw outputs (n, outputs) for ``examples`` as ``perceptscore score`` computes them (NaN rows where a
-    file could not be decoded), and each row's error."""
-    items = [SourceItem(i, e.path) for i, e in enumerate(examples)]
-    loader = DataLoader(
-        DecodeDataset([task.preprocess], None),
-        batch_sampler=[items[s : s + batch_size] for s in range(0, len(items), batch_size)],  # type: ignore[arg-type]
-        num_workers=workers,
-        collate_fn=collate,
-        generator=torch.Generator(),  # leave the global RNG (dropout) as it was
-        worker_init_fn=decode_worker_init if workers else None,
-    )
-    out = np.full((len(items), task.outputs), np.nan)
-    errors: list[str | None] = [None] * len(items)
-    for batch in loader:
-        ok = [item.index for item, err in zip(batch.items, batch.errors, strict=True) if err is None]
-        for item, err in zip(batch.items, batch.errors, strict=True):
-            errors[item.index] = err
-        if ok:
-            out[ok] = raw_outputs(model, task, batch.pixels[task.preprocess], device, dtype, batch_size)
-    return out, errors
+    file could not be decoded), and each row's error. Runs on the local engine, so a file that crashes or
+    hangs its decoder costs one error row, not the training run."""
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    plan = ScoringPlan((task.name,), (), str(device), precision, batch_size, workers)
+    engine = LocalEngine(lambda _: Predictor([task], {task.name: model}, device, dtype, batch_size))
+    items = [Item(i, locate(e.path)) for i, e in enumerate(examples)]
+    batches = list(engine.run(plan, items))
+    if not batches:
+        return np.full((0, task.outputs), np.nan), []
+    frame = pa.Table.from_batches(batches).to_pandas()
+    return task.raw_from(frame), frame["error"].tolist()

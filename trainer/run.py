@@ -111,7 +111,7 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from perceptscore.checkpoints import resolve_device
-    from perceptscore.pipeline import default_workers
+    from perceptscore.plan import default_workers
     from perceptscore.runs import OutputLock
     from perceptscore.trainer.base import load_base
     from perceptscore.trainer.loop import Device, Stage, StageRun, build_net
@@ -285,8 +285,6 @@ def labelled_inputs(
 
 def frame_metrics(frame: Any, task: Task, label_column: str) -> dict[str, float]:
     """Metrics of a scores frame (the columns ``score`` writes) against its label column."""
-    import numpy as np
-
     from perceptscore.trainer.loop import evaluate_raw
 
     if label_column not in frame.columns:
@@ -295,11 +293,9 @@ def frame_metrics(frame: Any, task: Task, label_column: str) -> dict[str, float]
             f"no label column {label_column!r} in the input (columns found: {found}); "
             "choose one with --label-column"
         )
+    raw = task.raw_from(frame)
     if task.labels:
-        raw = np.log(frame[[f"{task.name}_{label}" for label in task.labels]].to_numpy(dtype=np.float64))
         labels = [float(class_index(v, "input", Path(label_column))) for v in frame[label_column]]
     else:
-        column = f"{task.name}_raw" if f"{task.name}_raw" in frame.columns else task.name
-        raw = frame[[column]].to_numpy(dtype=np.float64)
         labels = frame[label_column].astype(float).tolist()
     return evaluate_raw(task, raw, labels)

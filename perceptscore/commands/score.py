@@ -1,0 +1,234 @@
+"""``perceptscore score``, and the scored rows ``rank``, ``filter`` and ``eval`` work on."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from perceptscore.columns import ERROR, PATH
+from perceptscore.errors import UsageError
+from perceptscore.formats import format_of, is_scores_file, read_provenance, read_scores
+from perceptscore.incremental import Previous
+from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
+from perceptscore.progress import Reporter
+from perceptscore.provenance import provenance
+from perceptscore.runs import Interrupted, OutputLock, ShardedRun, StopOnSignal, shard_limits
+from perceptscore.scoring import Outcome, consume, scored
+from perceptscore.sinks import Sink, check_output, write_atomic
+from perceptscore.sources import Item, Sources
+
+MakeReporter = Callable[[int | None], Reporter]
+
+
+def score(
+    inputs: Sequence[str],
+    out: str,
+    options: ScoreOptions,
+    make_reporter: MakeReporter,
+    resume: bool = False,
+    incremental: str | None = None,
+    processes: int | None = None,
+) -> Outcome:
+    """Score every input into ``out``. A file output is locked, written in resumable shards and appears
+    only when complete; ``resume`` continues an interrupted run; ``incremental`` reuses the scores of an
+    earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout.
+    ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
+    CUDA, else one)."""
+    sources = options.sources(inputs)  # bad inputs and outputs fail before seconds of model loading
+    check_output(out)
+    if out == "-" and (resume or incremental or (processes or 1) > 1):
+        raise UsageError("--resume, --incremental and --processes need a file output (-o scores.parquet)")
+    if (processes or 1) > 1 and "-" in inputs:
+        raise UsageError("--processes needs inputs every process can read: not - (stdin)")
+    previous = Previous(incremental, options.task_specs()) if incremental else None
+    weights = options.weights()  # a missing weights file is reported before torch loads
+    if out == "-":
+        plan = make_plan(options, inputs, out, incremental, weights)
+        return _score_to_stream(plan, sources, make_reporter)
+    with OutputLock(Path(out)), StopOnSignal() as stop:  # the lock before torch and the models load
+        plan = make_plan(options, inputs, out, incremental, weights)
+        return _score_to_file(plan, sources, make_reporter, resume, previous, processes, stop)
+
+
+def _engine(plan: ScoringPlan, processes: int | None):  # type: ignore[no-untyped-def]
+    processes = processes or default_processes(plan.device)
+    if processes > 1:
+        from perceptscore.engines.process import ProcessEngine
+
+        return ProcessEngine(processes, block_rows=shard_limits()[0])
+    from perceptscore.engines.local import LocalEngine
+
+    return LocalEngine()
+
+
+def default_processes(device: str) -> int:
+    """One process per visible GPU when scoring on "cuda" (no index given), else one."""
+    if device != "cuda":
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def _score_to_stream(plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter) -> Outcome:
+    engine, outcome = _engine(plan, 1), Outcome()
+    schema = plan.schema(sources.passthrough)
+    with Sink("-", schema, provenance(plan)) as sink, make_reporter(sources.count()) as reporter:
+        rows = scored(engine, plan, sources, sources.passthrough)
+        consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
+    outcome.ignored = sources.ignored
+    return outcome
+
+
+def _score_to_file(
+    plan: ScoringPlan,
+    sources: Sources,
+    make_reporter: MakeReporter,
+    resume: bool,
+    previous: Previous | None,
+    processes: int | None,
+    stop: StopOnSignal,
+) -> Outcome:
+    out, engine, outcome = Path(plan.output), _engine(plan, processes), Outcome()
+    schema = plan.schema(sources.passthrough)
+    run = ShardedRun(out, schema, plan.fingerprint(), resume)
+    outcome.discarded, outcome.resumed = run.discarded, run.saved_rows
+    counted = _Counted(sources)
+
+    def interrupted() -> Interrupted | None:
+        if stop.signum is None:
+            return None
+        run.flush()
+        name = signal.Signals(stop.signum).name
+        message = f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
+        return Interrupted(message + "run the same command with --resume to continue", stop.signum)
+
+    with make_reporter(sources.count()) as reporter:
+        reporter.advance(outcome.resumed, 0)
+        rows = scored(engine, plan, run.pending(counted), sources.passthrough, previous)
+        consume(rows, reporter, run.add, stop=interrupted)
+    outcome.skipped = previous.skipped if previous else 0
+    about = provenance(plan, engine.describe(plan)) | {
+        "resumed_rows": outcome.resumed, "incremental": plan.incremental,
+    }  # fmt: skip
+    with Sink(plan.output, schema, about) as sink:
+        for table in run.tables(counted.count):
+            sink.write(table)
+            outcome.count(table)
+    run.remove()
+    outcome.ignored = sources.ignored
+    return outcome
+
+
+class _Counted:
+    """Iterate the sources once, remembering how many items there were (to check the shards hold them all)."""
+
+    def __init__(self, items: Sources) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self.items:
+            self.count = item.index + 1
+            yield item
+
+
+# ---- the rows rank, filter and eval work on -----------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Rows to rank or filter, where they came from, and how many of them failed in this run."""
+
+    frame: pd.DataFrame
+    provenance: dict[str, Any]
+    outcome: Outcome
+
+
+def scored_rows(
+    inputs: Sequence[str] | None,
+    options: ScoreOptions,
+    make_reporter: MakeReporter,
+    stdin: TextIO | None = None,
+) -> Scored:
+    """Rows from earlier scores files (no model is loaded), or from scoring the inputs now. No inputs: read
+    standard input, a scores stream (``perceptscore score ... | ``) or paths, one a line."""
+    if not inputs:
+        stream = stdin if stdin is not None else sys.stdin
+        table, paths = _read_stdin(stream)
+        if table is not None:
+            return Scored(table.to_pandas(), {}, Outcome(rows=table.num_rows))
+        inputs, stdin = ["-"], paths
+    scores = [f for f in inputs if format_of(f) is not None and is_scores_file(f)]
+    if scores:
+        if len(scores) != len(inputs):
+            raise UsageError("give either scores files or images, not both")
+        frame = pd.concat([read_scores(f).to_pandas() for f in scores], ignore_index=True)
+        return Scored(frame, read_provenance(scores[0]), Outcome(rows=len(frame)))
+    sources = options.sources(inputs, stdin)
+    plan = make_plan(options, inputs)
+    batches: list[pa.RecordBatch] = []
+    outcome = Outcome()
+    with make_reporter(sources.count()) as reporter:
+        rows = scored(_engine(plan, 1), plan, sources, sources.passthrough)
+        consume(rows, reporter, lambda _, batch: batches.append(batch), outcome)
+    frame = pa.Table.from_batches(batches, schema=plan.schema(sources.passthrough)).to_pandas()
+    outcome.ignored = sources.ignored
+    return Scored(frame, provenance(plan), outcome)
+
+
+def _read_stdin(stream: TextIO) -> tuple[pa.Table | None, TextIO]:
+    """Standard input as a scores stream (CSV whose header has ``path`` and ``error``), or else as lines
+    of paths (returned as a stream that still holds the first line)."""
+    if stream.isatty():
+        raise UsageError(
+            "no inputs: name files, folders or a scores file, or pipe paths or scores into it "
+            "(find photos -name '*.jpg' | perceptscore filter ...)"
+        )
+    first = stream.readline()
+    header = next(iter(_csv_rows(first)), [])
+    if PATH in header and ERROR in header:
+        data = (first + stream.read()).encode()
+        convert = pacsv.ConvertOptions(column_types={PATH: pa.string()})
+        return pacsv.read_csv(io.BytesIO(data), convert_options=convert), stream
+    return None, _Lines(itertools.chain([first], stream))
+
+
+def _csv_rows(text: str) -> list[list[str]]:
+    import csv
+
+    return list(csv.reader(io.StringIO(text)))
+
+
+class _Lines(io.TextIOBase):
+    """Lines already read plus the rest of a stream, read lazily."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+
+    def __iter__(self) -> Iterator[str]:
+        return self._lines
+
+    def isatty(self) -> bool:
+        return False
+
+
+def write_rows(frame: pd.DataFrame, out: str, about: dict[str, Any]) -> None:
+    """A selection as a scores file (.csv/.parquet/.jsonl or - for CSV on stdout)."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    with Sink(out, table.schema, about) as sink:
+        sink.write(table)
+
+
+def write_list(paths: Sequence[str], out: str) -> None:
+    """One path per line, written atomically (any suffix but the table formats')."""
+    write_atomic(Path(out), "".join(f"{p}\n" for p in paths).encode())

@@ -1,0 +1,27 @@
+"""Engines run a ``ScoringPlan`` over items: ``run(plan, items)`` yields Arrow record batches of the core
+columns (``columns.core_schema``) in input order, one row per item, error rows included. Counting,
+progress, incremental reuse, passthrough columns, shards and sinks are the caller's (``scoring``), the
+same whatever the engine.
+
+- ``local``: DataLoader decode workers in this process's machine, with crash and hang isolation;
+- ``process``: several scoring processes (one per GPU), each a local engine, fed and merged here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from perceptscore.plan import ScoringPlan
+    from perceptscore.sources import Item
+
+
+class Engine(Protocol):
+    def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]: ...
+
+    def describe(self, plan: ScoringPlan) -> str:
+        """Where it ran, for provenance."""
+        ...

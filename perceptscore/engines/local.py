@@ -1,0 +1,186 @@
+"""The local engine: decode in DataLoader worker processes, batch, run the models here.
+
+A file that kills its decode worker (a crash in a decoder, or a decode over the time limit) does not stop
+the run: the batches in flight are decoded again one file at a time, and the file that kills a worker again
+becomes an error row. This is the only module that touches torch's DataLoader internals, and only while a
+run is in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from itertools import chain, islice
+
+import pyarrow as pa
+import torch
+from PIL import ImageFile
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from perceptscore.batches import Batch, Decoded, collate, decode_item
+from perceptscore.images import draft_side
+from perceptscore.plan import ScoringPlan
+from perceptscore.predict import Predictor
+from perceptscore.sources import Item
+from perceptscore.tasks import Preprocess
+
+
+def decode_timeout() -> float:
+    """Seconds a decode may take before its worker is killed and the file isolated: a hostile file must not
+    hang a cron job. A 12 MP JPEG takes ~0.2 s; Pillow's largest allowed image a few seconds."""
+    return float(os.environ.get("PERCEPTSCORE_DECODE_TIMEOUT", "60"))
+
+
+class _DecodeDataset(Dataset[Decoded]):
+    """Indexed by ``Item`` itself: the DataLoader's sampler streams the items to the workers."""
+
+    def __init__(self, specs: list[Preprocess], draft: int | None, timeout: float) -> None:
+        self.specs, self.draft, self.timeout = specs, draft, timeout
+
+    def __getitem__(self, item: Item) -> Decoded:  # type: ignore[override]
+        in_worker = get_worker_info() is not None
+        if in_worker and not item.error:
+            # SIGALRM at its default action kills the worker even inside C code: the hang is isolated
+            # like a crash.
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        try:
+            return decode_item(item, self.specs, self.draft)
+        finally:
+            if in_worker:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class _Chunks:
+    """A batch sampler over a stream: consecutive lists of ``size`` items, read lazily. ``outstanding``
+    holds the chunks handed to the workers and not yet scored: what to redo if a worker dies."""
+
+    def __init__(self, items: Iterator[Item], size: int) -> None:
+        self.items, self.size = items, size
+        self.outstanding: deque[list[Item]] = deque()
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        while chunk := list(islice(self.items, self.size)):
+            self.outstanding.append(chunk)
+            yield chunk
+
+
+def worker_init(_: int) -> None:
+    """Set up a decode worker process: the model gets the cores, the main process handles Ctrl-C, the
+    decode time limit kills, and a truncated file is an error row (never silently grey pixels)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _worker_died(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
+
+@contextlib.contextmanager
+def _worker_deaths_raise_from_the_iterator() -> Iterator[None]:
+    """torch's DataLoader installs a SIGCHLD handler that raises in whatever code the main thread is running
+    when a worker dies (possibly the caller's, between batches). Marking it installed, for the length of a
+    run only, keeps torch's other check, which raises from the iterator itself (within 5 s), where the
+    engine can catch it and isolate the file."""
+    handling = torch.utils.data._utils.signal_handling
+    before = handling._SIGCHLD_handler_set
+    handling._SIGCHLD_handler_set = True
+    try:
+        yield
+    finally:
+        handling._SIGCHLD_handler_set = before
+
+
+class LocalEngine:
+    """``predictor``: builds the model side from the plan (default: load the plan's weights). The trainer
+    passes its in-training model this way."""
+
+    def __init__(self, predictor: Callable[[ScoringPlan], Predictor] = Predictor.from_plan) -> None:
+        self.make_predictor = predictor
+
+    def describe(self, plan: ScoringPlan) -> str:
+        return plan.device
+
+    def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
+        if plan.cpu_threads:
+            torch.set_num_threads(plan.cpu_threads)
+        predictor = self.make_predictor(plan)
+        specs = predictor.specs
+        dataset = _DecodeDataset(specs, draft_side(specs) if plan.fast_decode else None, decode_timeout())
+        pin = torch.device(plan.device).type == "cuda"
+        with _worker_deaths_raise_from_the_iterator():
+            yield from _Run(dataset, predictor, plan.batch_size, plan.workers, pin).batches(iter(items))
+
+
+class _Run:
+    def __init__(
+        self, dataset: _DecodeDataset, predictor: Predictor, size: int, workers: int, pin: bool
+    ) -> None:
+        self.dataset, self.predictor, self.size, self.workers, self.pin = (
+            dataset,
+            predictor,
+            size,
+            workers,
+            pin,
+        )
+
+    def _loader(self, chunks: _Chunks, workers: int, prefetch: int = 4) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_sampler=chunks,  # type: ignore[arg-type]
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.pin,
+            worker_init_fn=worker_init if workers else None,
+            prefetch_factor=prefetch if workers else None,
+            generator=torch.Generator(),  # the workers' seeds must not draw from the caller's global RNG
+        )
+
+    def batches(self, stream: Iterator[Item]) -> Iterator[pa.RecordBatch]:
+        return self._attempts(stream, self.size, self.workers, 4, self._isolate)
+
+    def _attempts(
+        self,
+        stream: Iterator[Item] | None,
+        size: int,
+        workers: int,
+        prefetch: int,
+        after_death: Callable[[_Chunks], Generator[pa.RecordBatch, None, Iterator[Item] | None]],
+    ) -> Iterator[pa.RecordBatch]:
+        """Score ``stream`` in chunks of ``size``; when a worker dies, ``after_death`` deals with the chunks
+        in flight and returns the stream to go on with."""
+        while stream is not None:
+            chunks = _Chunks(stream, size)
+            try:
+                for batch in self._loader(chunks, workers, prefetch):
+                    scored = self.predictor(batch)
+                    chunks.outstanding.popleft()
+                    yield scored
+                return
+            except RuntimeError as exc:
+                if not _worker_died(exc):
+                    raise
+                stream = yield from after_death(chunks)
+
+    def _isolate(self, chunks: _Chunks) -> Generator[pa.RecordBatch, None, Iterator[Item] | None]:
+        """A worker died with several files in flight: decode those again one at a time, with one file in
+        flight, so a worker that dies can only have died on it. (With more, results it had queued just
+        before dying can be lost, and the blame would fall on the wrong file.) Then go on as before."""
+        yield from self._attempts(iter(_flat(chunks.outstanding)), 1, 1, 1, self._blame)
+        return chunks.items
+
+    def _blame(self, single: _Chunks) -> Generator[pa.RecordBatch, None, Iterator[Item] | None]:
+        (culprit,) = single.outstanding.popleft()
+        timeout = self.dataset.timeout
+        reason = f"the decoder crashed, or hung for {timeout:.0f} s, in its worker process"
+        yield self.predictor(Batch.failed([culprit], reason))
+        # the items prefetched behind the culprit go again, ahead of the rest
+        return chain(_flat(single.outstanding), single.items)
+
+
+def _flat(chunks: Iterable[list[Item]]) -> list[Item]:
+    return [item for chunk in chunks for item in chunk]

@@ -1,0 +1,143 @@
+"""The file formats, one registry entry each: suffix -> how to write it, how to read it back as scores,
+and where its provenance goes (inside the file, or a ``<out>.meta.json`` sidecar). Adding a format is one
+``Format`` in ``FORMATS``. No torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+PROVENANCE_KEY = "perceptscore"  # parquet metadata key / sidecar file marking a scores file
+_PARQUET_ROW_GROUP = 65_536
+
+
+class TableWriter(Protocol):
+    def write(self, table: pa.Table) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Format:
+    suffix: str
+    open_writer: Callable[[BinaryIO, pa.Schema, dict[str, Any]], TableWriter]
+    read: Callable[[str], pa.Table]
+    sidecar: bool  # provenance in <out>.meta.json (True) or in the file's own metadata (False)
+
+    def provenance(self, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+        """The provenance of a file written by ``perceptscore score``, or None for any other file."""
+        if self.sidecar:
+            meta = meta_path(path)
+            return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
+        raw = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY.encode())
+        return None if raw is None else json.loads(raw)
+
+
+class _Csv:
+    def __init__(self, stream: BinaryIO, schema: pa.Schema, provenance: dict[str, Any]) -> None:
+        self._writer = pacsv.CSVWriter(stream, schema)
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _Parquet:
+    """Few large row groups read far faster than many small ones: tables are gathered up to 64k rows."""
+
+    def __init__(self, stream: BinaryIO, schema: pa.Schema, provenance: dict[str, Any]) -> None:
+        metadata = {PROVENANCE_KEY: json.dumps(provenance)}
+        self._writer = pq.ParquetWriter(stream, schema.with_metadata(metadata))
+        self._pending: list[pa.Table] = []
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        if sum(t.num_rows for t in self._pending) >= _PARQUET_ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending))
+            self._pending = []
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            self._writer.close()  # left open, its destructor would write a footer into a closed stream later
+
+
+class _Jsonl:
+    def __init__(self, stream: BinaryIO, schema: pa.Schema, provenance: dict[str, Any]) -> None:
+        self._stream = stream
+
+    def write(self, table: pa.Table) -> None:
+        self._stream.write(b"".join(_json_line(row) for row in table.to_pylist()))
+
+    def close(self) -> None:
+        pass
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _json_line(row: dict[str, Any]) -> bytes:
+    cleaned = {k: _clean(v) for k, v in row.items()}
+    return (json.dumps(cleaned, ensure_ascii=False, default=str) + "\n").encode()
+
+
+def _read_csv(path: str) -> pa.Table:
+    return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+
+
+def _read_jsonl(path: str) -> pa.Table:
+    import pyarrow.json as pajson
+
+    return pajson.read_json(path)
+
+
+FORMATS: dict[str, Format] = {
+    ".csv": Format(".csv", _Csv, _read_csv, sidecar=True),
+    ".parquet": Format(".parquet", _Parquet, pq.read_table, sidecar=False),
+    ".jsonl": Format(".jsonl", _Jsonl, _read_jsonl, sidecar=True),
+}
+
+
+def format_of(path: str | os.PathLike[str]) -> Format | None:
+    """The format a file name's suffix asks for, or None."""
+    return FORMATS.get(Path(path).suffix.lower())
+
+
+def meta_path(path: str | os.PathLike[str]) -> Path:
+    """The provenance sidecar of a CSV/JSONL output: ``<out>.meta.json``."""
+    return Path(f"{os.fspath(path)}.meta.json")
+
+
+def is_scores_file(path: str | os.PathLike[str]) -> bool:
+    """Written by ``perceptscore score``: a table format whose provenance is there."""
+    fmt = format_of(path)
+    return fmt is not None and Path(path).is_file() and fmt.provenance(path) is not None
+
+
+def read_scores(path: str) -> pa.Table:
+    """A whole scores file (for rank/filter, which need every row anyway)."""
+    fmt = format_of(path)
+    assert fmt is not None, path
+    return fmt.read(path)
+
+
+def read_provenance(path: str) -> dict[str, Any]:
+    fmt = format_of(path)
+    assert fmt is not None, path
+    return fmt.provenance(path) or {}

@@ -1,0 +1,154 @@
+"""What a run is, resolved: ``ScoreOptions`` is what the user asked for ("auto" allowed); a ``ScoringPlan``
+is what will run (weights with their sha256, device and precision as resolved, decode settings, batch
+size, inputs, output). A plan is frozen and JSON-serialisable: ``--processes`` children receive it as
+JSON, and its ``fingerprint()`` is what ``--resume`` compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, TextIO
+
+import pyarrow as pa
+
+from perceptscore.columns import output_columns, output_schema
+from perceptscore.errors import UsageError
+from perceptscore.hub import Weights, file_sha256, resolve
+from perceptscore.sources import Sources
+from perceptscore.tasks import Task, get_task
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How to score, as asked (the options score, rank, filter and eval share)."""
+
+    tasks: Sequence[str]
+    checkpoints: Mapping[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    fast_decode: bool = False
+    recursive: bool = True
+    path_column: str | None = None
+
+    def task_specs(self) -> list[Task]:
+        return [get_task(t) for t in self.tasks]
+
+    def sources(self, inputs: Sequence[str], stdin: TextIO | None = None) -> Sources:
+        reserved = output_columns(self.task_specs())
+        return Sources(inputs, self.recursive, self.path_column, reserved=reserved, stdin=stdin)
+
+    def weights(self) -> dict[str, Weights]:
+        """Each task's weights file, found or downloaded, without loading anything (no torch)."""
+        given = {get_task(k).name: v for k, v in self.checkpoints.items()}
+        return {t.name: resolve(t, given.get(t.name)) for t in self.task_specs()}
+
+
+@dataclass(frozen=True)
+class TaskWeights:
+    task: str
+    path: str
+    sha256: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    tasks: tuple[str, ...]
+    weights: tuple[TaskWeights, ...]
+    device: str  # as resolved: "cpu", "cuda", "cuda:1"
+    precision: str  # as resolved: fp32, fp16 or bf16
+    batch_size: int
+    workers: int
+    fast_decode: bool = False
+    inputs: tuple[str, ...] = ()
+    recursive: bool = True
+    path_column: str | None = None
+    output: str = "-"
+    incremental: str | None = None
+    cpu_threads: int = 0  # torch's intra-op threads; 0: torch's default
+
+    def task_specs(self) -> list[Task]:
+        return [get_task(t) for t in self.tasks]
+
+    def schema(self, passthrough: pa.Schema | None = None) -> pa.Schema:
+        return output_schema(self.task_specs(), passthrough)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ScoringPlan:
+        data = json.loads(text)
+        data["weights"] = tuple(TaskWeights(**w) for w in data["weights"])
+        data["tasks"], data["inputs"] = tuple(data["tasks"]), tuple(data["inputs"])
+        return cls(**data)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between a run and its ``--resume``: what is scored, with which weights,
+        and how (precision and device type: fp16 rows on a GPU must not be mixed with fp32 rows on a CPU)."""
+        return {
+            "tasks": list(self.tasks),
+            "weights": {w.task: w.sha256 for w in self.weights},
+            "device_type": self.device.split(":")[0],
+            "precision": self.precision,
+            "fast_decode": self.fast_decode,
+            "inputs": list(self.inputs),
+            "recursive": self.recursive,
+            "path_column": self.path_column,
+            "incremental": self.incremental,
+        }
+
+    def on_device(self, device: str, cpu_threads: int = 0) -> ScoringPlan:
+        return replace(self, device=device, cpu_threads=cpu_threads)
+
+
+def make_plan(
+    options: ScoreOptions,
+    inputs: Sequence[str] = (),
+    output: str = "-",
+    incremental: str | None = None,
+    weights: Mapping[str, Weights] | None = None,
+) -> ScoringPlan:
+    """Resolve ``options`` (imports torch to see the devices): every "auto" and default becomes a value."""
+    from perceptscore.checkpoints import resolve_device, resolve_precision
+
+    tasks = list(dict.fromkeys(t.name for t in options.task_specs()))
+    if not tasks:
+        raise UsageError("no task given")
+    weights = weights if weights is not None else options.weights()
+    device = resolve_device(options.device)
+    batch_size = options.batch_size or (64 if device.type == "cuda" else 8)
+    workers = default_workers(device.type) if options.workers is None else options.workers
+    if batch_size < 1 or workers < 0:
+        raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+    return ScoringPlan(
+        tasks=tuple(tasks),
+        weights=tuple(
+            TaskWeights(t, str(weights[t].path), file_sha256(weights[t].path), weights[t].origin)
+            for t in tasks
+        ),
+        device=str(device),
+        precision=resolve_precision(options.precision, device),
+        batch_size=batch_size,
+        workers=workers,
+        fast_decode=options.fast_decode,
+        inputs=tuple(inputs),
+        recursive=options.recursive,
+        path_column=options.path_column,
+        output=output,
+        incremental=incremental,
+    )
+
+
+def default_workers(device_type: str) -> int:
+    cores = os.cpu_count() or 1
+    if device_type == "cuda":
+        return min(16, max(2, cores - 2))
+    # On CPU the model needs the cores and decoding is cheap, but one worker still keeps a crashing
+    # decoder out of the main process (and overlaps decoding with the model).
+    return 1 if cores <= 8 else min(4, cores // 4)

@@ -1,0 +1,73 @@
+"""The model side of scoring: every task's model on one device; a ``Batch`` of crops -> core rows.
+
+Knows nothing of how the batch was made (DataLoader workers, Ray tasks), so an engine can run it anywhere:
+the local engine's main process, a ``--processes`` child, a Ray actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from perceptscore.batches import Batch
+from perceptscore.checkpoints import PRECISIONS, load_model
+from perceptscore.columns import scored_batch
+from perceptscore.preprocess import normalize
+from perceptscore.tasks import Preprocess, Task
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def raw_outputs(
+    model: Model, task: Task, crops: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_size: int
+) -> np.ndarray:
+    """uint8 crops (n * crops_per_image, 3, H, W) -> raw outputs (n, outputs) averaged over each image's
+    crops. The one place images meet a model: scoring and the trainer's evaluation both go through it."""
+    arch = task.architecture
+    x = normalize(crops.to(device, non_blocking=True), arch.mean, arch.std, dtype)
+    out = torch.cat([model(chunk).float() for chunk in x.split(batch_size)])
+    per_image = out.view(-1, task.preprocess.crops, out.shape[-1]).mean(dim=1)
+    return per_image.cpu().numpy()
+
+
+class Predictor:
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        models: Mapping[str, Model],
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> None:
+        self.tasks, self.models = list(tasks), dict(models)
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> Predictor:
+        """Load every task's weights of a ``ScoringPlan`` onto its device, in its precision."""
+        device = torch.device(plan.device)
+        models = {
+            w.task: load_model(w.task, w.path, device=device, precision=plan.precision) for w in plan.weights
+        }
+        return cls(plan.task_specs(), models, device, PRECISIONS[plan.precision], plan.batch_size)
+
+    @property
+    def specs(self) -> list[Preprocess]:
+        """The distinct preprocessings the tasks need (memorability and emotion share theirs)."""
+        return list(dict.fromkeys(t.preprocess for t in self.tasks))
+
+    def __call__(self, batch: Batch) -> pa.RecordBatch:
+        values: dict[str, list[Any]] = {}
+        if any(e is None for e in batch.errors):
+            for task in self.tasks:
+                raw = raw_outputs(
+                    self.models[task.name], task, batch.pixels[task.preprocess], self.device, self.dtype,
+                    self.batch_size,
+                )  # fmt: skip
+                values |= task.values(raw)
+        return scored_batch(self.tasks, [i.path for i in batch.items], batch.errors, batch.stats, values)

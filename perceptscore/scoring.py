@@ -1,0 +1,98 @@
+"""The one way from items to rows: items -> an engine -> core rows, matched back to their items (manifest
+columns appended), ``--incremental``'s reused rows interleaved, in input order; then counted and handed on
+(to a sink, the shards of a run, or a table) by ``consume``. Every command and engine goes through here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from perceptscore.columns import core_schema, error_count, with_passthrough
+from perceptscore.engines import Engine
+from perceptscore.incremental import Previous
+from perceptscore.plan import ScoringPlan
+from perceptscore.progress import Reporter
+from perceptscore.sources import Item
+
+Rows = tuple[list[int], pa.RecordBatch]  # the input indices of a batch's rows, and the rows
+
+
+@dataclass
+class Outcome:
+    rows: int = 0
+    errors: int = 0  # rows of the output that could not be scored
+    resumed: int = 0  # rows taken from an interrupted run's shards
+    skipped: int = 0  # rows reused from --incremental's file (unchanged files)
+    discarded: int = 0  # rows of an interrupted run dropped because --resume was not given
+    ignored: list[str] = field(default_factory=list)  # files in input folders passed over (not images)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 0
+
+    def count(self, rows: pa.RecordBatch | pa.Table) -> None:
+        self.rows += rows.num_rows
+        self.errors += error_count(rows)
+
+
+def scored(
+    engine: Engine,
+    plan: ScoringPlan,
+    items: Iterable[Item],
+    passthrough: pa.Schema,
+    previous: Previous | None = None,
+) -> Iterator[Rows]:
+    """Every item's row, in input order: scored by ``engine``, or reused from ``previous``."""
+    fed: deque[Item] = deque()  # sent to the engine, row not back yet
+    reused: deque[tuple[Item, dict[str, Any]]] = deque()
+    schema = core_schema(plan.task_specs())
+
+    def to_engine() -> Iterator[Item]:
+        for item in items:
+            row = previous.reusable(item) if previous else None
+            if row is None:
+                fed.append(item)
+                yield item
+            else:
+                reused.append((item, row))
+
+    def reused_before(index: int | None) -> Iterator[Rows]:
+        taken = []
+        while reused and (index is None or reused[0][0].index < index):
+            taken.append(reused.popleft())
+        if taken:
+            batch = pa.RecordBatch.from_pylist([row for _, row in taken], schema=schema)
+            yield _matched([item for item, _ in taken], batch, passthrough)
+
+    for batch in engine.run(plan, to_engine()):
+        mine = [fed.popleft() for _ in range(batch.num_rows)]
+        yield from reused_before(mine[0].index)
+        yield _matched(mine, batch, passthrough)
+    yield from reused_before(None)
+
+
+def _matched(items: list[Item], batch: pa.RecordBatch, passthrough: pa.Schema) -> Rows:
+    return [i.index for i in items], with_passthrough(batch, [i.extras for i in items], passthrough)
+
+
+def consume(
+    rows: Iterable[Rows],
+    reporter: Reporter,
+    handle: Callable[[list[int], pa.RecordBatch], None],
+    outcome: Outcome | None = None,
+    stop: Callable[[], BaseException | None] | None = None,
+) -> None:
+    """Hand each batch to ``handle``, show progress, count it into ``outcome``; after each batch, ``stop()``
+    may return an exception to end the run with (a signal asked for it; the batch is already handled)."""
+    for indices, batch in rows:
+        handle(indices, batch)
+        reporter.advance(batch.num_rows, error_count(batch))
+        if outcome is not None:
+            outcome.count(batch)
+        if stop is not None and (exc := stop()) is not None:
+            raise exc

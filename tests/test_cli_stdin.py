@@ -1,0 +1,72 @@
+"""rank and filter with no inputs read standard input (the design card's own command): paths one a line,
+or a scores stream from `perceptscore score ... -o -`. Real pipelines of processes."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from test_cli_score import EXE
+
+
+def pipeline(first: list[str], second: list[str]) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``first | second``: the second's result, and the first's stderr."""
+    producer = subprocess.Popen(first, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert producer.stdout is not None
+    consumer = subprocess.run(second, stdin=producer.stdout, capture_output=True, text=True, timeout=300)
+    producer.stdout.close()
+    _, producer_err = producer.communicate(timeout=300)
+    return consumer, producer_err
+
+
+def test_find_piped_into_filter(photo_dir: Path, release_checkpoints, tmp_path: Path) -> None:
+    checkpoint = ["--checkpoint", str(release_checkpoints["quality"][0])]
+    reference = tmp_path / "all.csv"
+    jpegs = sorted(str(p) for p in photo_dir.glob("*.jpg"))
+    done = subprocess.run([EXE, "score", *jpegs, "-t", "quality", *checkpoint, "-o", str(reference)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    scores = pd.read_csv(reference)
+    threshold = float(scores["quality"].median())
+    done, _ = pipeline(
+        ["find", str(photo_dir), "-name", "*.jpg"],
+        [EXE, "filter", "--min-quality", str(threshold), *checkpoint],
+    )
+    assert done.returncode == 0, done.stderr
+    expected = set(scores.loc[scores["quality"] >= threshold, "path"])
+    assert set(done.stdout.splitlines()) == expected and 0 < len(expected) < len(jpegs)
+    assert f"kept {len(expected)} of {len(jpegs)} files" in done.stderr
+
+
+def test_a_scores_stream_piped_into_filter_and_rank(photo_dir: Path, release_checkpoints) -> None:
+    score = [
+        EXE,
+        "score",
+        str(photo_dir),
+        "-t",
+        "quality",
+        "--checkpoint",
+        str(release_checkpoints["quality"][0]),
+    ]
+    done, err = pipeline(score, [EXE, "filter", "--min-quality", "-1000"])  # no model: the stream has scores
+    assert done.returncode == 0, done.stderr + err
+    assert done.stdout.splitlines() == sorted(str(p) for p in photo_dir.iterdir())
+    done, err = pipeline(score, [EXE, "rank", "-t", "quality", "--top", "3", "--ascending"])
+    assert done.returncode == 0, done.stderr + err
+    ranked = pd.read_csv(__import__("io").StringIO(done.stdout))
+    assert len(ranked) == 3 and ranked["quality"].is_monotonic_increasing
+
+
+def test_on_a_terminal_with_no_inputs_one_line_says_what_to_give(release_checkpoints) -> None:
+    master, slave = pty.openpty()
+    done = subprocess.run([EXE, "filter", "--min-quality", "0.7"], stdin=slave, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    os.close(slave)
+    os.close(master)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: no inputs: name files, folders or a scores file, or pipe paths or scores")
