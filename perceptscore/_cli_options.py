@@ -1,9 +1,9 @@
 """The options every scoring command shares (score, rank, filter, eval), declared once.
 
-``@scoring_options`` appends them to a Typer command's signature and hands the command one
-``ScoringArgs`` (parameter ``scoring``) instead of eight arguments; ``ScoringArgs.options(tasks)`` turns it
-into the library's ``ScoreOptions``. A new scoring option is one entry in ``ScoringArgs`` and ``_OPTIONS``.
-No torch here.
+``@scoring_options`` appends them to a Typer command's signature and hands the command one ``ScoringArgs``
+(parameter ``scoring``) instead of eight arguments; ``ScoringArgs.options(tasks)`` is the library's
+``ScoreOptions``, whose fields have the same names (``checkpoint`` aside: parsed into ``checkpoints``). A
+new scoring option is one entry here and one field of ``ScoreOptions``. No torch, no pyarrow here.
 """
 
 from __future__ import annotations
@@ -11,75 +11,91 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 
+# name -> (Typer annotation, default)
+_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "checkpoint": (
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--checkpoint", help="Weights: TASK=PATH (repeatable), or PATH when one task is asked."
+            ),
+        ],
+        None,
+    ),
+    "batch_size": (
+        Annotated[int | None, typer.Option(help="Images per batch.", show_default="64 on CUDA, 8 on CPU")],
+        None,
+    ),
+    "device": (Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")], "auto"),
+    "precision": (
+        Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")],
+        "auto",
+    ),
+    "workers": (
+        Annotated[
+            int | None, typer.Option(help="Decode worker processes.", show_default="by device and cores")
+        ],
+        None,
+    ),
+    "path_column": (
+        Annotated[str | None, typer.Option(help="Manifest column holding the paths.", show_default="path")],
+        None,
+    ),
+    "recursive": (Annotated[bool, typer.Option(help="Descend into sub-folders of folder inputs.")], True),
+    "fast_decode": (
+        Annotated[
+            bool,
+            typer.Option(help="JPEG draft decoding: 4-6x faster on large photos, scores shift slightly."),
+        ],
+        False,
+    ),
+}
+
 
 @dataclass(frozen=True)
 class ScoringArgs:
-    checkpoint: list[str] | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    path_column: str | None = None
-    recursive: bool = True
-    fast_decode: bool = False
+    """The shared options as given on the command line."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Any) -> ScoringArgs:
+        return ScoringArgs({**self.values, **changes})
 
     def options(self, tasks: list[str]):  # type: ignore[no-untyped-def]  # -> ScoreOptions
         from perceptscore.plan import ScoreOptions
         from perceptscore.tasks import parse_checkpoint_options
 
-        return ScoreOptions(
-            tasks, parse_checkpoint_options(self.checkpoint or [], tasks), self.device, self.precision,
-            self.batch_size, self.workers, self.fast_decode, self.recursive, self.path_column,
-        )  # fmt: skip
-
-
-_OPTIONS: dict[str, Any] = {
-    "checkpoint": Annotated[
-        list[str] | None,
-        typer.Option("--checkpoint", help="Weights: TASK=PATH (repeatable), or PATH when one task is asked."),
-    ],
-    "batch_size": Annotated[
-        int | None, typer.Option(help="Images per batch.", show_default="64 on CUDA, 8 on CPU")
-    ],
-    "device": Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")],
-    "precision": Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")],
-    "workers": Annotated[
-        int | None, typer.Option(help="Decode worker processes.", show_default="by device and cores")
-    ],
-    "path_column": Annotated[
-        str | None, typer.Option(help="Manifest column holding the paths.", show_default="path")
-    ],
-    "recursive": Annotated[bool, typer.Option(help="Descend into sub-folders of folder inputs.")],
-    "fast_decode": Annotated[
-        bool, typer.Option(help="JPEG draft decoding: 4-6x faster on large photos, scores shift slightly.")
-    ],
-}
-assert list(_OPTIONS) == [f.name for f in fields(ScoringArgs)]
+        values = dict(self.values)
+        checkpoints = parse_checkpoint_options(values.pop("checkpoint") or [], tasks)
+        return ScoreOptions(tasks=tasks, checkpoints=checkpoints, **values)
 
 
 def scoring_options(command: Callable[..., None]) -> Callable[..., None]:
     """Give a Typer command the shared scoring options; it receives them as ``scoring: ScoringArgs``."""
     signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "scoring"]
-    defaults = ScoringArgs()
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()]
+    own = [p for p in own if p.name != "scoring"]
     shared = [
-        inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, name), annotation=kind
-        )
-        for name, kind in _OPTIONS.items()
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+        for name, (kind, default) in _OPTIONS.items()
     ]
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
-        scoring = ScoringArgs(**{name: kwargs.pop(name) for name in _OPTIONS})
+        scoring = ScoringArgs({name: kwargs.pop(name) for name in _OPTIONS})
         command(**kwargs, scoring=scoring)
 
-    parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
-    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    wrapper.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
     return wrapper

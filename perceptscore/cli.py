@@ -138,31 +138,31 @@ def rank(
     out: Annotated[str | None, typer.Option("-o", "--out", help="Also write the ranked rows here.")] = None,
 ) -> None:
     """Rank images (or a scores file) by one task's score; the top rows as a table, and to a file."""
-    from perceptscore import select
-    from perceptscore.commands.score import scored_rows, write_rows
+    from perceptscore.commands.score import write_rows
+    from perceptscore.commands.select import ranked
     from perceptscore.tasks import get_task
 
     spec = get_task(task)
-    scored = scored_rows(inputs, scoring.options([spec.name]), _reporter)
-    select.require_columns(scored.frame, [spec], "input")
-    ranked = select.rank(scored.frame, spec, top, ascending)
+    rows, scored = ranked(inputs, spec.name, scoring.options([spec.name]), _reporter, top, ascending)
     if out:
-        write_rows(ranked, out, scored.provenance)
+        write_rows(rows, out, scored.provenance)
     if console.is_terminal:
-        _print_ranking(ranked, spec)
+        _print_ranking(rows, spec)
     elif not out:
-        write_rows(ranked, "-", scored.provenance)
+        write_rows(rows, "-", scored.provenance)
     raise typer.Exit(scored.outcome.exit_code)
 
 
 def _print_ranking(ranked, spec) -> None:  # type: ignore[no-untyped-def]
     from rich.table import Table
 
-    table = Table("#", spec.sort_column, *(["emotion"] if spec.labels else []), "path")
+    from perceptscore.columns import PATH
+
+    table = Table("#", spec.sort_column, *(["emotion"] if spec.labels else []), PATH)
     for n, row in enumerate(ranked.itertuples(index=False), start=1):
         values = row._asdict()
         label = [str(values[spec.name])] if spec.labels else []
-        table.add_row(str(n), f"{values[spec.sort_column]:.4f}", *label, str(values["path"]))
+        table.add_row(str(n), f"{values[spec.sort_column]:.4f}", *label, str(values[PATH]))
     console.print(table)
 
 
@@ -194,12 +194,11 @@ def filter_(
     ] = None,
 ) -> None:
     """Keep the images that meet thresholds; list, copy or symlink them."""
-    from perceptscore import select
-    from perceptscore.commands.score import scored_rows, write_list, write_rows
-    from perceptscore.errors import UsageError
-    from perceptscore.formats import format_of
+    from perceptscore.columns import PATH
+    from perceptscore.commands.select import keep
+    from perceptscore.select import Criteria
 
-    criteria = select.Criteria(
+    criteria = Criteria(
         minimum={
             k: v for k, v in (("quality", min_quality), ("memorability", min_memorability)) if v is not None
         },
@@ -210,28 +209,17 @@ def filter_(
         top_fraction=top_fraction,
         by=by,
     )
-    criteria.validate()
-    if copy_to and symlink_to:
-        raise UsageError("choose one of --copy-to and --symlink-to")
-    scored = scored_rows(inputs, scoring.options([t.name for t in criteria.tasks()]), _reporter)
-    select.require_columns(scored.frame, criteria.tasks(), "input")
-    kept = select.select(scored.frame, criteria)
-    paths = kept["path"].tolist()
-    failed: list[str] = []
+    options = scoring.options([t.name for t in criteria.tasks()])
+    kept = keep(inputs, criteria, options, _reporter, copy_to, symlink_to, out)
     if copy_to or symlink_to:
-        placed, failed = select.place(paths, copy_to or symlink_to, symlink=symlink_to is not None)  # type: ignore[arg-type]
         verb = "symlinked" if symlink_to else "copied"
-        err_console.print(f"{verb} {len(placed)} files to {copy_to or symlink_to}")
-        for message in failed:
+        err_console.print(f"{verb} {kept.placed} files to {copy_to or symlink_to}")
+        for message in kept.failed:
             err_console.print(Text.assemble(("not placed:", "red"), f" {message}"))
-    if out and format_of(out) is not None:
-        write_rows(kept, out, scored.provenance)
-    elif out:
-        write_list(paths, out)
-    elif not (copy_to or symlink_to):
-        sys.stdout.write("".join(f"{p}\n" for p in paths))
-    err_console.print(f"kept {len(kept)} of {scored.outcome.rows} files")
-    raise typer.Exit(1 if failed else scored.outcome.exit_code)
+    elif not out:
+        sys.stdout.write("".join(f"{p}\n" for p in kept.rows[PATH]))
+    err_console.print(f"kept {len(kept.rows)} of {kept.scored.outcome.rows} files")
+    raise typer.Exit(kept.exit_code)
 
 
 @app.command()
@@ -431,35 +419,22 @@ def eval_(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Also write the metrics as JSON.")] = None,
 ) -> None:
     """Score a labelled set with any checkpoint (the released ones too) and report SRCC/PLCC or accuracy."""
-    import json
-    from dataclasses import replace
-
     from rich.table import Table
 
-    from perceptscore.commands.score import scored_rows
     from perceptscore.tasks import get_task
 
     run = _trainer()
     spec = get_task(task)
-    inputs, path_column, label_column, tmp = run.labelled_inputs(
+    labelled = run.labelled_inputs(
         inputs, spec, dataset, split, split_id, scoring.path_column or "path", label_column
     )
-    try:
-        options = replace(scoring, path_column=path_column).options([spec.name])
-        scored = scored_rows(inputs, options, _reporter)
-        metrics = run.frame_metrics(scored.frame, spec, label_column)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    options = scoring.replace(path_column=labelled.path_column).options([spec.name])
+    metrics, exit_code = run.evaluate(labelled, spec, options, _reporter, out)
     table = Table("metric", "value")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
-    if out:
-        from perceptscore.sinks import write_atomic
-
-        write_atomic(out, (json.dumps(metrics, indent=2) + "\n").encode())
-    raise typer.Exit(scored.outcome.exit_code)
+    raise typer.Exit(exit_code)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -16,8 +16,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from perceptscore.columns import ERROR, PATH
+
 PROVENANCE_KEY = "perceptscore"  # parquet metadata key / sidecar file marking a scores file
 _PARQUET_ROW_GROUP = 65_536
+_ROWS_PER_READ = 16_384
 
 
 class TableWriter(Protocol):
@@ -25,12 +28,17 @@ class TableWriter(Protocol):
     def close(self) -> None: ...
 
 
+Strings = Sequence[str]  # columns read as strings whatever they look like (paths)
+
+
 @dataclass(frozen=True)
 class Format:
     suffix: str
     open_writer: Callable[[BinaryIO, pa.Schema, dict[str, Any]], TableWriter]
-    read: Callable[[str], pa.Table]
+    read: Callable[[str], pa.Table]  # a whole scores file, exactly as written
     sidecar: bool  # provenance in <out>.meta.json (True) or in the file's own metadata (False)
+    read_schema: Callable[[str, Strings], pa.Schema]  # a manifest's columns, rows unread
+    read_batches: Callable[[str, Strings], Iterator[pa.RecordBatch]]  # a manifest, streamed where possible
 
     def provenance(self, path: str | os.PathLike[str]) -> dict[str, Any] | None:
         """The provenance of a file written by ``perceptscore score``, or None for any other file."""
@@ -97,8 +105,15 @@ def _json_line(row: dict[str, Any]) -> bytes:
     return (json.dumps(cleaned, ensure_ascii=False, default=str) + "\n").encode()
 
 
-def _read_csv(path: str) -> pa.Table:
-    return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+def read_csv_scores(source: str | BinaryIO) -> pa.Table:
+    """A CSV scores file or stream, exactly as written: an empty cell is null (an unset ``error``), a quoted
+    empty string stays an empty string, and paths are strings whatever they look like."""
+    convert = pacsv.ConvertOptions(
+        column_types={PATH: pa.string(), ERROR: pa.string()},
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+    )
+    return pacsv.read_csv(source, convert_options=convert)
 
 
 def _read_jsonl(path: str) -> pa.Table:
@@ -107,10 +122,26 @@ def _read_jsonl(path: str) -> pa.Table:
     return pajson.read_json(path)
 
 
+def _csv_reader(path: str, strings: Strings) -> pacsv.CSVStreamingReader:
+    return pacsv.open_csv(
+        path, convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(strings, pa.string()))
+    )
+
+
+def _parquet_batches(path: str, strings: Strings) -> Iterator[pa.RecordBatch]:
+    return pq.ParquetFile(path).iter_batches(batch_size=_ROWS_PER_READ)
+
+
+def _jsonl_batches(path: str, strings: Strings) -> Iterator[pa.RecordBatch]:
+    return iter(_read_jsonl(path).to_batches(max_chunksize=_ROWS_PER_READ))  # pyarrow has no JSONL stream
+
+
 FORMATS: dict[str, Format] = {
-    ".csv": Format(".csv", _Csv, _read_csv, sidecar=True),
-    ".parquet": Format(".parquet", _Parquet, pq.read_table, sidecar=False),
-    ".jsonl": Format(".jsonl", _Jsonl, _read_jsonl, sidecar=True),
+    ".csv": Format(".csv", _Csv, read_csv_scores, True, lambda p, s: _csv_reader(p, s).schema, _csv_reader),
+    ".parquet": Format(
+        ".parquet", _Parquet, pq.read_table, False, lambda p, s: pq.read_schema(p), _parquet_batches
+    ),
+    ".jsonl": Format(".jsonl", _Jsonl, _read_jsonl, True, lambda p, s: _read_jsonl(p).schema, _jsonl_batches),
 }
 
 

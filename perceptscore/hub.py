@@ -23,6 +23,7 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -144,9 +145,12 @@ def download(release: Release) -> Path:
 
 
 def _check_resolves(endpoint: str, timeout: float = 5.0) -> None:
-    """Fail at once, with one line, when the endpoint's host name cannot be resolved (no network)."""
+    """Fail at once, with one line, when the endpoint's host name cannot be resolved (no network). Not
+    through a proxy: there the proxy resolves it."""
     parts = urlsplit(endpoint)
     host = parts.hostname or ""
+    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return
     outcome: list[BaseException | None] = []
 
     def look_up() -> None:

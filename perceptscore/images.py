@@ -42,15 +42,17 @@ _MAGIC = (
     b"MM\x00*",  # TIFF, big-endian
     b"\x00\x00\x00\x0cjP  \r\n\x87\n",  # JPEG 2000
     b"\xff\x4f\xff\x51",  # JPEG 2000 codestream
-    b"BM",
 )
+_BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header sizes that follow "BM" at byte 14
 
 
 def looks_like_image(head: bytes) -> bool:
-    """Whether a file's first 16 bytes are an image format's signature (for files named without an
+    """Whether a file's first 32 bytes are an image format's signature (for files named without an
     extension, as crawled and content-addressed collections name them)."""
     if head.startswith(_MAGIC):
         return True
+    if head[:2] == b"BM" and len(head) >= 18:
+        return int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS | _AVIF_BRANDS

@@ -5,6 +5,7 @@ columns appended), ``--incremental``'s reused rows interleaved, in input order; 
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ def scored(
     passthrough: pa.Schema,
     previous: Previous | None = None,
 ) -> Iterator[Rows]:
-    """Every item's row, in input order: scored by ``engine``, or reused from ``previous``."""
+    """Every item's row, in input order: scored by ``engine``, or reused from ``previous``. Closing this
+    generator closes the engine's run (its worker processes end then, not at interpreter exit)."""
     fed: deque[Item] = deque()  # sent to the engine, row not back yet
     reused: deque[tuple[Item, dict[str, Any]]] = deque()
     schema = core_schema(plan.task_specs())
@@ -62,18 +64,29 @@ def scored(
                 reused.append((item, row))
 
     def reused_before(index: int | None) -> Iterator[Rows]:
-        taken = []
         while reused and (index is None or reused[0][0].index < index):
-            taken.append(reused.popleft())
-        if taken:
+            taken = []
+            while reused and (index is None or reused[0][0].index < index) and len(taken) < _REUSED_ROWS:
+                taken.append(reused.popleft())
             batch = pa.RecordBatch.from_pylist([row for _, row in taken], schema=schema)
             yield _matched([item for item, _ in taken], batch, passthrough)
 
-    for batch in engine.run(plan, to_engine()):
-        mine = [fed.popleft() for _ in range(batch.num_rows)]
-        yield from reused_before(mine[0].index)
-        yield _matched(mine, batch, passthrough)
+    with contextlib.closing(engine.run(plan, to_engine())) as batches:  # type: ignore[type-var]
+        for batch in batches:
+            mine = [fed.popleft() for _ in range(batch.num_rows)]
+            start = 0
+            for position, item in enumerate(mine):  # reused rows between this batch's rows go between them
+                if reused and reused[0][0].index < item.index:
+                    if position > start:
+                        part = batch.slice(start, position - start)
+                        yield _matched(mine[start:position], part, passthrough)
+                    start = position
+                    yield from reused_before(item.index)
+            yield _matched(mine[start:], batch.slice(start), passthrough)
     yield from reused_before(None)
+
+
+_REUSED_ROWS = 1024  # reused rows go on in batches of at most this many (one shard need not hold them all)
 
 
 def _matched(items: list[Item], batch: pa.RecordBatch, passthrough: pa.Schema) -> Rows:

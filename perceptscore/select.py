@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from perceptscore.columns import ERROR, PATH
 from perceptscore.errors import UsageError
 from perceptscore.tasks import Task, get_task
 
 
 def require_columns(df: pd.DataFrame, tasks: Iterable[Task], source: str) -> None:
     missing = [t.sort_column for t in tasks if t.sort_column not in df.columns] + (
-        ["path"] if "path" not in df.columns else []
+        [PATH] if PATH not in df.columns else []
     )
     if missing:
         found = ", ".join(map(str, df.columns))
@@ -26,7 +27,7 @@ def require_columns(df: pd.DataFrame, tasks: Iterable[Task], source: str) -> Non
 
 def scored_only(df: pd.DataFrame) -> pd.DataFrame:
     """Rows that were scored: error rows (and rows with a missing score) take no part in a selection."""
-    return df[df["error"].isna()] if "error" in df.columns else df
+    return df[df[ERROR].isna()] if ERROR in df.columns else df
 
 
 def rank(df: pd.DataFrame, task: Task, top: int = 0, ascending: bool = False) -> pd.DataFrame:

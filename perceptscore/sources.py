@@ -16,20 +16,18 @@ import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from perceptscore.columns import PATH
 from perceptscore.errors import UsageError
-from perceptscore.formats import is_scores_file
+from perceptscore.formats import FORMATS, format_of, is_scores_file
 from perceptscore.images import IMAGE_EXTENSIONS, looks_like_image
 from perceptscore.locators import Locator, locate
 
-MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl")
-_ROWS_PER_READ = 16_384
+MANIFEST_SUFFIXES = tuple(FORMATS)  # every table format is also read as a manifest
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def _sniffed_image(path: str) -> bool:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
         with open(path, "rb") as f:
-            return looks_like_image(f.read(16))
+            return looks_like_image(f.read(32))
     except OSError:
         return False
 
@@ -94,49 +92,38 @@ class _Manifest:
 
     def __init__(self, path: str, path_column: str) -> None:
         self.path, self.path_column = path, path_column
-        self.suffix = Path(path).suffix.lower()
-        self.is_scores = is_scores_file(path)
-        self.folder = "" if self.is_scores else os.path.dirname(path)
+        self.format = format_of(path)
+        assert self.format is not None, path
         try:
-            schema = self._schema()
-        except (pa.ArrowException, OSError) as exc:
+            self.is_scores = is_scores_file(path)
+            schema = self.format.read_schema(path, [path_column])
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise UsageError(f"manifest {path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+        self.folder = "" if self.is_scores else os.path.dirname(path)
         if path_column not in schema.names:
             found = ", ".join(schema.names) or "none"
-            hint = "; choose one with --path-column" if path_column == "path" else ""
+            hint = "; choose one with --path-column" if path_column == PATH else ""
             raise UsageError(f"manifest {path} has no column {path_column!r} (columns found: {found}){hint}")
-        self.extras = pa.schema([f for f in schema if f.name != "path"])
-
-    def _schema(self) -> pa.Schema:
-        if self.suffix == ".parquet":
-            return pq.read_schema(self.path)
-        if self.suffix == ".csv":
-            return self._csv_reader().schema
-        return self._jsonl_table().schema
-
-    def _csv_reader(self) -> pacsv.CSVStreamingReader:
-        convert = pacsv.ConvertOptions(column_types={self.path_column: pa.string()})
-        return pacsv.open_csv(self.path, convert_options=convert)
-
-    def _jsonl_table(self) -> pa.Table:
-        import pyarrow.json as pajson
-
-        return pajson.read_json(self.path)  # JSONL manifests are read whole: pyarrow has no streaming reader
+        self.extras = pa.schema([f for f in schema if f.name != PATH])
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        if self.suffix == ".parquet":
-            yield from pq.ParquetFile(self.path).iter_batches(batch_size=_ROWS_PER_READ)
-        elif self.suffix == ".csv":
-            yield from self._csv_reader()
-        else:
-            yield from self._jsonl_table().to_batches(max_chunksize=_ROWS_PER_READ)
+        return self.format.read_batches(self.path, [self.path_column])
 
     def rows(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
-        for batch in self.batches():
+        batches, read = iter(self.batches()), 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:  # a malformed row far down a streamed manifest
+                reason = " ".join(str(exc).split())[:200]
+                raise UsageError(f"manifest {self.path}: unreadable after row {read} ({reason})") from None
             paths = batch.column(self.path_column).to_pylist()
             extras = batch.select(self.extras.names).to_pylist() if self.extras.names else None
             for i, value in enumerate(paths):
                 yield (None if value is None else str(value)), (extras[i] if extras else {})
+            read += len(paths)
 
 
 class Sources:
@@ -158,7 +145,7 @@ class Sources:
             raise UsageError("no inputs given: name image files, folders, globs, @lists, manifests or -")
         self.recursive = recursive
         self.stdin = stdin if stdin is not None else sys.stdin
-        self._plan: list[tuple[str, Any]] = [self._classify(text, path_column or "path") for text in inputs]
+        self._plan: list[tuple[str, Any]] = [self._classify(text, path_column or PATH) for text in inputs]
         if sum(kind == "stdin" for kind, _ in self._plan) > 1:
             raise UsageError("'-' (paths on stdin) can be given only once")
         self._rename = {name: f"input_{name}" for name in reserved}
@@ -244,7 +231,7 @@ class Sources:
             return None
         total = 0
         for kind, value in self._plan:
-            if kind == "manifest" and value.suffix == ".parquet":
+            if kind == "manifest" and value.format.suffix == ".parquet":
                 total += pq.ParquetFile(value.path).metadata.num_rows
             elif kind in ("manifest", "dir", "list"):
                 return None

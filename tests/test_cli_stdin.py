@@ -3,6 +3,7 @@ or a scores stream from `perceptscore score ... -o -`. Real pipelines of process
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import subprocess
@@ -57,8 +58,36 @@ def test_a_scores_stream_piped_into_filter_and_rank(photo_dir: Path, release_che
     assert done.stdout.splitlines() == sorted(str(p) for p in photo_dir.iterdir())
     done, err = pipeline(score, [EXE, "rank", "-t", "quality", "--top", "3", "--ascending"])
     assert done.returncode == 0, done.stderr + err
-    ranked = pd.read_csv(__import__("io").StringIO(done.stdout))
+    ranked = pd.read_csv(io.StringIO(done.stdout))
     assert len(ranked) == 3 and ranked["quality"].is_monotonic_increasing
+
+
+def test_a_stream_with_error_rows_keeps_its_scored_rows(
+    photo_dir: Path, release_checkpoints, tmp_path
+) -> None:
+    """An empty ``error`` cell is a scored row: read as "" it made every good row look failed."""
+    (tmp_path / "a.jpg").write_bytes((photo_dir / "a_square.jpg").read_bytes())
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    score = [
+        EXE,
+        "score",
+        str(tmp_path),
+        "-t",
+        "quality",
+        "--checkpoint",
+        str(release_checkpoints["quality"][0]),
+    ]
+    done, err = pipeline(score, [EXE, "filter", "--min-quality", "-1000"])
+    assert done.returncode == 0, done.stderr + err
+    assert done.stdout.splitlines() == [str(tmp_path / "a.jpg")]
+    assert "kept 1 of 2 files" in done.stderr
+
+
+def test_an_empty_stdin_is_one_line_before_any_model_loads(release_checkpoints) -> None:
+    done = subprocess.run([EXE, "filter", "--min-quality", "0.7"], input="", capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: no inputs: standard input was empty (no paths, no scores)"
 
 
 def test_on_a_terminal_with_no_inputs_one_line_says_what_to_give(release_checkpoints) -> None:

@@ -16,12 +16,11 @@ from perceptscore.images import decode
 from photos import sample
 from test_cli_score import run
 
-pillow_heif = pytest.importorskip("pillow_heif")  # the [heif] extra; [dev] installs it
-
 
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same photo as PNG (lossless reference), HEIC, AVIF, and a JPEG named by its hash."""
+    pillow_heif = pytest.importorskip("pillow_heif")  # the [heif] extra; [dev] installs it
     folder = tmp_path_factory.mktemp("formats")
     img = sample("chelsea.png").convert("RGB")
     img.save(folder / "a_reference.png")

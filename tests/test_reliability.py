@@ -407,3 +407,41 @@ def test_sigterm_reaches_every_process_and_the_run_resumes(
     done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     same_as_reference(out, reference)
+
+
+def test_with_processes_an_input_that_fails_mid_stream_is_one_line_not_a_hang(
+    release_checkpoints, tmp_path: Path
+) -> None:
+    """The items are dealt to the processes by a thread: an input error after blocks were dealt must end
+    the run with its one line (it hung: the children waited for input that never came)."""
+    manifest = tmp_path / "manifest.csv"
+    rows = [f"missing/{i:08d}/{'x' * 60}.jpg,{i}" for i in range(24_000)]  # past pyarrow's first 1 MB block
+    manifest.write_text("path,id\n" + "\n".join(rows) + "\nmissing/extra.jpg,1,2\n")  # one field too many
+    out = tmp_path / "out.parquet"
+    checkpoint = str(release_checkpoints["memorability"][0])
+    args = [EXE, "score", str(manifest), "-t", "mem", "--checkpoint", checkpoint, "--device", "cpu",
+            "--processes", "2", "--workers", "0", "-o", str(out)]  # fmt: skip
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: manifest {manifest}: unreadable after row ") and "Traceback" not in line
+    assert not out.exists()
+
+
+def test_a_stop_sent_to_the_whole_process_group_stops_cleanly_and_resumes(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+) -> None:
+    """systemd and `kill -TERM -PGID` signal every process of the group, the scoring children too."""
+    out = tmp_path / "out.parquet"
+    args = [*command(many_photos, release_checkpoints["memorability"][0], out), "--device", "cpu",
+            "--processes", "2"]  # fmt: skip
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    wait_for_shards(proc, out, 4)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr and not out.exists()
+    done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    same_as_reference(out, reference)

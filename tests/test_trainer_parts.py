@@ -359,3 +359,37 @@ def test_a_tower_built_from_open_clip_weights_computes_what_open_clip_computes(t
     with torch.no_grad():
         torch.testing.assert_close(net.visual(x), reference(x), rtol=0, atol=1e-5)
         assert net(x, "a").shape == (3, 1)
+
+
+def test_evaluation_isolates_a_decoder_that_kills_its_worker(
+    release_checkpoints, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's evaluation runs on the scoring engine: a file that crashes its decoder is one error row
+    (NaN outputs), not the end of a training run; the other rows are what scoring gives."""
+    import os
+    import signal
+
+    import perceptscore.batches
+    from perceptscore.checkpoints import load_model
+    from perceptscore.trainer.data import predict
+    from perceptscore.trainer.datasets import Example
+
+    real = perceptscore.batches.decode
+
+    def crashing(f, draft=None):  # type: ignore[no-untyped-def]
+        if f.name.endswith("c_cat.webp"):
+            os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder bug in C does to its process
+        return real(f, draft)
+
+    task = get_task("memorability")
+    model = load_model("memorability", release_checkpoints["memorability"][0])
+    examples = [Example(str(p), 0.0) for p in sorted(photo_dir.iterdir())]
+    clean, _ = predict(model, task, examples, torch.device("cpu"), torch.float32, 2, workers=1)
+    monkeypatch.setattr(perceptscore.batches, "decode", crashing)  # forked workers inherit it
+    raw, errors = predict(model, task, examples, torch.device("cpu"), torch.float32, 2, workers=1)
+    crashed = [i for i, e in enumerate(examples) if e.path.endswith("c_cat.webp")]
+    assert [i for i, e in enumerate(errors) if e is not None] == crashed
+    assert errors[crashed[0]].startswith("the decoder crashed, or hung for")
+    assert np.isnan(raw[crashed]).all()
+    ok = [i for i in range(len(examples)) if i not in crashed]
+    np.testing.assert_array_equal(raw[ok], clean[ok])

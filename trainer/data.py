@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from perceptscore.columns import ERROR
 from perceptscore.engines.local import LocalEngine, worker_init
 from perceptscore.errors import DecodeError
 from perceptscore.images import decode
@@ -62,7 +63,8 @@ class AugmentedImages(Dataset[tuple[int, np.ndarray | None, float, str | None]])
         d, i = key
         example = self.sets[d][i]
         try:
-            img = decode(example.path)
+            with locate(example.path).open() as f:
+                img = decode(f)
         except DecodeError as exc:
             return d, None, example.label, f"{example.path}: {exc}"
         rng = rng_for(self.seed, *self.epoch_seed, d, i)
@@ -145,5 +147,5 @@ def predict(
     batches = list(engine.run(plan, items))
     if not batches:
         return np.full((0, task.outputs), np.nan), []
-    frame = pa.Table.from_batches(batches).to_pandas()
-    return task.raw_from(frame), frame["error"].tolist()
+    table = pa.Table.from_batches(batches)
+    return task.raw_from(table.to_pandas()), table.column(ERROR).to_pylist()

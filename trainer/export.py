@@ -19,6 +19,7 @@ import torch
 
 from perceptscore._version import __version__
 from perceptscore.checkpoints import load_model, save_converted
+from perceptscore.columns import ERROR, PATH
 from perceptscore.model import PerceptModel
 from perceptscore.tasks import Task
 from perceptscore.trainer.base import Base
@@ -106,7 +107,7 @@ def _write_predictions(path: Path, task: Task, examples, labels, raw: np.ndarray
     for c, values in task.values(raw[ok]).items() if ok else ():
         for i, v in zip(ok, values, strict=True):
             columns[c][i] = v
-    frame = pd.DataFrame({"path": [e.path for e in examples], "label": labels, **columns, "error": errors})
+    frame = pd.DataFrame({PATH: [e.path for e in examples], "label": labels, **columns, ERROR: errors})
     frame.to_csv(path, index=False)
 
 

@@ -106,18 +106,10 @@ class TrainOptions:
         return values, settings
 
 
-def train(options: TrainOptions, console: Console) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the exported checkpoints and their final metrics."""
-    from safetensors.torch import load_file
-
-    from perceptscore.checkpoints import resolve_device
-    from perceptscore.plan import default_workers
-    from perceptscore.runs import OutputLock
-    from perceptscore.trainer.base import load_base
-    from perceptscore.trainer.loop import Device, Stage, StageRun, build_net
-
-    task = get_task(options.task)
-    values, settings = options.settings(task)
+def _datasets(
+    options: TrainOptions, task: Task, console: Console
+) -> tuple[list[LabelledSet], list[str], list[str]]:
+    """The training sets (each with a train and a val split), their names, and the stage 2 targets."""
     sets = [
         load_dataset(s, task, options.split_id, options.path_column, options.label_column)
         for s in options.data
@@ -137,38 +129,66 @@ def train(options: TrainOptions, console: Console) -> dict[str, Any]:
     missing = [t for t in targets if t not in names]
     if missing:
         raise UsageError(f"--target {missing[0]!r} is not one of the datasets ({', '.join(names)})")
+    return sets, names, targets
 
+
+def _config(task: Task, sets: list[LabelledSet], targets: list[str], base: Any, settings: Any,
+            values: dict[str, Any], precision: str) -> dict[str, Any]:  # fmt: skip
+    """What the run is: a resume with another config is refused (``_check_config``)."""
+    return {
+        "task": task.name,
+        "data": {
+            s.name: {"source": s.source, "splits": {k: len(v) for k, v in s.splits.items()}} for s in sets
+        },
+        "targets": targets,
+        "init": {"source": base.source, "sha256": base.sha256},
+        "settings": asdict(settings),
+        "stage2_epochs": int(values["stage2_epochs"][0]),
+        "precision": precision,
+    }
+
+
+def _record(values: dict[str, Any], device: str, precision: str, names: list[str]) -> dict[str, Any]:
+    """What the model card says about how the run was made."""
+    return {
+        "recipe": values,
+        "command": shlex.join(["perceptscore", *sys.argv[1:]]) if sys.argv else "perceptscore train",
+        "device": device,
+        "precision": precision,
+        "stages": "one stage" if len(names) == 1 else f"two stages (stage 1 on {', '.join(names)})",
+    }
+
+
+def train(options: TrainOptions, console: Console) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the exported checkpoints and their final metrics."""
+    from safetensors.torch import load_file
+
+    from perceptscore.checkpoints import resolve_device
+    from perceptscore.engines.local import isolating_worker_deaths
+    from perceptscore.plan import default_workers
+    from perceptscore.runs import OutputLock
+    from perceptscore.trainer.base import load_base
+    from perceptscore.trainer.loop import Device, Stage, StageRun, build_net
+
+    task = get_task(options.task)
+    values, settings = options.settings(task)
+    sets, names, targets = _datasets(options, task, console)
     device = resolve_device(options.device)
     precision = _precision(options.precision, device)
     dev = Device(
         device, precision,
-        default_workers(device) if options.workers is None else options.workers,
+        default_workers(device.type) if options.workers is None else options.workers,
         64 if device.type == "cuda" else 16,
     )  # fmt: skip
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out):
+    # the evaluation's decode workers isolate a crashing file only if torch's SIGCHLD handler never goes in
+    with OutputLock(out), isolating_worker_deaths():
         base = load_base(options.init, replace(task.architecture, outputs=task.outputs))
-        config = {
-            "task": task.name,
-            "data": {
-                s.name: {"source": s.source, "splits": {k: len(v) for k, v in s.splits.items()}} for s in sets
-            },
-            "targets": targets,
-            "init": {"source": base.source, "sha256": base.sha256},
-            "settings": asdict(settings),
-            "stage2_epochs": int(values["stage2_epochs"][0]),
-            "precision": precision,
-        }
+        config = _config(task, sets, targets, base, settings, values, precision)
         _check_config(out / "config.json", config, options)
         arch = base.arch
-        record = {
-            "recipe": values,
-            "command": shlex.join(["perceptscore", *sys.argv[1:]]) if sys.argv else "perceptscore train",
-            "device": str(device),
-            "precision": precision,
-            "stages": "one stage" if len(sets) == 1 else f"two stages (stage 1 on {', '.join(names)})",
-        }
+        record = _record(values, str(device), precision, names)
         console.print(f"base: {base.source}; device {device}, {precision}; {dev.workers} decode workers")
 
         def run_stage(stage: Stage) -> Any:
@@ -253,6 +273,17 @@ def _check_config(path: Path, config: dict[str, Any], options: TrainOptions) -> 
 # ---- perceptscore eval ------------------------------------------------------------------------------------
 
 
+@dataclass
+class Labelled:
+    """What ``eval`` scores: inputs with a label column (a dataset's split is written to a temporary
+    manifest, removed by ``evaluate``)."""
+
+    inputs: list[str]
+    path_column: str
+    label_column: str
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+
+
 def labelled_inputs(
     inputs: list[str],
     task: Task,
@@ -261,12 +292,10 @@ def labelled_inputs(
     split_id: int,
     path_column: str,
     label_column: str,
-) -> tuple[list[str], str, str, tempfile.TemporaryDirectory[str] | None]:
-    """What to score for ``eval``: the inputs as given (a manifest, or a scores file, with a label
-    column), or a dataset's split written to a temporary manifest. Returns (inputs, path column, label
-    column, the temporary folder to clean up)."""
+) -> Labelled:
+    """The inputs as given (a manifest, or a scores file, with a label column), or a dataset's split."""
     if dataset is None:
-        return inputs, path_column, label_column, None
+        return Labelled(inputs, path_column, label_column)
     if len(inputs) != 1:
         raise UsageError("with --dataset give one input: the dataset's folder (or manifest)")
     # "manifest": a labelled manifest read as the trainer reads it: its split column (or hash split) applies
@@ -280,7 +309,26 @@ def labelled_inputs(
     pd.DataFrame({"path": [e.path for e in examples], "label": [e.label for e in examples]}).to_parquet(
         manifest
     )
-    return [str(manifest)], "path", "label", tmp
+    return Labelled([str(manifest)], "path", "label", tmp)
+
+
+def evaluate(
+    labelled: Labelled, task: Task, options: Any, make_reporter: Any, out: Path | None = None
+) -> tuple[dict[str, float], int]:
+    """Score ``labelled`` as ``perceptscore score`` does and measure it against its labels; the metrics
+    (also written to ``out`` as JSON) and the exit code (1 when some rows could not be scored)."""
+    from perceptscore.commands.score import scored_rows
+    from perceptscore.sinks import write_atomic
+
+    try:
+        scored = scored_rows(labelled.inputs, options, make_reporter)
+        metrics = frame_metrics(scored.frame, task, labelled.label_column)
+    finally:
+        if labelled.tmp is not None:
+            labelled.tmp.cleanup()
+    if out:
+        write_atomic(out, (json.dumps(metrics, indent=2) + "\n").encode())
+    return metrics, scored.outcome.exit_code
 
 
 def frame_metrics(frame: Any, task: Task, label_column: str) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import signal
@@ -13,16 +14,17 @@ from typing import Any, TextIO
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
+from perceptscore import engines
 from perceptscore.columns import ERROR, PATH
+from perceptscore.engines import Engine
 from perceptscore.errors import UsageError
-from perceptscore.formats import format_of, is_scores_file, read_provenance, read_scores
+from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
 from perceptscore.progress import Reporter
 from perceptscore.provenance import provenance
-from perceptscore.runs import Interrupted, OutputLock, ShardedRun, StopOnSignal, shard_limits
+from perceptscore.runs import Interrupted, OutputLock, ShardedRun, StopOnSignal
 from perceptscore.scoring import Outcome, consume, scored
 from perceptscore.sinks import Sink, check_output, write_atomic
 from perceptscore.sources import Item, Sources
@@ -60,15 +62,9 @@ def score(
         return _score_to_file(plan, sources, make_reporter, resume, previous, processes, stop)
 
 
-def _engine(plan: ScoringPlan, processes: int | None):  # type: ignore[no-untyped-def]
+def _engine(plan: ScoringPlan, processes: int | None) -> Engine:
     processes = processes or default_processes(plan.device)
-    if processes > 1:
-        from perceptscore.engines.process import ProcessEngine
-
-        return ProcessEngine(processes, block_rows=shard_limits()[0])
-    from perceptscore.engines.local import LocalEngine
-
-    return LocalEngine()
+    return engines.create("process", processes=processes) if processes > 1 else engines.create("local")
 
 
 def default_processes(device: str) -> int:
@@ -83,8 +79,11 @@ def default_processes(device: str) -> int:
 def _score_to_stream(plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter) -> Outcome:
     engine, outcome = _engine(plan, 1), Outcome()
     schema = plan.schema(sources.passthrough)
-    with Sink("-", schema, provenance(plan)) as sink, make_reporter(sources.count()) as reporter:
-        rows = scored(engine, plan, sources, sources.passthrough)
+    with (
+        Sink("-", schema, provenance(plan)) as sink,
+        make_reporter(sources.count()) as reporter,
+        contextlib.closing(scored(engine, plan, sources, sources.passthrough)) as rows,
+    ):
         consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
     outcome.ignored = sources.ignored
     return outcome
@@ -113,10 +112,20 @@ def _score_to_file(
         message = f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
         return Interrupted(message + "run the same command with --resume to continue", stop.signum)
 
-    with make_reporter(sources.count()) as reporter:
-        reporter.advance(outcome.resumed, 0)
-        rows = scored(engine, plan, run.pending(counted), sources.passthrough, previous)
-        consume(rows, reporter, run.add, stop=interrupted)
+    with (
+        make_reporter(sources.count()) as reporter,
+        contextlib.closing(scored(engine, plan, run.pending(counted), sources.passthrough, previous)) as rows,
+    ):
+        if outcome.resumed:
+            reporter.advance(outcome.resumed, 0)
+        try:
+            consume(rows, reporter, run.add, stop=interrupted)
+        except UsageError:
+            # a signal to the whole process group also ends --processes children: that is the stop
+            stopped = interrupted()
+            if stopped is None:
+                raise
+            raise stopped from None
     outcome.skipped = previous.skipped if previous else 0
     about = provenance(plan, engine.describe(plan)) | {
         "resumed_rows": outcome.resumed, "incremental": plan.incremental,
@@ -178,8 +187,10 @@ def scored_rows(
     plan = make_plan(options, inputs)
     batches: list[pa.RecordBatch] = []
     outcome = Outcome()
-    with make_reporter(sources.count()) as reporter:
-        rows = scored(_engine(plan, 1), plan, sources, sources.passthrough)
+    with (
+        make_reporter(sources.count()) as reporter,
+        contextlib.closing(scored(_engine(plan, 1), plan, sources, sources.passthrough)) as rows,
+    ):
         consume(rows, reporter, lambda _, batch: batches.append(batch), outcome)
     frame = pa.Table.from_batches(batches, schema=plan.schema(sources.passthrough)).to_pandas()
     outcome.ignored = sources.ignored
@@ -195,11 +206,11 @@ def _read_stdin(stream: TextIO) -> tuple[pa.Table | None, TextIO]:
             "(find photos -name '*.jpg' | perceptscore filter ...)"
         )
     first = stream.readline()
+    if not first:
+        raise UsageError("no inputs: standard input was empty (no paths, no scores)")
     header = next(iter(_csv_rows(first)), [])
     if PATH in header and ERROR in header:
-        data = (first + stream.read()).encode()
-        convert = pacsv.ConvertOptions(column_types={PATH: pa.string()})
-        return pacsv.read_csv(io.BytesIO(data), convert_options=convert), stream
+        return read_csv_scores(io.BytesIO((first + stream.read()).encode())), stream
     return None, _Lines(itertools.chain([first], stream))
 
 

@@ -5,12 +5,15 @@ same whatever the engine.
 
 - ``local``: DataLoader decode workers in this process's machine, with crash and hang isolation;
 - ``process``: several scoring processes (one per GPU), each a local engine, fed and merged here.
+
+A new engine is one module here and one line in ``ENGINES``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
@@ -25,3 +28,15 @@ class Engine(Protocol):
     def describe(self, plan: ScoringPlan) -> str:
         """Where it ran, for provenance."""
         ...
+
+
+ENGINES = {
+    "local": "perceptscore.engines.local:LocalEngine",
+    "process": "perceptscore.engines.process:ProcessEngine",
+}
+
+
+def create(name: str, **options: Any) -> Engine:
+    """The engine called ``name``, imported only now (an engine may need an optional extra)."""
+    module, _, cls = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(**options)  # type: ignore[no-any-return]

@@ -81,11 +81,12 @@ def _worker_died(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _worker_deaths_raise_from_the_iterator() -> Iterator[None]:
+def isolating_worker_deaths() -> Iterator[None]:
     """torch's DataLoader installs a SIGCHLD handler that raises in whatever code the main thread is running
     when a worker dies (possibly the caller's, between batches). Marking it installed, for the length of a
     run only, keeps torch's other check, which raises from the iterator itself (within 5 s), where the
-    engine can catch it and isolate the file."""
+    engine can catch it and isolate the file. A program with DataLoaders of its own (the trainer) holds
+    this for as long as it runs: torch installs the handler once, with the first DataLoader."""
     handling = torch.utils.data._utils.signal_handling
     before = handling._SIGCHLD_handler_set
     handling._SIGCHLD_handler_set = True
@@ -112,7 +113,7 @@ class LocalEngine:
         specs = predictor.specs
         dataset = _DecodeDataset(specs, draft_side(specs) if plan.fast_decode else None, decode_timeout())
         pin = torch.device(plan.device).type == "cuda"
-        with _worker_deaths_raise_from_the_iterator():
+        with isolating_worker_deaths():
             yield from _Run(dataset, predictor, plan.batch_size, plan.workers, pin).batches(iter(items))
 
 

@@ -3,8 +3,10 @@
 This process reads the items once and deals them out in blocks, block k to child k mod n, as Arrow
 record batches on each child's stdin; each child (``python -m perceptscore.engines.process``) receives the
 plan as JSON on its first line, scores what it is given in order and writes Arrow record batches to its
-stdout; this process takes block k's rows back from child k mod n, so the output is in input order. A
-thread per child drains its results, so a child never waits on this process's reading order.
+stdout; this process takes block k's rows back from child k mod n, so the output is in input order, and
+hands each batch on as it arrives. A thread per child drains its results, so a child never waits on this
+process's reading order. The children ignore SIGINT and SIGTERM (a terminal's Ctrl-C or a service
+manager's stop reaches the whole group): this process decides when to stop, and ends them.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ _DONE = object()
 
 
 class ProcessEngine:
-    def __init__(self, processes: int, block_rows: int = 4096) -> None:
-        self.processes, self.block_rows = processes, block_rows
+    """``processes`` children; blocks of ``block_batches`` batches each (small: a stop, the progress and a
+    shard's time limit act within a few batches, as in one process)."""
+
+    def __init__(self, processes: int, block_batches: int = 4) -> None:
+        self.processes, self.block_batches = processes, block_batches
 
     def describe(self, plan: ScoringPlan) -> str:
         return f"{self.processes} processes on {plan.device}"
@@ -50,73 +55,94 @@ class ProcessEngine:
         return [plan.on_device(plan.device, threads) for _ in range(n)]
 
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
+        schema = core_schema(plan.task_specs())
         with contextlib.ExitStack() as stack:
             children = [
-                stack.enter_context(_Child(p, i, self.processes))
+                stack.enter_context(_Child(p, i, self.processes, schema))
                 for i, p in enumerate(self.child_plans(plan))
             ]
-            blocks: queue.Queue[Any] = queue.Queue()
-            feeder = threading.Thread(
-                target=_deal, args=(items, children, self.block_rows, blocks), daemon=True
-            )
-            feeder.start()
-            schema = core_schema(plan.task_specs())
-            while (block := blocks.get()) is not _DONE:
-                if isinstance(block, BaseException):
-                    raise block
+            dealer = _Dealer(items, children, plan.batch_size * self.block_batches)
+            stack.callback(dealer.stop)
+            while (block := dealer.next_block()) is not None:
                 child, rows = block
-                yield children[child].take(rows, schema)
+                while rows:
+                    batch = children[child].take(rows, dealer)
+                    rows -= batch.num_rows
+                    yield batch
 
 
-def _deal(items: Iterable[Item], children: list[_Child], block_rows: int, blocks: queue.Queue[Any]) -> None:
-    """The feeder thread: block k of the items to child k mod n; each block announced on ``blocks``."""
-    try:
-        stream = iter(items)
-        k = 0
-        while block := list(islice(stream, block_rows)):
-            child = k % len(children)
-            blocks.put((child, len(block)))
-            children[child].send(block)
-            k += 1
-        for child in children:
-            child.finish()
-        blocks.put(_DONE)
-    except BrokenPipeError:
-        blocks.put(_DONE)  # a child died: its reader reports why
-    except BaseException as exc:  # an input that fails mid-stream: raised in the main thread
-        blocks.put(exc)
+class _Dealer:
+    """The feeder thread: block k of the items to child k mod n, announced in order once sent. However it
+    ends (all sent, an input that fails mid-stream, a child gone), every child's input is closed, so each
+    finishes what it holds instead of waiting for more."""
+
+    def __init__(self, items: Iterable[Item], children: list[_Child], block_rows: int) -> None:
+        self.children, self.block_rows = children, block_rows
+        self.blocks: queue.Queue[Any] = queue.Queue()
+        self.error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._deal, args=(items,), daemon=True)
+        self._thread.start()
+
+    def _deal(self, items: Iterable[Item]) -> None:
+        try:
+            stream = iter(items)
+            k = 0
+            while not self._stopped and (block := list(islice(stream, self.block_rows))):
+                child = k % len(self.children)
+                self.children[child].send(block)
+                self.blocks.put((child, len(block)))
+                k += 1
+        except BrokenPipeError:
+            pass  # a child died: its reader reports why
+        except BaseException as exc:  # e.g. inputs changed since the run was interrupted: raised in run()
+            self.error = exc
+        finally:
+            for child in self.children:
+                child.finish()
+            self.blocks.put(_DONE)
+
+    def next_block(self) -> tuple[int, int] | None:
+        block = self.blocks.get()
+        if block is _DONE:
+            if self.error is not None:
+                raise self.error
+            return None
+        return block
+
+    def stop(self) -> None:
+        self._stopped = True
 
 
 class _Child:
-    def __init__(self, plan: ScoringPlan, number: int, of: int) -> None:
-        self.number, self.of = number, of
+    def __init__(self, plan: ScoringPlan, number: int, of: int, schema: pa.Schema) -> None:
+        self.number, self.of, self.schema = number, of, schema
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "perceptscore.engines.process"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            start_new_session=True,  # a terminal's Ctrl-C is the parent's to handle
         )  # fmt: skip
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(plan.to_json().encode() + b"\n")
         self._writer = pa.ipc.new_stream(self.proc.stdin, ITEM_SCHEMA)
         self._results: queue.Queue[Any] = queue.Queue()
-        self._pending: list[pa.RecordBatch] = []
+        self._held: pa.RecordBatch | None = None
         self._reader = threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
 
     def send(self, items: list[Item]) -> None:
-        self._writer.write_batch(
-            pa.record_batch(
-                [[i.index for i in items], [i.path for i in items], [i.error for i in items]],
-                schema=ITEM_SCHEMA,
-            )
-        )
+        columns = [[i.index for i in items], [i.path for i in items], [i.error for i in items]]
+        self._writer.write_batch(pa.record_batch(columns, schema=ITEM_SCHEMA))
         assert self.proc.stdin is not None
         self.proc.stdin.flush()
 
     def finish(self) -> None:
-        self._writer.close()
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        with contextlib.suppress(OSError, ValueError, pa.ArrowException):  # gone already
+            self._writer.close()
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
 
     def _drain(self, stdout: IO[bytes]) -> None:
         try:
@@ -127,19 +153,19 @@ class _Child:
             pass  # the child died mid-stream: take() reports it
         self._results.put(_DONE)
 
-    def take(self, rows: int, schema: pa.Schema) -> pa.RecordBatch:
-        """The next ``rows`` result rows of this child, as one batch."""
-        have = sum(b.num_rows for b in self._pending)
-        while have < rows:
+    def take(self, most: int, dealer: _Dealer) -> pa.RecordBatch:
+        """This child's next rows, at most ``most`` of them, as soon as it has some."""
+        if self._held is None:
             batch = self._results.get()
             if batch is _DONE:
+                self._results.put(_DONE)
+                if dealer.error is not None:
+                    raise dealer.error
                 raise self._failure()
-            self._pending.append(batch)
-            have += batch.num_rows
-        table = pa.Table.from_batches(self._pending, schema=schema)
-        taken, rest = table.slice(0, rows), table.slice(rows)
-        self._pending = rest.to_batches() if rest.num_rows else []
-        return taken.combine_chunks().to_batches()[0]
+            self._held = batch
+        batch = self._held.slice(0, most)
+        self._held = self._held.slice(most) if self._held.num_rows > most else None
+        return batch
 
     def _failure(self) -> UsageError:
         code = self.proc.wait()
@@ -154,6 +180,7 @@ class _Child:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.finish()
         self._reader.join(timeout=5)
         self.log.close()
 
@@ -162,7 +189,6 @@ def _child_main() -> int:
     """A child: the plan's first line, then item batches on stdin; result batches on stdout."""
     from perceptscore.engines.local import LocalEngine
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop, and stops its children
     stdin = sys.stdin.buffer
     plan = ScoringPlan.from_json(stdin.readline().decode())
 
@@ -181,6 +207,8 @@ def _child_main() -> int:
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the parent decides when to stop, and ends its children
     from perceptscore.errors import PerceptScoreError
 
     try:
