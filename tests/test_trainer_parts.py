@@ -392,4 +392,4 @@ def test_evaluation_isolates_a_decoder_that_kills_its_worker(
     assert errors[crashed[0]].startswith("the decoder crashed, or hung for")
     assert np.isnan(raw[crashed]).all()
     ok = [i for i in range(len(examples)) if i not in crashed]
-    np.testing.assert_array_equal(raw[ok], clean[ok])
+    np.testing.assert_allclose(raw[ok], clean[ok], atol=1e-6, rtol=0)  # batched otherwise: GEMM rounding
