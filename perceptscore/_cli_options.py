@@ -47,6 +47,19 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         None,
     ),
     "recursive": (Annotated[bool, typer.Option(help="Descend into sub-folders of folder inputs.")], True),
+    "follow_links": (
+        Annotated[
+            bool, typer.Option(help="Follow linked folders that lead outside the folder being walked.")
+        ],
+        False,
+    ),
+    "max_pixels": (
+        Annotated[
+            int,
+            typer.Option(help="Refuse larger images (an error row): decoding one costs ~4 bytes a pixel."),
+        ],
+        89_478_485,  # Pillow's own limit (images.MAX_PIXELS)
+    ),
     "fast_decode": (
         Annotated[
             bool,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from perceptscore.errors import DecodeError
-from perceptscore.images import decode
+from perceptscore.images import MAX_PIXELS, decode
 from perceptscore.preprocess import prepare
 from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
@@ -27,14 +27,16 @@ class Decoded:
     stat: tuple[int, int] | None = None  # (size, mtime_ns) of the file scored, for incremental runs
 
 
-def decode_item(item: Item, specs: Sequence[Preprocess], draft: int | None) -> Decoded:
+def decode_item(
+    item: Item, specs: Sequence[Preprocess], draft: int | None, max_pixels: int = MAX_PIXELS
+) -> Decoded:
     """Open, decode and prepare one item; never raises for a bad file (its reason is the ``error``)."""
     if item.error:
         return Decoded(item, item.error, {})
     stat = item.locator.stat()
     try:
         with item.locator.open() as f:
-            img = decode(f, draft)
+            img = decode(f, draft, max_pixels)
         return Decoded(item, None, {spec: prepare(img, spec) for spec in specs}, stat)
     except DecodeError as exc:
         return Decoded(item, str(exc), {}, stat)

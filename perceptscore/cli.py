@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from perceptscore._cli_options import ScoringArgs, scoring_options
+from perceptscore._text import redact, shown
 from perceptscore._version import __version__
 from perceptscore.errors import PerceptScoreError
 
@@ -88,7 +89,13 @@ def score(
     out: Annotated[
         str, typer.Option("-o", "--out", help="Output .csv/.parquet/.jsonl, or - for CSV on stdout.")
     ] = "-",
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same output.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue an interrupted run (the default when its inputs and options match)."),
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option(help="Discard an interrupted run's saved rows and start over.")
+    ] = False,
     incremental: Annotated[
         str | None,
         typer.Option(
@@ -105,23 +112,23 @@ def score(
     from perceptscore.tasks import parse_tasks
 
     options = scoring.options(parse_tasks(task))
-    outcome = run(inputs, out, options, _reporter, resume, incremental, processes)
+    outcome = run(inputs, out, options, _reporter, resume, incremental, processes, restart)
     err_console.print(_summary(outcome, out, incremental))
     raise typer.Exit(outcome.exit_code)
 
 
 def _summary(outcome, out: str, incremental: str | None) -> str:  # type: ignore[no-untyped-def]
-    notes = [f"{outcome.resumed} resumed"] if outcome.resumed else []
+    notes = [f"{outcome.resumed} resumed from an interrupted run"] if outcome.resumed else []
     if incremental:
         notes.append(f"{outcome.skipped} unchanged, reused from {incremental}")
     if outcome.discarded:
-        notes.append(f"discarded {outcome.discarded} rows of an interrupted run: --resume keeps them")
+        notes.append(f"discarded {outcome.discarded} rows of an interrupted run (--restart)")
     if outcome.ignored:
-        shown = ", ".join(outcome.ignored[:3]) + (", ..." if len(outcome.ignored) > 3 else "")
+        names = ", ".join(map(shown, outcome.ignored[:3])) + (", ..." if len(outcome.ignored) > 3 else "")
         n = len(outcome.ignored)
         what = "file that is not an image" if n == 1 else "files that are not images"
-        notes.append(f"ignored {n} {what}: {shown}")
-    where = "stdout" if out == "-" else out
+        notes.append(f"ignored {n} {what}: {names}")
+    where = "stdout" if out == "-" else shown(out)
     extra = f" ({'; '.join(notes)})" if notes else ""
     return f"scored {_count(outcome.rows, 'file')}, {_count(outcome.errors, 'error')} -> {where}{extra}"
 
@@ -143,7 +150,7 @@ def rank(
     from perceptscore.tasks import get_task
 
     spec = get_task(task)
-    rows, scored = ranked(inputs, spec.name, scoring.options([spec.name]), _reporter, top, ascending)
+    rows, scored = ranked(inputs, spec.name, scoring.options([spec.name]), _reporter, top, ascending, out)
     if out:
         write_rows(rows, out, scored.provenance)
     if console.is_terminal:
@@ -162,7 +169,7 @@ def _print_ranking(ranked, spec) -> None:  # type: ignore[no-untyped-def]
     for n, row in enumerate(ranked.itertuples(index=False), start=1):
         values = row._asdict()
         label = [str(values[spec.name])] if spec.labels else []
-        table.add_row(str(n), f"{values[spec.sort_column]:.4f}", *label, str(values[PATH]))
+        table.add_row(str(n), f"{values[spec.sort_column]:.4f}", *label, shown(str(values[PATH])))
     console.print(table)
 
 
@@ -183,18 +190,20 @@ def filter_(
     by: Annotated[str | None, typer.Option(help="Task for --top-fraction.")] = None,
     copy_to: Annotated[Path | None, typer.Option(help="Copy the kept files here (never overwrites).")] = None,
     symlink_to: Annotated[Path | None, typer.Option(help="Symlink the kept files here.")] = None,
+    print0: Annotated[
+        bool, typer.Option("--print0", help="End each listed path with NUL, not a newline (xargs -0).")
+    ] = False,
     out: Annotated[
         str | None,
         typer.Option(
             "-o",
             "--out",
-            help="A list of paths (.txt), or rows (.csv/.parquet/.jsonl).",
+            help="A list of paths (.txt/.lst, or - for stdout), or rows (.csv/.parquet/.jsonl).",
             show_default="paths on stdout",
         ),
     ] = None,
 ) -> None:
     """Keep the images that meet thresholds; list, copy or symlink them."""
-    from perceptscore.columns import PATH
     from perceptscore.commands.select import keep
     from perceptscore.select import Criteria
 
@@ -210,14 +219,17 @@ def filter_(
         by=by,
     )
     options = scoring.options([t.name for t in criteria.tasks()])
-    kept = keep(inputs, criteria, options, _reporter, copy_to, symlink_to, out)
+    listing = out if out or copy_to or symlink_to else "-"  # by default, the kept paths on stdout
+    kept = keep(inputs, criteria, options, _reporter, copy_to, symlink_to, listing, print0)
     if copy_to or symlink_to:
         verb = "symlinked" if symlink_to else "copied"
-        err_console.print(f"{verb} {kept.placed} files to {copy_to or symlink_to}")
+        err_console.print(f"{verb} {kept.placed} files to {shown(str(copy_to or symlink_to))}")
         for message in kept.failed:
-            err_console.print(Text.assemble(("not placed:", "red"), f" {message}"))
-    elif not out:
-        sys.stdout.write("".join(f"{p}\n" for p in kept.rows[PATH]))
+            err_console.print(Text.assemble(("not placed:", "red"), f" {shown(message)}"))
+    for path in kept.unlisted:
+        err_console.print(
+            Text.assemble(("not listed:", "red"), f" {shown(path)}: a newline in its name (--print0)")
+        )
     err_console.print(f"kept {len(kept.rows)} of {kept.scored.outcome.rows} files")
     raise typer.Exit(kept.exit_code)
 
@@ -442,7 +454,7 @@ def main() -> None:
     try:
         app()
     except PerceptScoreError as exc:
-        err_console.print(Text.assemble(("error:", "red"), f" {exc}"))
+        err_console.print(Text.assemble(("error:", "red"), f" {shown(redact(str(exc)))}"))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print(Text("interrupted", style="red"))

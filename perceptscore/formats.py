@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from perceptscore.columns import ERROR, PATH
+from perceptscore.errors import UsageError
 
 PROVENANCE_KEY = "perceptscore"  # parquet metadata key / sidecar file marking a scores file
 _PARQUET_ROW_GROUP = 65_536
@@ -42,11 +44,57 @@ class Format:
 
     def provenance(self, path: str | os.PathLike[str]) -> dict[str, Any] | None:
         """The provenance of a file written by ``perceptscore score``, or None for any other file."""
-        if self.sidecar:
-            meta = meta_path(path)
-            return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
-        raw = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY.encode())
-        return None if raw is None else json.loads(raw)
+        where = meta_path(path) if self.sidecar else Path(path)
+        try:
+            if self.sidecar:
+                raw = where.read_bytes() if where.is_file() else None
+            else:
+                raw = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY.encode())
+            found = None if raw is None else json.loads(raw)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise UsageError(f"{where}: unreadable provenance ({' '.join(str(exc).split())[:200]})") from None
+        if found is not None and not isinstance(found, dict):
+            raise UsageError(f"{where}: provenance is not a JSON object")
+        return found
+
+
+# A CSV cell a spreadsheet would run as a formula (OWASP's CSV injection): = + - @ tab CR, after any
+# quotes. Written with one more leading quote; our readers take it off again, so round trips are exact.
+_FORMULA = r"^'*[=+\-@\t\r]"
+
+
+def _strings(table: pa.Table, change: Callable[[pa.ChunkedArray], pa.ChunkedArray]) -> pa.Table:
+    for i, field in enumerate(table.schema):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            table = table.set_column(i, field, change(table.column(i)))
+    return table
+
+
+def defuse_cell(text: str) -> str:
+    """One cell, as ``defuse_formulas`` writes it (for CSV files written without pyarrow)."""
+    return "'" + text if re.match(_FORMULA, text) else text
+
+
+def defuse_formulas(table: pa.Table) -> pa.Table:
+    """Every string cell that a spreadsheet would run as a formula, prefixed with a quote."""
+    import pyarrow.compute as pc
+
+    def defuse(column: pa.ChunkedArray) -> pa.ChunkedArray:
+        quoted = pc.binary_join_element_wise("'", column, "")
+        return pc.if_else(pc.match_substring_regex(column, _FORMULA), quoted, column)
+
+    return _strings(table, defuse)
+
+
+def restore_formulas(table: pa.Table) -> pa.Table:
+    """The inverse of ``defuse_formulas``."""
+    import pyarrow.compute as pc
+
+    def restore(column: pa.ChunkedArray) -> pa.ChunkedArray:
+        quoted = pc.match_substring_regex(column, "^'" + _FORMULA[1:])
+        return pc.if_else(quoted, pc.utf8_slice_codeunits(column, 1), column)
+
+    return _strings(table, restore)
 
 
 class _Csv:
@@ -54,7 +102,7 @@ class _Csv:
         self._writer = pacsv.CSVWriter(stream, schema)
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
+        self._writer.write_table(defuse_formulas(table))
 
     def close(self) -> None:
         self._writer.close()
@@ -113,7 +161,7 @@ def read_csv_scores(source: str | BinaryIO) -> pa.Table:
         strings_can_be_null=True,
         quoted_strings_can_be_null=False,
     )
-    return pacsv.read_csv(source, convert_options=convert)
+    return restore_formulas(pacsv.read_csv(source, convert_options=convert))
 
 
 def _read_jsonl(path: str) -> pa.Table:
@@ -165,7 +213,10 @@ def read_scores(path: str) -> pa.Table:
     """A whole scores file (for rank/filter, which need every row anyway)."""
     fmt = format_of(path)
     assert fmt is not None, path
-    return fmt.read(path)
+    try:
+        return fmt.read(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"{path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
 
 
 def read_provenance(path: str) -> dict[str, Any]:

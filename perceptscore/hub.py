@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from perceptscore._text import redact
 from perceptscore.errors import CheckpointError, WeightsNotFoundError
 from perceptscore.tasks import Release, Task
 
@@ -127,6 +129,10 @@ def download(release: Release) -> Path:
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     _check_resolves(endpoint)  # an unresolvable host is not transient: no retries, no retry log
     _remove_stale_partials(release)
+    # Its retry warnings would print HF_ENDPOINT as given, credentials and all: our one line says enough.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         path = Path(
             huggingface_hub.hf_hub_download(
@@ -139,7 +145,9 @@ def download(release: Release) -> Path:
         )
     # The network stack's exceptions differ across huggingface_hub versions; here all mean "failed".
     except Exception as exc:
-        raise DownloadError(_why(exc, release)) from None
+        raise DownloadError(redact(_why(exc, release))) from None
+    finally:
+        hub_log.setLevel(level)
     verify_download(release, path)
     return path
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TextIO
 
@@ -17,6 +17,8 @@ import pyarrow as pa
 from perceptscore.columns import output_columns, output_schema
 from perceptscore.errors import UsageError
 from perceptscore.hub import Weights, file_sha256, resolve
+from perceptscore.images import MAX_PIXELS
+from perceptscore.safety import input_files
 from perceptscore.sources import Sources
 from perceptscore.tasks import Task, get_task
 
@@ -34,13 +36,15 @@ class ScoreOptions:
     fast_decode: bool = False
     recursive: bool = True
     path_column: str | None = None
+    follow_links: bool = False
+    max_pixels: int = MAX_PIXELS
 
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
 
     def sources(self, inputs: Sequence[str], stdin: TextIO | None = None) -> Sources:
         reserved = output_columns(self.task_specs())
-        return Sources(inputs, self.recursive, self.path_column, reserved=reserved, stdin=stdin)
+        return Sources(inputs, self.recursive, self.path_column, reserved, stdin, self.follow_links)
 
     def weights(self) -> dict[str, Weights]:
         """Each task's weights file, found or downloaded, without loading anything (no torch)."""
@@ -71,6 +75,10 @@ class ScoringPlan:
     output: str = "-"
     incremental: str | None = None
     cpu_threads: int = 0  # torch's intra-op threads; 0: torch's default
+    cwd: str = ""  # where relative inputs are read from
+    follow_links: bool = False
+    max_pixels: int = MAX_PIXELS
+    input_files: tuple[tuple[str, int, int], ...] = ()  # the named files' (absolute path, size, mtime_ns)
 
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
@@ -86,6 +94,7 @@ class ScoringPlan:
         data = json.loads(text)
         data["weights"] = tuple(TaskWeights(**w) for w in data["weights"])
         data["tasks"], data["inputs"] = tuple(data["tasks"]), tuple(data["inputs"])
+        data["input_files"] = tuple(tuple(f) for f in data["input_files"])
         return cls(**data)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -97,8 +106,11 @@ class ScoringPlan:
             "device_type": self.device.split(":")[0],
             "precision": self.precision,
             "fast_decode": self.fast_decode,
-            "inputs": list(self.inputs),
+            "inputs": [i if i == "-" else os.path.join(self.cwd, i) for i in self.inputs],
+            "input_files": [list(f) for f in self.input_files],  # a manifest or list edited in place
             "recursive": self.recursive,
+            "follow_links": self.follow_links,
+            "max_pixels": self.max_pixels,
             "path_column": self.path_column,
             "incremental": self.incremental,
         }
@@ -142,7 +154,19 @@ def make_plan(
         path_column=options.path_column,
         output=output,
         incremental=incremental,
+        cwd=os.getcwd(),
+        follow_links=options.follow_links,
+        max_pixels=options.max_pixels,
+        input_files=_stats(input_files(inputs)),
     )
+
+
+def _stats(paths: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
+    stats = []
+    for path in paths:
+        st = os.stat(path)
+        stats.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+    return tuple(stats)
 
 
 def default_workers(device_type: str) -> int:

@@ -40,5 +40,6 @@ def provenance(plan: Any, device: str | None = None) -> dict[str, Any]:
         "device": device or plan.device,
         "precision": plan.precision,
         "fast_decode": plan.fast_decode,
+        "cwd": plan.cwd,  # relative paths in the rows are relative to it (filter --copy-to reads them)
         "tasks": tasks,
     }

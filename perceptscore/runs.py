@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perceptscore._text import redact
 from perceptscore.columns import PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.sources import Item
@@ -60,34 +62,55 @@ class OutputLock:
         self.previous: dict[str, Any] | None = None
 
     def __enter__(self) -> OutputLock:
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UsageError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EAGAIN or EACCES, by platform: held by a live process
-            holder = self._read()
+        for _ in range(100):
+            self._fd = self._open()
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EAGAIN or EACCES, by platform: held by a live process
+                holder = self._read()
+                os.close(self._fd)
+                raise UsageError(self._held_by(holder)) from None
+            if self._still_ours():
+                break
+            # The file was removed (its run ended) between our open and our lock: this lock guards
+            # nothing, since the next run locks a new file under the name. Try again on that one.
             os.close(self._fd)
-            who = (
-                f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
-                if holder
-                else "?"
-            )
-            raise UsageError(
-                f"{self.path.name.removeprefix('.').removesuffix('.lock')} is being written by another run "
-                f"({who}: {holder.get('command', '')}); wait for it or choose another output"
-            ) from None
         self.previous = self._read() or None  # a dead run's record: its lock died with it
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv),
+            "command": " ".join(redact(a) for a in sys.argv),
         }
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(record).encode(), 0)
         return self
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # the record names a command line
+        except OSError as exc:
+            raise UsageError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
+
+    def _still_ours(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _held_by(self, holder: dict[str, Any]) -> str:
+        who = (
+            f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+            if holder
+            else "?"
+        )
+        name = self.path.name.removeprefix(".").removesuffix(".lock")
+        return (
+            f"{name} is being written by another run ({who}: {holder.get('command', '')}); wait for it "
+            "or choose another output"
+        )
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -136,23 +159,34 @@ class Shard:
     first: int
     last: int
     first_path: str
+    paths_sha256: str  # of the shard's paths, one a line: what a resumed run checks its inputs against
     path: Path
 
 
-class ShardedRun:
-    """The resumable state of one run. ``fingerprint`` says what the run is; resuming a run with another
-    fingerprint (other tasks, weights, precision or inputs) is refused."""
+def paths_digest(paths: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
 
-    def __init__(self, out: Path, schema: pa.Schema, fingerprint: dict[str, Any], resume: bool) -> None:
+
+class ShardedRun:
+    """The resumable state of one run. ``fingerprint`` says what the run is. An interrupted run of the same
+    fingerprint is continued (its complete shards are never thrown away unasked); one of another
+    fingerprint is refused, unless ``restart`` discards it."""
+
+    def __init__(
+        self, out: Path, schema: pa.Schema, fingerprint: dict[str, Any], restart: bool = False
+    ) -> None:
         self.out, self.schema, self.fingerprint = out, schema, fingerprint
         self.folder = out.with_name(f".{out.name}.parts")
         self.discarded = 0
         self.shards: list[Shard] = []
-        if self.folder.exists() and resume:
-            self._adopt()
-        elif self.folder.exists():
+        if self.folder.exists() and restart:
             self.discarded = sum(s.last - s.first + 1 for s in self._scan())
             shutil.rmtree(self.folder)
+        elif self.folder.exists():
+            self._adopt()
         if not self.folder.exists():
             try:
                 self.folder.mkdir()
@@ -166,20 +200,22 @@ class ShardedRun:
 
     @property
     def saved_rows(self) -> int:
-        """Rows held by complete shards (at the start: what --resume took over)."""
+        """Rows held by complete shards (at the start: what was continued)."""
         return sum(s.last - s.first + 1 for s in self.shards)
-
-    def refresh(self) -> None:
-        """Re-read the shards on disk (other processes of the run write them too)."""
-        self.shards = self._scan()
 
     def _scan(self) -> list[Shard]:
         shards = []
         for path in sorted(self.folder.glob("shard-*.parquet")):
-            meta = pq.read_schema(path).metadata or {}
-            info = json.loads(meta.get(b"shard", b"{}"))
+            try:
+                meta = pq.read_schema(path).metadata or {}
+                info = json.loads(meta.get(b"shard", b"{}"))
+            except (pa.ArrowException, OSError, ValueError):
+                continue  # not one of ours (shards appear under their name only when complete)
             if "first" in info:
-                shards.append(Shard(info["first"], info["last"], info["first_path"], path))
+                shard = Shard(
+                    info["first"], info["last"], info["first_path"], info.get("paths_sha256", ""), path
+                )
+                shards.append(shard)
         return shards
 
     def _adopt(self) -> None:
@@ -189,29 +225,41 @@ class ShardedRun:
             previous = {}
         changed = [k for k in self.fingerprint if previous.get(k) != self.fingerprint[k]]
         if changed:
+            rows = sum(s.last - s.first + 1 for s in self._scan())
             raise UsageError(
-                f"--resume: the interrupted run in {self.folder} differs in {', '.join(changed)}; "
-                "run without --resume to start over"
+                f"an interrupted run of {self.out.name} that differs in {', '.join(changed)} holds {rows} "
+                f"rows in {self.folder}: run with the same inputs and options to continue it, or --restart "
+                "to discard it"
             )
         self.shards = self._scan()
+        for partial in self.folder.glob(".shard-*.partial"):  # a shard a killed run was writing
+            partial.unlink(missing_ok=True)  # (this run holds the lock: no one else writes here)
 
     def pending(self, items: Iterable[Item]) -> Iterator[Item]:
-        """The items no shard holds yet; checks that each shard's first row is still the same file."""
-        starts = {s.first: s for s in self.shards}
-        done = sorted((s.first, s.last) for s in self.shards)
-        position = 0
+        """The items no shard holds yet. Every row a shard holds is checked against the inputs (a digest
+        of its paths): a resumed run never mixes rows of changed inputs into its output."""
+        shards = sorted(self.shards, key=lambda s: s.first)
+        position, seen, last = 0, hashlib.sha256(), -1
         for item in items:
-            shard = starts.get(item.index)
-            if shard is not None and shard.first_path != item.path:
-                raise UsageError(
-                    f"--resume: the inputs changed since the interrupted run (row {item.index} was "
-                    f"{shard.first_path!r}, now {item.path!r}); run without --resume to start over"
-                )
-            while position < len(done) and done[position][1] < item.index:
+            last = item.index
+            while position < len(shards) and shards[position].last < item.index:
                 position += 1
-            if position < len(done) and done[position][0] <= item.index <= done[position][1]:
+            if position < len(shards) and shards[position].first <= item.index:
+                shard = shards[position]
+                if item.index == shard.first:
+                    seen = hashlib.sha256()
+                seen.update(item.path.encode("utf-8", "surrogateescape") + b"\n")
+                if item.index == shard.last and seen.hexdigest() != shard.paths_sha256:
+                    raise self._changed(f"rows {shard.first}-{shard.last} are other files than were scored")
                 continue
             yield item
+        if shards and shards[-1].last > last:
+            raise self._changed(f"they end at row {last}; row {shards[-1].last} was scored")
+
+    def _changed(self, what: str) -> UsageError:
+        return UsageError(
+            f"the inputs changed since the interrupted run ({what}); run with --restart to start over"
+        )
 
     def add(self, indices: list[int], batch: pa.RecordBatch) -> None:
         """Rows in input order; they start a new shard wherever they do not follow the previous row."""
@@ -237,7 +285,8 @@ class ShardedRun:
             return
         first, last = self._indices[0], self._indices[-1]
         table = pa.Table.from_batches(self._batches).cast(self.schema)
-        info = {"first": first, "last": last, "first_path": table.column(PATH)[0].as_py()}
+        paths = table.column(PATH).to_pylist()
+        info = {"first": first, "last": last, "first_path": paths[0], "paths_sha256": paths_digest(paths)}
         table = table.replace_schema_metadata({"shard": json.dumps(info)})
         final = self.folder / f"shard-{first:012d}-{last:012d}.parquet"
         tmp = self.folder / f".{final.name}.partial"
@@ -250,7 +299,7 @@ class ShardedRun:
             tmp.unlink(missing_ok=True)
             reason = " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
             raise UsageError(f"cannot write {self.out.name}'s shards in {self.folder}: {reason}") from None
-        self.shards.append(Shard(first, last, info["first_path"], final))
+        self.shards.append(Shard(first, last, paths[0], info["paths_sha256"], final))
         self._batches, self._indices = [], []
         self._opened = time.monotonic()
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from perceptscore.columns import ERROR, PATH
 from perceptscore.errors import UsageError
+from perceptscore.formats import defuse_cell
 from perceptscore.tasks import Task, get_task
 
 
@@ -90,34 +91,67 @@ def select(df: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
     return chosen
 
 
-def place(
-    paths: Iterable[str], dest: str | Path, symlink: bool = False
-) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Copy (or symlink) each file into ``dest``; a name already taken there gets ``-1``, ``-2``, ...
-    Returns (source, destination) pairs and one message per file that could not be placed."""
+@dataclass
+class Placement:
+    """Where each kept file went (source -> destination), and why any did not."""
+
+    placed: list[tuple[str, Path]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def place(files: Iterable[tuple[str, str]], dest: str | Path, symlink: bool = False) -> Placement:
+    """Copy (or symlink) each file into ``dest``; a name already taken there gets ``-1``, ``-2``, ... (a
+    count per name, so many files of one name cost no more than a few). ``files``: (the path as recorded,
+    the file to read). A file given twice is placed once. Every file not placed has its message."""
     folder = Path(dest)
     folder.mkdir(parents=True, exist_ok=True)
-    placed, failed = [], []
-    for src in paths:
-        if not os.path.isfile(src):
-            failed.append(f"{src}: no such file")
+    result, next_number, done = Placement(), {}, set()
+    for shown_as, src in files:
+        real = os.path.realpath(src)
+        if real in done:
             continue
+        done.add(real)
         name = Path(src)
-        for n in range(100_000):
+        n = next_number.get(name.name, 0)
+        while True:
             target = folder / (name.name if n == 0 else f"{name.stem}-{n}{name.suffix}")
+            n += 1
             try:
                 if symlink:
                     os.symlink(os.path.abspath(src), target)
                 else:
                     _copy_exclusive(src, target)
-                placed.append((src, target))
+                result.placed.append((shown_as, target))
                 break
             except FileExistsError:
                 continue
             except OSError as exc:
-                failed.append(f"{src}: {exc.strerror or exc}")
+                result.failed.append(f"{shown_as}: {exc.strerror or exc}")
                 break
-    return placed, failed
+        next_number[name.name] = n
+    return result
+
+
+def write_placement_map(folder: str | Path, placed: list[tuple[str, Path]]) -> Path | None:
+    """``perceptscore-placed.csv`` beside the copies (a new name if taken): which file became which."""
+    if not placed:
+        return None
+    rows = "".join(f"{_csv_cell(src)},{_csv_cell(str(dst))}\n" for src, dst in placed)
+    data = ("source,destination\n" + rows).encode("utf-8", "surrogateescape")
+    for n in range(1000):
+        target = Path(folder) / ("perceptscore-placed.csv" if n == 0 else f"perceptscore-placed-{n}.csv")
+        try:
+            with open(target, "xb") as f:
+                f.write(data)
+            return target
+        except FileExistsError:
+            continue
+    return None
+
+
+def _csv_cell(text: str) -> str:
+    text = defuse_cell(text)
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _copy_exclusive(src: str, target: Path) -> None:

@@ -8,6 +8,7 @@ complete, so a file under the output name is always whole. Provenance goes where
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import sys
@@ -33,8 +34,31 @@ def output_format(out: str) -> Format:
 def check_output(out: str) -> None:
     """Fail now, not after the run, on an output that cannot be written."""
     output_format(out)
+    if out != "-" and os.path.isdir(out):
+        raise UsageError(f"-o {out!r} is a folder: name the file to write")
     if out != "-" and not Path(out).parent.is_dir():
         raise UsageError(f"output folder {str(Path(out).parent)!r} does not exist")
+
+
+def remove_orphaned_partials(path: Path) -> None:
+    """Remove what a killed writer of ``path`` (or of its sidecar) left: ``.<name>.partial-<pid>`` files
+    whose process is gone. A live process's partial file is left alone."""
+    for partial in path.parent.glob(f".{glob.escape(path.name)}*.partial-*"):
+        pid = partial.name.rpartition(".partial-")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            partial.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -65,6 +89,7 @@ class Sink:
             self._stream = sys.stdout.buffer
         else:
             self.path = Path(out)
+            remove_orphaned_partials(self.path)
             self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
             try:
                 self._stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()

@@ -63,28 +63,62 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _walk(root: str, recursive: bool, ignored: list[str] | None = None) -> Iterator[str]:
-    """Image files below ``root`` in sorted order; symlinks followed, each real folder visited once. A file
-    with no extension at all is an image if its first bytes say so. Other files are passed over and appended
-    to ``ignored``."""
+def _walk(
+    root: str, recursive: bool, ignored: list[str] | None = None, follow_links: bool = False
+) -> Iterator[str]:
+    """Image files below ``root`` in sorted order, depth first; each real folder visited once. A linked
+    folder is followed only when it stays under ``root`` (a link to / would walk the whole machine), unless
+    ``follow_links``. A file with no extension at all is an image if its first bytes say so. Other files
+    are passed over and appended to ``ignored``. Iterative: no depth is too deep."""
+    inside = os.path.realpath(root)
     seen: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        st = os.stat(folder)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable, or gone since it was listed
         if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link to a visited folder
-            dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(dirs) if recursive else []
-        for name in sorted(files):
-            path, suffix = os.path.join(folder, name), os.path.splitext(name)[1].lower()
-            # "._x.jpg" are macOS AppleDouble metadata files, never images.
-            if name.startswith("._"):
-                pass
-            elif suffix in IMAGE_EXTENSIONS or (not suffix and _sniffed_image(path)):
-                yield path
-                continue
-            if ignored is not None:
-                ignored.append(path)
+        folders = []
+        for entry in entries:
+            if _is_folder(entry):
+                if recursive and (follow_links or not entry.is_symlink() or _under(entry.path, inside)):
+                    folders.append(entry.path)
+            elif entry.name.startswith("._"):  # macOS AppleDouble metadata files, never images
+                _note(ignored, entry.path)
+            elif _named_image(entry.name) or (
+                not os.path.splitext(entry.name)[1] and _sniffed_image(entry.path)
+            ):
+                yield entry.path
+            else:
+                _note(ignored, entry.path)
+        stack.extend(reversed(folders))
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows links; a dangling one is a file (and its row says so)
+    except OSError:
+        return False
+
+
+def _under(path: str, root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _named_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _note(ignored: list[str] | None, path: str) -> None:
+    if ignored is not None:
+        ignored.append(path)
 
 
 class _Manifest:
@@ -140,10 +174,11 @@ class Sources:
         path_column: str | None = None,
         reserved: Iterable[str] = (),
         stdin: TextIO | None = None,
+        follow_links: bool = False,
     ) -> None:
         if not inputs:
             raise UsageError("no inputs given: name image files, folders, globs, @lists, manifests or -")
-        self.recursive = recursive
+        self.recursive, self.follow_links = recursive, follow_links
         self.stdin = stdin if stdin is not None else sys.stdin
         self._plan: list[tuple[str, Any]] = [self._classify(text, path_column or PATH) for text in inputs]
         if sum(kind == "stdin" for kind, _ in self._plan) > 1:
@@ -197,12 +232,14 @@ class Sources:
             if kind == "file":
                 yield value, {}
             elif kind == "dir":
-                for path in _walk(value, self.recursive, self.ignored):
+                for path in _walk(value, self.recursive, self.ignored, self.follow_links):
                     yield path, {}
             elif kind == "glob":
                 for path in value:
                     if os.path.isdir(path):
-                        yield from ((p, {}) for p in _walk(path, self.recursive, self.ignored))
+                        yield from (
+                            (p, {}) for p in _walk(path, self.recursive, self.ignored, self.follow_links)
+                        )
                     else:
                         yield path, {}
             elif kind == "list":

@@ -38,8 +38,8 @@ def test_a_gpu_runs_shards_are_not_resumed_on_a_cpu(release_checkpoints, tmp_pat
     assert cpu.fingerprint()["precision"] == "fp32" and cpu.fingerprint()["device_type"] == "cpu"
     out = tmp_path / "out.parquet"
     schema = output_schema([get_task("memorability")])
-    ShardedRun(out, schema, gpu.fingerprint(), resume=False)  # the interrupted GPU run's state
+    ShardedRun(out, schema, gpu.fingerprint())  # the interrupted GPU run's state
     with pytest.raises(UsageError, match=r"differs in device_type, precision"):
-        ShardedRun(out, schema, cpu.fingerprint(), resume=True)
+        ShardedRun(out, schema, cpu.fingerprint())
     # another GPU of the same kind resumes it: the device index is not part of what was scored
-    assert ShardedRun(out, schema, replace(gpu, device="cuda:1").fingerprint(), resume=True).shards == []
+    assert ShardedRun(out, schema, replace(gpu, device="cuda:1").fingerprint()).shards == []

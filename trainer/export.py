@@ -20,6 +20,7 @@ import torch
 from perceptscore._version import __version__
 from perceptscore.checkpoints import load_model, save_converted
 from perceptscore.columns import ERROR, PATH
+from perceptscore.formats import defuse_cell
 from perceptscore.model import PerceptModel
 from perceptscore.tasks import Task
 from perceptscore.trainer.base import Base
@@ -108,6 +109,8 @@ def _write_predictions(path: Path, task: Task, examples, labels, raw: np.ndarray
         for i, v in zip(ok, values, strict=True):
             columns[c][i] = v
     frame = pd.DataFrame({PATH: [e.path for e in examples], "label": labels, **columns, ERROR: errors})
+    for column in (PATH, ERROR):  # a cell a spreadsheet would run as a formula, defused
+        frame[column] = [defuse_cell(v) if isinstance(v, str) else v for v in frame[column]]
     frame.to_csv(path, index=False)
 
 

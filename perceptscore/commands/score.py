@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from perceptscore import engines
+from perceptscore._text import shown
 from perceptscore.columns import ERROR, PATH
 from perceptscore.engines import Engine
 from perceptscore.errors import UsageError
@@ -25,6 +27,7 @@ from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
 from perceptscore.progress import Reporter
 from perceptscore.provenance import provenance
 from perceptscore.runs import Interrupted, OutputLock, ShardedRun, StopOnSignal
+from perceptscore.safety import refuse_overwriting_an_input
 from perceptscore.scoring import Outcome, consume, scored
 from perceptscore.sinks import Sink, check_output, write_atomic
 from perceptscore.sources import Item, Sources
@@ -40,16 +43,23 @@ def score(
     resume: bool = False,
     incremental: str | None = None,
     processes: int | None = None,
+    restart: bool = False,
 ) -> Outcome:
     """Score every input into ``out``. A file output is locked, written in resumable shards and appears
-    only when complete; ``resume`` continues an interrupted run; ``incremental`` reuses the scores of an
+    only when complete; an interrupted run of the same plan is continued (``resume`` says so explicitly,
+    ``restart`` discards it instead); ``incremental`` reuses the scores of an
     earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout.
     ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
     CUDA, else one)."""
     sources = options.sources(inputs)  # bad inputs and outputs fail before seconds of model loading
     check_output(out)
-    if out == "-" and (resume or incremental or (processes or 1) > 1):
-        raise UsageError("--resume, --incremental and --processes need a file output (-o scores.parquet)")
+    refuse_overwriting_an_input(out, inputs, allowed=[incremental] if incremental else [])
+    if out == "-" and (resume or restart or incremental or (processes or 1) > 1):
+        raise UsageError(
+            "--resume, --restart, --incremental and --processes need a file output (-o scores.parquet)"
+        )
+    if resume and restart:
+        raise UsageError("choose one of --resume and --restart")
     if (processes or 1) > 1 and "-" in inputs:
         raise UsageError("--processes needs inputs every process can read: not - (stdin)")
     previous = Previous(incremental, options.task_specs()) if incremental else None
@@ -57,9 +67,10 @@ def score(
     if out == "-":
         plan = make_plan(options, inputs, out, incremental, weights)
         return _score_to_stream(plan, sources, make_reporter)
-    with OutputLock(Path(out)), StopOnSignal() as stop:  # the lock before torch and the models load
-        plan = make_plan(options, inputs, out, incremental, weights)
-        return _score_to_file(plan, sources, make_reporter, resume, previous, processes, stop)
+    target = os.path.realpath(out)  # a symlinked output: its target is written and locked, the link kept
+    with OutputLock(Path(target)), StopOnSignal() as stop:  # the lock before torch and the models load
+        plan = make_plan(options, inputs, target, incremental, weights)
+        return _score_to_file(plan, sources, make_reporter, restart, previous, processes, stop)
 
 
 def _engine(plan: ScoringPlan, processes: int | None) -> Engine:
@@ -93,14 +104,14 @@ def _score_to_file(
     plan: ScoringPlan,
     sources: Sources,
     make_reporter: MakeReporter,
-    resume: bool,
+    restart: bool,
     previous: Previous | None,
     processes: int | None,
     stop: StopOnSignal,
 ) -> Outcome:
     out, engine, outcome = Path(plan.output), _engine(plan, processes), Outcome()
     schema = plan.schema(sources.passthrough)
-    run = ShardedRun(out, schema, plan.fingerprint(), resume)
+    run = ShardedRun(out, schema, plan.fingerprint(), restart)
     outcome.discarded, outcome.resumed = run.discarded, run.saved_rows
     counted = _Counted(sources)
 
@@ -110,7 +121,7 @@ def _score_to_file(
         run.flush()
         name = signal.Signals(stop.signum).name
         message = f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
-        return Interrupted(message + "run the same command with --resume to continue", stop.signum)
+        return Interrupted(message + "run the same command again to continue", stop.signum)
 
     with (
         make_reporter(sources.count()) as reporter,
@@ -161,6 +172,11 @@ class Scored:
     frame: pd.DataFrame
     provenance: dict[str, Any]
     outcome: Outcome
+
+    @property
+    def root(self) -> str:
+        """What relative paths in the rows are relative to: the folder they were scored from."""
+        return str(self.provenance.get("cwd") or os.getcwd())
 
 
 def scored_rows(
@@ -240,6 +256,12 @@ def write_rows(frame: pd.DataFrame, out: str, about: dict[str, Any]) -> None:
         sink.write(table)
 
 
-def write_list(paths: Sequence[str], out: str) -> None:
-    """One path per line, written atomically (any suffix but the table formats')."""
-    write_atomic(Path(out), "".join(f"{p}\n" for p in paths).encode())
+def write_list(paths: Sequence[str], out: str, end: str = "\n") -> None:
+    """One path per line (or ended by NUL: ``end``), to stdout (``-``; escaped for a person when it is a
+    terminal) or written atomically to a list file (see ``safety``)."""
+    if out == "-":
+        tty = sys.stdout.isatty()
+        sys.stdout.write("".join(f"{shown(p) if tty else p}{end}" for p in paths))
+        sys.stdout.flush()
+    else:
+        write_atomic(Path(out), "".join(f"{p}{end}" for p in paths).encode("utf-8", "surrogateescape"))

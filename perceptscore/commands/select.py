@@ -3,6 +3,7 @@ ranked or selected, and the kept files written as rows, listed, copied or symlin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,15 @@ from pathlib import Path
 import pandas as pd
 
 from perceptscore import select
-from perceptscore.columns import PATH
+from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.commands.score import MakeReporter, Scored, scored_rows, write_list, write_rows
 from perceptscore.errors import UsageError
 from perceptscore.formats import format_of
+from perceptscore.images import is_image
+from perceptscore.locators import LocalFile
 from perceptscore.plan import ScoreOptions
+from perceptscore.safety import check_list_output, refuse_overwriting_an_input
+from perceptscore.sinks import check_output
 from perceptscore.tasks import get_task
 
 
@@ -25,9 +30,13 @@ def ranked(
     make_reporter: MakeReporter,
     top: int,
     ascending: bool,
+    out: str | None = None,
 ) -> tuple[pd.DataFrame, Scored]:
     """The top rows by one task's score, and the rows they were taken from."""
     spec = get_task(task)
+    if out is not None:
+        check_output(out)
+        refuse_overwriting_an_input(out, inputs or [])
     scored = scored_rows(inputs, options, make_reporter)
     select.require_columns(scored.frame, [spec], "input")
     return select.rank(scored.frame, spec, top, ascending), scored
@@ -39,10 +48,11 @@ class Kept:
     scored: Scored
     placed: int = 0
     failed: list[str] = field(default_factory=list)  # files that could not be copied or symlinked
+    unlisted: list[str] = field(default_factory=list)  # names a line-based list cannot hold
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else self.scored.outcome.exit_code
+        return 1 if self.failed or self.unlisted else self.scored.outcome.exit_code
 
 
 def keep(
@@ -53,22 +63,55 @@ def keep(
     copy_to: Path | None = None,
     symlink_to: Path | None = None,
     out: str | None = None,
+    print0: bool = False,
 ) -> Kept:
-    """The rows meeting ``criteria``; their files placed into ``copy_to``/``symlink_to``; the rows (table
-    formats) or their paths (any other name) written to ``out``."""
+    """The rows meeting ``criteria``; their files placed into ``copy_to``/``symlink_to`` (each checked to
+    be the very file scored, and an image); the rows (table formats) or their paths (a list file, or - for
+    stdout) written to ``out``."""
     criteria.validate()
     if copy_to and symlink_to:
         raise UsageError("choose one of --copy-to and --symlink-to")
+    if out is not None:
+        if format_of(out) is not None:
+            check_output(out)
+        else:
+            check_list_output(out)
+        refuse_overwriting_an_input(out, inputs or [])
     scored = scored_rows(inputs, options, make_reporter)
     select.require_columns(scored.frame, criteria.tasks(), "input")
     kept = Kept(select.select(scored.frame, criteria), scored)
-    paths = kept.rows[PATH].tolist()
     folder = copy_to or symlink_to
     if folder is not None:
-        placed, kept.failed = select.place(paths, folder, symlink=symlink_to is not None)
-        kept.placed = len(placed)
+        files, kept.failed = _still_as_scored(kept.rows, scored.root)
+        placement = select.place(files, folder, symlink=symlink_to is not None)
+        kept.placed, kept.failed = len(placement.placed), kept.failed + placement.failed
+        select.write_placement_map(folder, placement.placed)
     if out and format_of(out) is not None:
         write_rows(kept.rows, out, scored.provenance)
     elif out:
-        write_list(paths, out)
+        paths = kept.rows[PATH].tolist()
+        kept.unlisted = [] if print0 else [p for p in paths if "\n" in p or "\r" in p]
+        listed = [p for p in paths if p not in set(kept.unlisted)]
+        write_list(listed, out, "\0" if print0 else "\n")
     return kept
+
+
+def _still_as_scored(rows: pd.DataFrame, root: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(path as recorded, file to read) for every row whose file is still the one scored (size and mtime
+    as recorded) and an image; one message for each other. A forged or stale scores file cannot make
+    filter copy an arbitrary file."""
+    files, failed = [], []
+    sizes = rows[FILE_SIZE].tolist() if FILE_SIZE in rows else [None] * len(rows)
+    mtimes = rows[FILE_MTIME].tolist() if FILE_MTIME in rows else [None] * len(rows)
+    for path, size, mtime in zip(rows[PATH].tolist(), sizes, mtimes, strict=True):
+        src = os.path.join(root, path)  # an absolute path stays as it is
+        recorded = None if pd.isna(size) or pd.isna(mtime) else (int(size), int(mtime))
+        if recorded is None:
+            failed.append(f"{path}: no file size and mtime recorded, so it cannot be checked; score it again")
+        elif LocalFile(src).stat() != recorded:
+            failed.append(f"{path}: changed or gone since it was scored")
+        elif not is_image(src):
+            failed.append(f"{path}: not an image")
+        else:
+            files.append((path, src))
+    return files, failed

@@ -37,8 +37,8 @@ def decode_timeout() -> float:
 class _DecodeDataset(Dataset[Decoded]):
     """Indexed by ``Item`` itself: the DataLoader's sampler streams the items to the workers."""
 
-    def __init__(self, specs: list[Preprocess], draft: int | None, timeout: float) -> None:
-        self.specs, self.draft, self.timeout = specs, draft, timeout
+    def __init__(self, specs: list[Preprocess], draft: int | None, timeout: float, max_pixels: int) -> None:
+        self.specs, self.draft, self.timeout, self.max_pixels = specs, draft, timeout, max_pixels
 
     def __getitem__(self, item: Item) -> Decoded:  # type: ignore[override]
         in_worker = get_worker_info() is not None
@@ -47,7 +47,7 @@ class _DecodeDataset(Dataset[Decoded]):
             # like a crash.
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
         try:
-            return decode_item(item, self.specs, self.draft)
+            return decode_item(item, self.specs, self.draft, self.max_pixels)
         finally:
             if in_worker:
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -111,7 +111,8 @@ class LocalEngine:
             torch.set_num_threads(plan.cpu_threads)
         predictor = self.make_predictor(plan)
         specs = predictor.specs
-        dataset = _DecodeDataset(specs, draft_side(specs) if plan.fast_decode else None, decode_timeout())
+        draft = draft_side(specs) if plan.fast_decode else None
+        dataset = _DecodeDataset(specs, draft, decode_timeout(), plan.max_pixels)
         pin = torch.device(plan.device).type == "cuda"
         with isolating_worker_deaths():
             yield from _Run(dataset, predictor, plan.batch_size, plan.workers, pin).batches(iter(items))
