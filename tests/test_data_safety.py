@@ -102,11 +102,22 @@ def test_resume_checks_every_row_of_a_changed_manifest(many_photos: Path, releas
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "the inputs changed since the interrupted run (rows 0-7 are other files than were scored)" in line
-    manifest.write_text("path\n" + "\n".join(photos[:10]) + "\n")  # shorter than what was scored
-    os.utime(manifest, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    manifest.write_text("path\n" + "\n".join(photos[:10]) + "\n")  # shorter: it was a RuntimeError
     done = subprocess.run(args, env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "the inputs changed since the interrupted run (they end at row 9" in done.stderr
+    assert "an interrupted run of out.parquet that differs in input_files holds" in done.stderr
+    folder = tmp_path / "photos"  # a folder is not a file whose size says it changed: its rows say it
+    folder.mkdir()
+    for p in photos[:40]:
+        os.link(p, folder / Path(p).name)
+    out = tmp_path / "folder.parquet"
+    args = command(folder, release_checkpoints["memorability"][0], out)
+    interrupted_run(args, out, at=3)
+    for p in sorted(folder.iterdir())[10:]:
+        p.unlink()
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "the inputs changed since the interrupted run (they end at row 9; row " in done.stderr
 
 
 def test_a_resume_from_another_folder_is_not_the_same_run(many_photos: Path, release_checkpoints,
@@ -242,16 +253,19 @@ def test_csv_cells_are_never_formulas_and_read_back_exactly(photo_dir: Path, rel
                                                             tmp_path: Path) -> None:  # fmt: skip
     folder = tmp_path / "photos"
     folder.mkdir()
-    name = '=HYPERLINK("http://x.invalid","click").jpg'
+    name = '=HYPERLINK("evil").jpg'
     (folder / name).write_bytes((photo_dir / "a_square.jpg").read_bytes())
     out = tmp_path / "s.csv"
-    assert run("score", folder, *mem(release_checkpoints), "-o", out).returncode == 0
+    # a relative path, so the cell starts with "="
+    score = [EXE, "score", name, *mem(release_checkpoints), "-o", str(out)]
+    assert subprocess.run(score, cwd=folder, capture_output=True).returncode == 0
     (cell,) = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
-    assert cell.startswith("\"'") and "=HYPERLINK" in cell  # a spreadsheet shows text, runs nothing
-    done = run("filter", out, "--min-memorability", "-100")
-    assert done.stdout.splitlines() == [str(folder / name)]  # perceptscore reads its own cells back exactly
-    done = run("score", folder, *mem(release_checkpoints), "-o", out, "--incremental", out)
-    assert "1 unchanged, reused" in done.stderr
+    assert cell == '"\'=HYPERLINK(""evil"").jpg"'  # a spreadsheet shows text, runs nothing
+    done = subprocess.run([EXE, "filter", str(out), "--min-memorability", "-100"], cwd=folder,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.stdout.splitlines() == [name]  # perceptscore reads its own cells back exactly
+    done = subprocess.run([*score, "--incremental", str(out)], cwd=folder, capture_output=True, text=True)
+    assert "1 unchanged, reused" in done.stderr, done.stderr
 
 
 def test_names_with_escapes_and_newlines_cannot_fake_output(photo_dir: Path, release_checkpoints,
@@ -306,10 +320,11 @@ def test_images_over_the_pixel_limit_are_refused_rows(photo_dir: Path, release_c
 
 def test_a_very_deep_folder_tree_is_walked(photo_dir: Path, release_checkpoints, tmp_path: Path) -> None:
     deep = tmp_path / "tree"
+    deep.mkdir()
     folder = deep
-    for _ in range(1100):
+    for _ in range(1100):  # one level at a time: pathlib's own mkdir(parents=True) recurses too
         folder = folder / "d"
-    folder.mkdir(parents=True)
+        folder.mkdir()
     (folder / "bottom.jpg").write_bytes((photo_dir / "a_square.jpg").read_bytes())
     done = run("score", deep, *mem(release_checkpoints))
     assert done.returncode == 0, done.stderr[-500:]
@@ -324,20 +339,27 @@ def test_damaged_inputs_and_odd_outputs_are_one_line(
     sidecar = tmp_path / "bad.csv"
     sidecar.write_text(scored.read_text())
     (tmp_path / "bad.csv.meta.json").write_text("{not json")
+    folder_csv = tmp_path / "out.csv"  # a folder named like an output: it was a traceback
+    folder_csv.mkdir()
     bad_tensors = tmp_path / "bad.safetensors"
     bad_tensors.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
     cases = [
         (["score", junk, *mem(release_checkpoints)], "unreadable"),
         (["rank", sidecar, "-t", "mem"], "bad.csv.meta.json: unreadable provenance"),
-        (["score", scored.parent / "photos", *mem(release_checkpoints), "-o", tmp_path], "is a folder"),
+        (["score", scored.parent / "photos", *mem(release_checkpoints), "-o", folder_csv], "is a folder"),
         (["filter", scored, "--min-memorability", "0", "-o", tmp_path / "no" / "x.txt"], "does not exist"),
-        (["weights", "verify", bad_tensors, "-t", "quality"], "not a safetensors file"),
     ]
     for args, expected in cases:
         done = run(*args)
         assert done.returncode == 2, (args, done.stderr)
         (line,) = done.stderr.strip().splitlines()
         assert expected in line and "Traceback" not in line, (args, line)
+    from perceptscore.errors import CheckpointError
+    from perceptscore.tasks import get_task
+    from perceptscore.trainer.base import load_base
+
+    with pytest.raises(CheckpointError, match="not a safetensors file"):  # train --init: was a MemoryError
+        load_base(str(bad_tensors), get_task("quality").architecture)
 
 
 def test_many_copies_of_one_name_are_all_placed_and_mapped(photo_dir: Path, release_checkpoints,
