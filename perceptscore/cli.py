@@ -119,8 +119,15 @@ def score(
 
 def _summary(outcome, out: str, incremental: str | None) -> str:  # type: ignore[no-untyped-def]
     notes = [f"{outcome.resumed} resumed from an interrupted run"] if outcome.resumed else []
+    if outcome.salvaged:
+        notes.append(
+            f"the inputs changed since an interrupted run: its {outcome.salvaged} rows were reused where "
+            "files are unchanged"
+        )
     if incremental:
         notes.append(f"{outcome.skipped} unchanged, reused from {incremental}")
+    elif outcome.skipped:
+        notes.append(f"{outcome.skipped} unchanged, reused")
     if outcome.discarded:
         notes.append(f"discarded {outcome.discarded} rows of an interrupted run (--restart)")
     if outcome.ignored:

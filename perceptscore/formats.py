@@ -80,7 +80,7 @@ def defuse_formulas(table: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
     def defuse(column: pa.ChunkedArray) -> pa.ChunkedArray:
-        quoted = pc.binary_join_element_wise("'", column, "")
+        quoted = pc.utf8_replace_slice(column, 0, 0, "'")  # string and large_string alike
         return pc.if_else(pc.match_substring_regex(column, _FORMULA), quoted, column)
 
     return _strings(table, defuse)
@@ -199,8 +199,10 @@ def format_of(path: str | os.PathLike[str]) -> Format | None:
 
 
 def meta_path(path: str | os.PathLike[str]) -> Path:
-    """The provenance sidecar of a CSV/JSONL output: ``<out>.meta.json``."""
-    return Path(f"{os.fspath(path)}.meta.json")
+    """The provenance sidecar of a CSV/JSONL output: ``<out>.meta.json``, beside the real file when the
+    output is a symlink (that is where it was written)."""
+    real = os.path.realpath(path) if os.path.islink(path) else os.fspath(path)
+    return Path(f"{real}.meta.json")
 
 
 def is_scores_file(path: str | os.PathLike[str]) -> bool:

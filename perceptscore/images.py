@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import warnings
 from typing import BinaryIO
 
@@ -124,9 +125,12 @@ def decode(
 
 
 def is_image(path: str) -> bool:
-    """Whether Pillow recognises the file as an image (its header only: nothing is decoded)."""
+    """Whether Pillow recognises the file as an image (its header only: nothing is decoded). A FIFO or
+    device is never opened: reading it could block forever."""
     _heif_registered()
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path):

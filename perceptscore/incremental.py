@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import UsageError
 from perceptscore.formats import is_scores_file, read_scores
@@ -15,20 +17,38 @@ from perceptscore.tasks import Task
 
 
 class Previous:
-    def __init__(self, path: str, tasks: Sequence[Task]) -> None:
+    """Rows to reuse, by path: from ``--incremental``'s file (``read``), and from an interrupted run whose
+    inputs changed (``absorb``: its rows are as good as any where the file is unchanged)."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.columns = [c for t in tasks for c in t.columns]
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.skipped = 0
+
+    @classmethod
+    def read(cls, path: str, tasks: Sequence[Task]) -> Previous:
         if not (Path(path).is_file() and is_scores_file(path)):
             raise UsageError(f"--incremental {path!r}: not a scores file written by perceptscore score")
+        previous = cls(tasks)
         table = read_scores(path)
-        self.columns = [c for t in tasks for c in t.columns]
-        needed = [PATH, ERROR, FILE_SIZE, FILE_MTIME, *self.columns]
-        missing = [c for c in needed if c not in table.column_names]
+        missing = [c for c in previous._needed if c not in table.column_names]
         if missing:
             raise UsageError(
                 f"--incremental {path!r} lacks column(s) {', '.join(missing)}: it was written for other "
                 "tasks or by an older perceptscore; score without --incremental once"
             )
-        self.rows = {row[PATH]: row for row in table.select(needed).to_pylist() if row[ERROR] is None}
-        self.skipped = 0
+        previous.absorb(table)
+        return previous
+
+    @property
+    def _needed(self) -> list[str]:
+        return [PATH, ERROR, FILE_SIZE, FILE_MTIME, *self.columns]
+
+    def absorb(self, table: pa.Table) -> None:
+        """Take ``table``'s scored rows (later ones win: they are newer)."""
+        for row in table.select(self._needed).to_pylist():
+            if row[ERROR] is None:
+                self.rows[row[PATH]] = row
 
     def reusable(self, item: Item) -> dict[str, Any] | None:
         """The old row for ``item`` (its core columns) if its file is unchanged, else None."""

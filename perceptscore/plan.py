@@ -18,7 +18,7 @@ from perceptscore.columns import output_columns, output_schema
 from perceptscore.errors import UsageError
 from perceptscore.hub import Weights, file_sha256, resolve
 from perceptscore.images import MAX_PIXELS
-from perceptscore.safety import input_files
+from perceptscore.safety import listings
 from perceptscore.sources import Sources
 from perceptscore.tasks import Task, get_task
 
@@ -106,7 +106,7 @@ class ScoringPlan:
             "device_type": self.device.split(":")[0],
             "precision": self.precision,
             "fast_decode": self.fast_decode,
-            "inputs": [i if i == "-" else os.path.join(self.cwd, i) for i in self.inputs],
+            "inputs": [_absolute(i, self.cwd) for i in self.inputs],
             "input_files": [list(f) for f in self.input_files],  # a manifest or list edited in place
             "recursive": self.recursive,
             "follow_links": self.follow_links,
@@ -136,8 +136,8 @@ def make_plan(
     device = resolve_device(options.device)
     batch_size = options.batch_size or (64 if device.type == "cuda" else 8)
     workers = default_workers(device.type) if options.workers is None else options.workers
-    if batch_size < 1 or workers < 0:
-        raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+    if batch_size < 1 or workers < 0 or options.max_pixels < 1:
+        raise UsageError("--batch-size and --max-pixels must be at least 1, --workers at least 0")
     return ScoringPlan(
         tasks=tuple(tasks),
         weights=tuple(
@@ -157,8 +157,16 @@ def make_plan(
         cwd=os.getcwd(),
         follow_links=options.follow_links,
         max_pixels=options.max_pixels,
-        input_files=_stats(input_files(inputs)),
+        input_files=_stats(sorted(listings(inputs))),
     )
+
+
+def _absolute(text: str, cwd: str) -> str:
+    if text == "-":
+        return text
+    if text.startswith("@"):
+        return "@" + os.path.join(cwd, text[1:])
+    return os.path.join(cwd, text)
 
 
 def _stats(paths: Iterable[str]) -> tuple[tuple[str, int, int], ...]:

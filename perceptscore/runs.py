@@ -62,7 +62,9 @@ class OutputLock:
         self.previous: dict[str, Any] | None = None
 
     def __enter__(self) -> OutputLock:
-        for _ in range(100):
+        for attempt in range(100):
+            if attempt == 99:
+                raise UsageError(f"cannot lock {self.path}: it keeps being removed and created")
             self._fd = self._open()
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,7 +90,10 @@ class OutputLock:
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # the record names a command line
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # the record names a command line
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, 0o600)  # left 0644 by an older version
+            return fd
         except OSError as exc:
             raise UsageError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
 
@@ -170,17 +175,40 @@ def paths_digest(paths: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+class InputsChanged(UsageError):
+    """A shard's rows are other files than the inputs now give (see ``ShardedRun.pending``)."""
+
+
+# What may differ between an interrupted run and a new one whose rows can still be reused file by file
+# (by path, size and mtime): what is scored, not how.
+_INPUT_KEYS = {
+    "inputs",
+    "input_files",
+    "recursive",
+    "path_column",
+    "follow_links",
+    "incremental",
+    "max_pixels",
+}
+
+
 class ShardedRun:
     """The resumable state of one run. ``fingerprint`` says what the run is. An interrupted run of the same
     fingerprint is continued (its complete shards are never thrown away unasked); one of another
     fingerprint is refused, unless ``restart`` discards it."""
 
     def __init__(
-        self, out: Path, schema: pa.Schema, fingerprint: dict[str, Any], restart: bool = False
+        self,
+        out: Path,
+        schema: pa.Schema,
+        fingerprint: dict[str, Any],
+        restart: bool = False,
+        strict: bool = False,
     ) -> None:
-        self.out, self.schema, self.fingerprint = out, schema, fingerprint
+        self.out, self.schema, self.fingerprint, self.strict = out, schema, fingerprint, strict
         self.folder = out.with_name(f".{out.name}.parts")
         self.discarded = 0
+        self.salvaged: pa.Table | None = None  # an interrupted run's rows, its inputs having changed
         self.shards: list[Shard] = []
         if self.folder.exists() and restart:
             self.discarded = sum(s.last - s.first + 1 for s in self._scan())
@@ -224,6 +252,10 @@ class ShardedRun:
         except (OSError, ValueError):
             previous = {}
         changed = [k for k in self.fingerprint if previous.get(k) != self.fingerprint[k]]
+        if changed and not self.strict and set(changed) <= _INPUT_KEYS:
+            self.shards = self._scan()
+            self.salvage()
+            return
         if changed:
             rows = sum(s.last - s.first + 1 for s in self._scan())
             raise UsageError(
@@ -256,10 +288,22 @@ class ShardedRun:
         if shards and shards[-1].last > last:
             raise self._changed(f"they end at row {last}; row {shards[-1].last} was scored")
 
-    def _changed(self, what: str) -> UsageError:
-        return UsageError(
-            f"the inputs changed since the interrupted run ({what}); run with --restart to start over"
+    def _changed(self, what: str) -> InputsChanged:
+        return InputsChanged(
+            f"the inputs changed since the interrupted run ({what}); run with --restart to start over, or "
+            "without --resume to reuse its rows where files are unchanged"
         )
+
+    def salvage(self) -> None:
+        """Keep every row the shards hold in ``salvaged`` (with what was salvaged before) and remove them:
+        the run starts over, reusing those rows where a file is unchanged."""
+        self.flush()
+        tables = [pq.read_table(s.path).replace_schema_metadata(None) for s in self.shards]
+        if self.salvaged is not None:
+            tables.insert(0, self.salvaged)
+        self.salvaged = pa.concat_tables(tables) if tables else self.schema.empty_table()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.shards = []
 
     def add(self, indices: list[int], batch: pa.RecordBatch) -> None:
         """Rows in input order; they start a new shard wherever they do not follow the previous row."""

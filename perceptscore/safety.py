@@ -11,6 +11,7 @@ from pathlib import Path
 from perceptscore.errors import UsageError
 
 LIST_SUFFIXES = (".txt", ".lst")
+MANIFESTS = (".csv", ".parquet", ".jsonl")
 
 
 def input_files(inputs: Sequence[str]) -> Iterable[str]:
@@ -24,6 +25,15 @@ def input_files(inputs: Sequence[str]) -> Iterable[str]:
             yield path
         elif any(ch in path for ch in "*?["):
             yield from (p for p in glob.iglob(path, recursive=True) if os.path.isfile(p))
+
+
+def listings(inputs: Sequence[str]) -> Iterable[str]:
+    """The manifests and ``@lists`` among the inputs: files that say what to score (a resumed run checks
+    they are unchanged)."""
+    for text in inputs:
+        path = text[1:] if text.startswith("@") else text
+        if (text.startswith("@") or Path(path).suffix.lower() in MANIFESTS) and os.path.isfile(path):
+            yield path
 
 
 def refuse_overwriting_an_input(out: str | None, inputs: Sequence[str], allowed: Sequence[str] = ()) -> None:

@@ -29,7 +29,8 @@ class Outcome:
     errors: int = 0  # rows of the output that could not be scored
     resumed: int = 0  # rows taken from an interrupted run's shards
     skipped: int = 0  # rows reused from --incremental's file (unchanged files)
-    discarded: int = 0  # rows of an interrupted run dropped because --resume was not given
+    discarded: int = 0  # rows of an interrupted run discarded by --restart
+    salvaged: int = 0  # rows of an interrupted run whose inputs changed, reused where files are unchanged
     ignored: list[str] = field(default_factory=list)  # files in input folders passed over (not images)
 
     @property

@@ -133,7 +133,8 @@ def place(files: Iterable[tuple[str, str]], dest: str | Path, symlink: bool = Fa
 
 
 def write_placement_map(folder: str | Path, placed: list[tuple[str, Path]]) -> Path | None:
-    """``perceptscore-placed.csv`` beside the copies (a new name if taken): which file became which."""
+    """``perceptscore-placed.csv`` beside the copies (a new name if taken): which file became which.
+    Raises ``OSError`` if it cannot be written (a full disk)."""
     if not placed:
         return None
     rows = "".join(f"{_csv_cell(src)},{_csv_cell(str(dst))}\n" for src, dst in placed)

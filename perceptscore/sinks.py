@@ -43,9 +43,12 @@ def check_output(out: str) -> None:
 def remove_orphaned_partials(path: Path) -> None:
     """Remove what a killed writer of ``path`` (or of its sidecar) left: ``.<name>.partial-<pid>`` files
     whose process is gone. A live process's partial file is left alone."""
+    names = (f".{path.name}.partial-", f".{path.name}.meta.json.partial-")  # ours: see Sink, write_atomic
     for partial in path.parent.glob(f".{glob.escape(path.name)}*.partial-*"):
-        pid = partial.name.rpartition(".partial-")[2]
-        if not pid.isdigit() or _alive(int(pid)):
+        prefix, pid = next(
+            ((n, partial.name[len(n) :]) for n in names if partial.name.startswith(n)), ("", "")
+        )
+        if not prefix or not pid.isdigit() or _alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             partial.unlink()
@@ -62,6 +65,7 @@ def _alive(pid: int) -> bool:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    path = Path(os.path.realpath(path))  # a symlink stays one: its target is replaced
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         tmp.write_bytes(data)
@@ -88,7 +92,9 @@ class Sink:
             self.path = self.tmp = None
             self._stream = sys.stdout.buffer
         else:
-            self.path = Path(out)
+            self.path = Path(
+                os.path.realpath(out)
+            )  # a symlinked output: its target is written, the link kept
             remove_orphaned_partials(self.path)
             self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
             try:

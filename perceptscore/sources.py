@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from perceptscore.columns import PATH
 from perceptscore.errors import UsageError
-from perceptscore.formats import FORMATS, format_of, is_scores_file
+from perceptscore.formats import FORMATS, format_of, is_scores_file, restore_formulas
 from perceptscore.images import IMAGE_EXTENSIONS, looks_like_image
 from perceptscore.locators import Locator, locate
 
@@ -91,6 +91,8 @@ def _walk(
                     folders.append(entry.path)
             elif entry.name.startswith("._"):  # macOS AppleDouble metadata files, never images
                 _note(ignored, entry.path)
+            elif entry.is_symlink() and not follow_links and not _under(entry.path, inside):
+                _note(ignored, entry.path)  # a linked file that leads outside the folder walked
             elif _named_image(entry.name) or (
                 not os.path.splitext(entry.name)[1] and _sniffed_image(entry.path)
             ):
@@ -141,7 +143,11 @@ class _Manifest:
         self.extras = pa.schema([f for f in schema if f.name != PATH])
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        return self.format.read_batches(self.path, [self.path_column])
+        batches = self.format.read_batches(self.path, [self.path_column])
+        if not (self.is_scores and self.format.suffix == ".csv"):
+            return batches
+        # a CSV perceptscore wrote: its cells that would be formulas carry a quote to take off
+        return (b for t in batches for b in restore_formulas(pa.Table.from_batches([t])).to_batches())
 
     def rows(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
         batches, read = iter(self.batches()), 0
@@ -256,6 +262,7 @@ class Sources:
                     yield path, {self._rename.get(k, k): v for k, v in extras.items()}
 
     def __iter__(self) -> Iterator[Item]:
+        self.ignored = []  # counted anew on each pass
         for index, (path, extras) in enumerate(self._paths()):
             if not path:
                 yield Item(index, locate(""), extras, error="manifest row has no path")

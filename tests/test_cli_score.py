@@ -138,9 +138,11 @@ def test_copy_to_copies_exactly_the_selection_and_never_overwrites(tmp_path: Pat
     shutil.copy(photo_dir / "f_12mp.jpg", tmp_path / "two" / "other.jpg")
     scores = tmp_path / "scores.csv"
     rows = [("one/pic.jpg", 0.9), ("two/pic.jpg", 0.8), ("two/other.jpg", 0.1)]
+    stats = [(tmp_path / p).stat() for p, _ in rows]  # what score records: copy-to checks them
     pd.DataFrame(
-        {"path": [str(tmp_path / p) for p, _ in rows], "memorability": [s for _, s in rows], "error": None}
-    ).to_csv(scores, index=False)
+        {"path": [str(tmp_path / p) for p, _ in rows], "memorability": [s for _, s in rows], "error": None,
+         "file_size": [s.st_size for s in stats], "file_mtime_ns": [s.st_mtime_ns for s in stats]}
+    ).to_csv(scores, index=False)  # fmt: skip
     Path(f"{scores}.meta.json").write_text("{}")  # marks it a scores file
     dest = tmp_path / "best"
     dest.mkdir()

@@ -85,8 +85,11 @@ def interrupted_run(args: list[str], out: Path, cwd: Path | None = None, at: int
     assert shards(out) >= at and not out.exists()
 
 
-def test_resume_checks_every_row_of_a_changed_manifest(many_photos: Path, release_checkpoints,
-                                                       tmp_path: Path) -> None:  # fmt: skip
+def test_resume_checks_every_row_of_a_changed_manifest(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+) -> None:
+    """Rows 1, 2 and 4 changed (the same size and mtime): --resume refuses to continue, in one line; a rerun
+    without it reuses the old rows only where the file is the same, so no old row lands on a new file."""
     photos = sorted(str(p) for p in many_photos.iterdir())[:60]
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + "\n".join(photos) + "\n")
@@ -98,20 +101,29 @@ def test_resume_checks_every_row_of_a_changed_manifest(many_photos: Path, releas
     stat_before = manifest.stat()
     manifest.write_text("path\n" + "\n".join(changed) + "\n")
     os.utime(manifest, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))  # even with the same mtime
-    done = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "the inputs changed since the interrupted run (rows 0-7 are other files than were scored)" in line
-    manifest.write_text("path\n" + "\n".join(photos[:10]) + "\n")  # shorter: it was a RuntimeError
     done = subprocess.run(args, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "an interrupted run of out.parquet that differs in input_files holds" in done.stderr
-    folder = tmp_path / "photos"  # a folder is not a file whose size says it changed: its rows say it
+    assert done.returncode == 0, done.stderr
+    assert "the inputs changed since an interrupted run" in done.stderr
+    expected = reference.set_index("path")["memorability"]
+    got = pd.read_parquet(out)
+    assert got["path"].tolist() == changed
+    assert (got["memorability"].to_numpy() == expected[changed].to_numpy()).all()  # each row its own file's
+
+
+def test_a_shorter_input_is_one_line_with_resume(
+    many_photos: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    """It was a RuntimeError traceback."""
+    folder = tmp_path / "photos"  # a folder: no file whose size says it changed, its rows say it
     folder.mkdir()
-    for p in photos[:40]:
-        os.link(p, folder / Path(p).name)
-    out = tmp_path / "folder.parquet"
-    args = command(folder, release_checkpoints["memorability"][0], out)
+    for p in sorted(many_photos.iterdir())[:40]:
+        os.link(p, folder / p.name)
+    out = tmp_path / "out.parquet"
+    args = command(folder, release_checkpoints["memorability"][0], out, "--resume")
     interrupted_run(args, out, at=3)
     for p in sorted(folder.iterdir())[10:]:
         p.unlink()
@@ -120,18 +132,25 @@ def test_resume_checks_every_row_of_a_changed_manifest(many_photos: Path, releas
     assert "the inputs changed since the interrupted run (they end at row 9; row " in done.stderr
 
 
-def test_a_resume_from_another_folder_is_not_the_same_run(many_photos: Path, release_checkpoints,
-                                                          tmp_path: Path) -> None:  # fmt: skip
+def test_a_resume_from_another_folder_never_mixes_two_trees(
+    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+) -> None:
+    originals = sorted(many_photos.iterdir())
     for tree in ("a", "b"):
         (tmp_path / tree / "photos").mkdir(parents=True)
-    for i, p in enumerate(sorted(many_photos.iterdir())[:40]):
+    for i, p in enumerate(originals[:40]):  # the same names, other photos
         (tmp_path / "a" / "photos" / p.name).write_bytes(p.read_bytes())
-        (tmp_path / "b" / "photos" / p.name).write_bytes(sorted(many_photos.iterdir())[40 + i].read_bytes())
+        (tmp_path / "b" / "photos" / p.name).write_bytes(originals[40 + i].read_bytes())
     out = tmp_path / "out.parquet"
     args = command(Path("photos"), release_checkpoints["memorability"][0], out)  # relative: as typed in cron
     interrupted_run(args, out, cwd=tmp_path / "a")
-    done = subprocess.run(args, env=ENV, cwd=tmp_path / "b", capture_output=True, text=True)
+    done = subprocess.run([*args, "--resume"], env=ENV, cwd=tmp_path / "b", capture_output=True, text=True)
     assert done.returncode == 2 and "differs in inputs" in done.stderr and "--restart" in done.stderr
+    done = subprocess.run(args, env=ENV, cwd=tmp_path / "b", capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    scores = reference.set_index("path")["memorability"]
+    expected = [scores[str(p)] for p in originals[40:80]]  # tree b's own photos, none of tree a's rows
+    assert pd.read_parquet(out)["memorability"].tolist() == expected
 
 
 def test_a_rerun_continues_the_interrupted_run_and_restart_discards_it(

@@ -107,10 +107,10 @@ def test_three_tasks_decode_each_file_exactly_once(
     log = tmp_path / "decodes.log"
     real_decode = perceptscore.images.decode
 
-    def counting_decode(source, draft=None):  # type: ignore[no-untyped-def]
+    def counting_decode(source, *args):  # type: ignore[no-untyped-def]
         with open(log, "a") as f:
             f.write(f"{source.name}\n")
-        return real_decode(source, draft)
+        return real_decode(source, *args)
 
     monkeypatch.setattr(perceptscore.batches, "decode", counting_decode)  # workers fork with it
     tasks = ["memorability", "quality", "emotion"]

@@ -254,10 +254,10 @@ def test_a_decoder_that_kills_its_worker_becomes_an_error_row(
 ) -> None:
     real = perceptscore.batches.decode
 
-    def crashing(f, draft=None):  # type: ignore[no-untyped-def]
+    def crashing(f, *args):  # type: ignore[no-untyped-def]
         if f.name.endswith("c_cat.webp"):
             os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder bug in C does to its process
-        return real(f, draft)
+        return real(f, *args)
 
     monkeypatch.setattr(perceptscore.batches, "decode", crashing)  # forked workers inherit it
     checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
@@ -273,10 +273,10 @@ def test_a_decoder_that_hangs_becomes_an_error_row(
 ) -> None:
     real = perceptscore.batches.decode
 
-    def hanging(f, draft=None):  # type: ignore[no-untyped-def]
+    def hanging(f, *args):  # type: ignore[no-untyped-def]
         if f.name.endswith("d_portrait.jpg"):
             time.sleep(3600)  # a decoder stuck in a loop on a hostile file
-        return real(f, draft)
+        return real(f, *args)
 
     monkeypatch.setattr(perceptscore.batches, "decode", hanging)
     monkeypatch.setenv("PERCEPTSCORE_DECODE_TIMEOUT", "3")  # read when the engine starts

@@ -39,13 +39,15 @@ def tree(tmp_path: Path) -> Path:
     ]:
         touch(root / name)
     os.symlink(root / "sub", root / "sub" / "deep" / "loop")  # a symlink loop
-    os.symlink(tmp_path / "elsewhere", root / "linked")  # a followed symlink to another folder
+    os.symlink(tmp_path / "elsewhere", root / "linked")  # a symlink to a folder outside the tree
     touch(tmp_path / "elsewhere" / "g.jpg")
     return root
 
 
 def test_folder_is_walked_recursively_sorted_case_insensitive_without_looping(tree: Path) -> None:
     rel = [os.path.relpath(p, tree) for p in paths(Sources([str(tree)]))]
+    assert rel == ["a.jpeg", "b.JPG", "c.webp", "sub/d.png", "sub/f.gif", "sub/deep/e.Png"]  # linked: outside
+    rel = [os.path.relpath(p, tree) for p in paths(Sources([str(tree)], follow_links=True))]
     assert rel == ["a.jpeg", "b.JPG", "c.webp", "linked/g.jpg", "sub/d.png", "sub/f.gif", "sub/deep/e.Png"]
 
 

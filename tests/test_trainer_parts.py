@@ -376,10 +376,10 @@ def test_evaluation_isolates_a_decoder_that_kills_its_worker(
 
     real = perceptscore.batches.decode
 
-    def crashing(f, draft=None):  # type: ignore[no-untyped-def]
+    def crashing(f, *args):  # type: ignore[no-untyped-def]
         if f.name.endswith("c_cat.webp"):
             os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder bug in C does to its process
-        return real(f, draft)
+        return real(f, *args)
 
     task = get_task("memorability")
     model = load_model("memorability", release_checkpoints["memorability"][0])

@@ -8,7 +8,7 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,7 +26,7 @@ from perceptscore.incremental import Previous
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
 from perceptscore.progress import Reporter
 from perceptscore.provenance import provenance
-from perceptscore.runs import Interrupted, OutputLock, ShardedRun, StopOnSignal
+from perceptscore.runs import InputsChanged, Interrupted, OutputLock, ShardedRun, StopOnSignal
 from perceptscore.safety import refuse_overwriting_an_input
 from perceptscore.scoring import Outcome, consume, scored
 from perceptscore.sinks import Sink, check_output, write_atomic
@@ -62,7 +62,7 @@ def score(
         raise UsageError("choose one of --resume and --restart")
     if (processes or 1) > 1 and "-" in inputs:
         raise UsageError("--processes needs inputs every process can read: not - (stdin)")
-    previous = Previous(incremental, options.task_specs()) if incremental else None
+    previous = Previous.read(incremental, options.task_specs()) if incremental else None
     weights = options.weights()  # a missing weights file is reported before torch loads
     if out == "-":
         plan = make_plan(options, inputs, out, incremental, weights)
@@ -70,7 +70,7 @@ def score(
     target = os.path.realpath(out)  # a symlinked output: its target is written and locked, the link kept
     with OutputLock(Path(target)), StopOnSignal() as stop:  # the lock before torch and the models load
         plan = make_plan(options, inputs, target, incremental, weights)
-        return _score_to_file(plan, sources, make_reporter, restart, previous, processes, stop)
+        return _score_to_file(plan, sources, make_reporter, restart, resume, previous, processes, stop)
 
 
 def _engine(plan: ScoringPlan, processes: int | None) -> Engine:
@@ -105,38 +105,32 @@ def _score_to_file(
     sources: Sources,
     make_reporter: MakeReporter,
     restart: bool,
+    resume: bool,
     previous: Previous | None,
     processes: int | None,
     stop: StopOnSignal,
 ) -> Outcome:
+    """Score into the run's shards (continuing an interrupted run of the same plan), then assemble the
+    output. An interrupted run whose inputs changed is not continued but salvaged: its rows are reused
+    where a file is unchanged, as ``--incremental`` does (``--resume`` insists on continuing: refused)."""
     out, engine, outcome = Path(plan.output), _engine(plan, processes), Outcome()
-    schema = plan.schema(sources.passthrough)
-    run = ShardedRun(out, schema, plan.fingerprint(), restart)
-    outcome.discarded, outcome.resumed = run.discarded, run.saved_rows
-    counted = _Counted(sources)
-
-    def interrupted() -> Interrupted | None:
-        if stop.signum is None:
-            return None
-        run.flush()
-        name = signal.Signals(stop.signum).name
-        message = f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
-        return Interrupted(message + "run the same command again to continue", stop.signum)
-
-    with (
-        make_reporter(sources.count()) as reporter,
-        contextlib.closing(scored(engine, plan, run.pending(counted), sources.passthrough, previous)) as rows,
-    ):
-        if outcome.resumed:
-            reporter.advance(outcome.resumed, 0)
-        try:
-            consume(rows, reporter, run.add, stop=interrupted)
-        except UsageError:
-            # a signal to the whole process group also ends --processes children: that is the stop
-            stopped = interrupted()
-            if stopped is None:
-                raise
-            raise stopped from None
+    schema, tasks = plan.schema(sources.passthrough), plan.task_specs()
+    with make_reporter(sources.count()) as reporter:
+        while True:
+            run = ShardedRun(out, schema, plan.fingerprint(), restart, strict=resume)
+            if run.salvaged is not None:
+                previous = previous or Previous(tasks)
+                previous.absorb(run.salvaged)
+                outcome.salvaged += run.salvaged.num_rows
+            outcome.discarded, outcome.resumed = outcome.discarded + run.discarded, run.saved_rows
+            counted = _Counted(sources)
+            try:
+                _fill(run, plan, engine, counted, sources.passthrough, previous, reporter, stop)
+                break
+            except InputsChanged:
+                if resume or "-" in plan.inputs:  # stdin cannot be read a second time
+                    raise
+                run.salvage()  # the rows it holds go on as reusable rows in a fresh run
     outcome.skipped = previous.skipped if previous else 0
     about = provenance(plan, engine.describe(plan)) | {
         "resumed_rows": outcome.resumed, "incremental": plan.incremental,
@@ -148,6 +142,39 @@ def _score_to_file(
     run.remove()
     outcome.ignored = sources.ignored
     return outcome
+
+
+def _fill(
+    run: ShardedRun,
+    plan: ScoringPlan,
+    engine: Engine,
+    items: Iterable[Item],
+    passthrough: pa.Schema,
+    previous: Previous | None,
+    reporter: Reporter,
+    stop: StopOnSignal,
+) -> None:
+    """Score what ``run`` does not hold yet into its shards; a stop signal saves the current shard."""
+
+    def interrupted() -> Interrupted | None:
+        if stop.signum is None:
+            return None
+        run.flush()
+        name = signal.Signals(stop.signum).name
+        message = f"stopped by {name}: {run.saved_rows} rows saved in {run.folder}; "
+        return Interrupted(message + "run the same command again to continue", stop.signum)
+
+    if run.saved_rows:
+        reporter.advance(run.saved_rows, 0)
+    with contextlib.closing(scored(engine, plan, run.pending(items), passthrough, previous)) as rows:
+        try:
+            consume(rows, reporter, run.add, stop=interrupted)
+        except UsageError as exc:
+            # a signal to the whole process group also ends --processes children: that is the stop
+            stopped = interrupted() if not isinstance(exc, InputsChanged) else None
+            if stopped is None:
+                raise
+            raise stopped from None
 
 
 class _Counted:
@@ -172,11 +199,18 @@ class Scored:
     frame: pd.DataFrame
     provenance: dict[str, Any]
     outcome: Outcome
+    roots: list[str] | None = None  # per row: the folder it was scored from (several scores files)
 
-    @property
-    def root(self) -> str:
-        """What relative paths in the rows are relative to: the folder they were scored from."""
+    def root(self, row: int) -> str:
+        """What a row's relative path is relative to: the folder it was scored from."""
+        if self.roots is not None:
+            return self.roots[row]
         return str(self.provenance.get("cwd") or os.getcwd())
+
+
+def frame_of(table: pa.Table) -> pd.DataFrame:
+    """A table as pandas, integers kept exact where some are null (float64 would round an mtime in ns)."""
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
 
 def scored_rows(
@@ -191,14 +225,21 @@ def scored_rows(
         stream = stdin if stdin is not None else sys.stdin
         table, paths = _read_stdin(stream)
         if table is not None:
-            return Scored(table.to_pandas(), {}, Outcome(rows=table.num_rows))
+            return Scored(frame_of(table), {}, Outcome(rows=table.num_rows))
         inputs, stdin = ["-"], paths
     scores = [f for f in inputs if format_of(f) is not None and is_scores_file(f)]
     if scores:
         if len(scores) != len(inputs):
             raise UsageError("give either scores files or images, not both")
-        frame = pd.concat([read_scores(f).to_pandas() for f in scores], ignore_index=True)
-        return Scored(frame, read_provenance(scores[0]), Outcome(rows=len(frame)))
+        frames = [frame_of(read_scores(f)) for f in scores]
+        about = [read_provenance(f) for f in scores]
+        roots = [
+            str(a.get("cwd") or os.getcwd())
+            for a, f in zip(about, frames, strict=True)
+            for _ in range(len(f))
+        ]
+        frame = pd.concat(frames, ignore_index=True)
+        return Scored(frame, about[0], Outcome(rows=len(frame)), roots)
     sources = options.sources(inputs, stdin)
     plan = make_plan(options, inputs)
     batches: list[pa.RecordBatch] = []
@@ -208,7 +249,7 @@ def scored_rows(
         contextlib.closing(scored(_engine(plan, 1), plan, sources, sources.passthrough)) as rows,
     ):
         consume(rows, reporter, lambda _, batch: batches.append(batch), outcome)
-    frame = pa.Table.from_batches(batches, schema=plan.schema(sources.passthrough)).to_pandas()
+    frame = frame_of(pa.Table.from_batches(batches, schema=plan.schema(sources.passthrough)))
     outcome.ignored = sources.ignored
     return Scored(frame, provenance(plan), outcome)
 

@@ -82,29 +82,33 @@ def keep(
     kept = Kept(select.select(scored.frame, criteria), scored)
     folder = copy_to or symlink_to
     if folder is not None:
-        files, kept.failed = _still_as_scored(kept.rows, scored.root)
+        files, kept.failed = _still_as_scored(kept.rows, scored)
         placement = select.place(files, folder, symlink=symlink_to is not None)
         kept.placed, kept.failed = len(placement.placed), kept.failed + placement.failed
-        select.write_placement_map(folder, placement.placed)
+        try:
+            select.write_placement_map(folder, placement.placed)
+        except OSError as exc:
+            kept.failed.append(f"{folder}/perceptscore-placed.csv: {exc.strerror or exc}")
     if out and format_of(out) is not None:
         write_rows(kept.rows, out, scored.provenance)
     elif out:
         paths = kept.rows[PATH].tolist()
         kept.unlisted = [] if print0 else [p for p in paths if "\n" in p or "\r" in p]
-        listed = [p for p in paths if p not in set(kept.unlisted)]
+        unlisted = set(kept.unlisted)
+        listed = [p for p in paths if p not in unlisted]
         write_list(listed, out, "\0" if print0 else "\n")
     return kept
 
 
-def _still_as_scored(rows: pd.DataFrame, root: str) -> tuple[list[tuple[str, str]], list[str]]:
+def _still_as_scored(rows: pd.DataFrame, scored: Scored) -> tuple[list[tuple[str, str]], list[str]]:
     """(path as recorded, file to read) for every row whose file is still the one scored (size and mtime
     as recorded) and an image; one message for each other. A forged or stale scores file cannot make
     filter copy an arbitrary file."""
     files, failed = [], []
     sizes = rows[FILE_SIZE].tolist() if FILE_SIZE in rows else [None] * len(rows)
     mtimes = rows[FILE_MTIME].tolist() if FILE_MTIME in rows else [None] * len(rows)
-    for path, size, mtime in zip(rows[PATH].tolist(), sizes, mtimes, strict=True):
-        src = os.path.join(root, path)  # an absolute path stays as it is
+    for row, path, size, mtime in zip(rows.index, rows[PATH].tolist(), sizes, mtimes, strict=True):
+        src = os.path.join(scored.root(row), path)  # an absolute path stays as it is
         recorded = None if pd.isna(size) or pd.isna(mtime) else (int(size), int(mtime))
         if recorded is None:
             failed.append(f"{path}: no file size and mtime recorded, so it cannot be checked; score it again")
