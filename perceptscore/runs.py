@@ -210,6 +210,10 @@ class ShardedRun:
         self.discarded = 0
         self.salvaged: pa.Table | None = None  # an interrupted run's rows, its inputs having changed
         self.shards: list[Shard] = []
+        self.shard_rows, self.shard_seconds = shard_limits()
+        self._batches: list[pa.RecordBatch] = []
+        self._indices: list[int] = []
+        self._opened = time.monotonic()
         if self.folder.exists() and restart:
             self.discarded = sum(s.last - s.first + 1 for s in self._scan())
             shutil.rmtree(self.folder)
@@ -221,10 +225,6 @@ class ShardedRun:
                 _write_json(self.folder / "run.json", fingerprint)
             except OSError as exc:
                 raise UsageError(f"cannot write in {self.folder.parent}: {exc.strerror or exc}") from None
-        self.shard_rows, self.shard_seconds = shard_limits()
-        self._batches: list[pa.RecordBatch] = []
-        self._indices: list[int] = []
-        self._opened = time.monotonic()
 
     @property
     def saved_rows(self) -> int:

@@ -149,13 +149,19 @@ def test_copy_to_copies_exactly_the_selection_and_never_overwrites(tmp_path: Pat
     (dest / "pic.jpg").write_bytes(b"already here")
     done = run("filter", scores, "--min-memorability", "0.5", "--copy-to", dest)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in dest.iterdir()) == ["pic-1.jpg", "pic-2.jpg", "pic.jpg"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "perceptscore-placed.csv",
+        "pic-1.jpg",
+        "pic-2.jpg",
+        "pic.jpg",
+    ]
     assert (dest / "pic.jpg").read_bytes() == b"already here"
     assert (dest / "pic-1.jpg").read_bytes() == (tmp_path / "one" / "pic.jpg").read_bytes()
     assert (dest / "pic-2.jpg").read_bytes() == (tmp_path / "two" / "pic.jpg").read_bytes()
     links = tmp_path / "links"
     done = run("filter", scores, "--max-memorability", "0.5", "--symlink-to", links)
-    assert [p.resolve() for p in links.iterdir()] == [(tmp_path / "two" / "other.jpg").resolve()]
+    linked = [p.resolve() for p in links.iterdir() if p.name != "perceptscore-placed.csv"]
+    assert linked == [(tmp_path / "two" / "other.jpg").resolve()]
 
 
 def test_a_folder_with_bad_files_finishes_with_exit_code_1(

@@ -131,6 +131,9 @@ def _score_to_file(
                 if resume or "-" in plan.inputs:  # stdin cannot be read a second time
                     raise
                 run.salvage()  # the rows it holds go on as reusable rows in a fresh run
+                previous = previous or Previous(tasks)
+                previous.absorb(run.salvaged)
+                outcome.salvaged += run.salvaged.num_rows
     outcome.skipped = previous.skipped if previous else 0
     about = provenance(plan, engine.describe(plan)) | {
         "resumed_rows": outcome.resumed, "incremental": plan.incremental,
