@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import perceptscore  # noqa: E402
 from perceptscore.images import decode, draft_side  # noqa: E402
-from perceptscore.scorer import Scorer  # noqa: E402
 from perceptscore.preprocess import prepare  # noqa: E402
+from perceptscore.scorer import Scorer  # noqa: E402
 from perceptscore.tasks import get_task  # noqa: E402
 
 from photos import sample  # noqa: E402
