@@ -45,7 +45,8 @@ class Scorer:
         self.plan = make_plan(self.options, weights=weights)
         self.weights = weights
         self.predictor = Predictor.from_plan(self.plan)
-        self.engine = LocalEngine(lambda _: self.predictor)
+        predictor = self.predictor  # not self: the engine must not keep the Scorer alive (a cycle)
+        self.engine = LocalEngine(lambda _: predictor)
 
     @property
     def tasks(self) -> list[str]:
