@@ -45,7 +45,6 @@ class Item:
         return self.locator.uri
 
 
-SourceItem = Item  # the name before the engine redesign
 
 
 def _sniffed_image(path: str) -> bool:
