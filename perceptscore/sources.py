@@ -45,8 +45,6 @@ class Item:
         return self.locator.uri
 
 
-
-
 def _sniffed_image(path: str) -> bool:
     """A regular file whose first bytes are an image signature (never opens a FIFO or device)."""
     try:
