@@ -106,13 +106,22 @@ def score(
         int | None,
         typer.Option(help="Scoring processes, each with its own model.", show_default="one per visible GPU"),
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="local (this machine) or ray (Ray Data, on a cluster: extra [ray]).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="The Ray cluster for --engine ray.", show_default="$RAY_ADDRESS, else a local Ray"),
+    ] = None,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore.commands.score import score as run
     from perceptscore.tasks import parse_tasks
 
     options = scoring.options(parse_tasks(task))
-    outcome = run(inputs, out, options, _reporter, resume, incremental, processes, restart)
+    outcome = run(
+        inputs, out, options, _reporter, resume, incremental, processes, restart, engine, ray_address
+    )
     err_console.print(_summary(outcome, out, incremental))
     raise typer.Exit(outcome.exit_code)
 
