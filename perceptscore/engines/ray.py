@@ -183,7 +183,9 @@ class RayEngine:
             _check_reachable(self.address)  # ray.init retries a dead address for ever
         try:
             ray.init(
-                address=self.address,
+                # "local": a new Ray, never the last `ray start` cluster Ray would otherwise look for
+                # (after that cluster died, ray.init would wait on its address for ever)
+                address=self.address or "local",
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level=logging.WARNING,
