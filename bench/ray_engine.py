@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,16 +51,34 @@ def photo_set(folder: Path, count: int) -> None:
         crop.resize((1200, 900), Image.Resampling.BICUBIC).save(folder / f"{i:04d}.jpg", quality=90)
 
 
-def timed_score(args: list[str], out: Path, env: dict[str, str]) -> float:
-    start = time.perf_counter()
+@dataclass
+class Timing:
+    wall: float  # the command, start to end
+    first_rows: float  # until the first rows were written (start-up: Ray, workers, weights)
+    steady: float  # images/s from the first rows to the last
+
+
+def timed_score(args: list[str], out: Path, env: dict[str, str]) -> Timing:
+    """Run ``score``; its progress line after every batch (PERCEPTSCORE_LOG_EVERY=0) is timed here."""
     command = [str(SCRIPTS / "perceptscore"), *args, "-o", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"score failed ({done.returncode}): {done.stderr[-2000:]}")
-    return time.perf_counter() - start
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env={**env, "PERCEPTSCORE_LOG_EVERY": "0"}, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    seen: list[tuple[float, int]] = []
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if match := re.match(r"scoring: (\d+)", line):
+            seen.append((time.perf_counter() - start, int(match.group(1))))
+    if proc.wait() != 0:
+        raise SystemExit(f"score failed ({proc.returncode}): {''.join(lines)[-2000:]}")
+    wall = time.perf_counter() - start
+    (t0, n0), (t1, n1) = seen[0], seen[-1]
+    return Timing(wall, t0, (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan"))
 
 
-def start_cluster(cpus: int) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_cluster(cpus: int, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,7 +87,7 @@ def start_cluster(cpus: int) -> tuple[subprocess.Popen[bytes], str, float]:
     head = subprocess.Popen(
         [str(SCRIPTS / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--num-cpus={cpus}", "--include-dashboard=false", "--disable-usage-stats"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )  # fmt: skip
     while b"block forever" not in log.read_bytes():
         if head.poll() is not None:
@@ -102,14 +122,15 @@ def main() -> None:
     photo_set(photos, opts.images)
     checkpoint = work / "mem.pth"
     make_release_checkpoint(checkpoint, 1, FULL_SIZE if opts.size == "full" else TINY)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # No token authentication (a local Ray writes ~/.ray/auth_token, then `ray start` would require it).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     cpus = len(os.sched_getaffinity(0))
     common = ["score", str(photos), "-t", "mem", "--checkpoint", f"mem={checkpoint}", "--device", "cpu",
               "--precision", opts.precision, "--batch-size", str(opts.batch_size)]  # fmt: skip
 
     local = timed_score(common, work / "local.parquet", env)
-    head, address, cluster_start = start_cluster(cpus)
+    head, address, cluster_start = start_cluster(cpus, env)
     try:
         ray_args = [*common, "--engine", "ray", "--ray-address", address]
         on_cluster = timed_score(ray_args, work / "ray.parquet", env)
@@ -123,13 +144,14 @@ def main() -> None:
 
     n = opts.images
     print(f"{n} images 1200x900, {opts.size} model, {opts.precision}, batch {opts.batch_size}, {cpus} CPUs")
-    print("| engine | wall s | images/s | vs local |")
-    print("|---|---|---|---|")
-    for name, seconds in [("local (baseline)", local), ("ray, running cluster", on_cluster),
-                          ("ray, local Ray started by the run", own_ray)]:  # fmt: skip
-        print(f"| {name} | {seconds:.1f} | {n / seconds:.2f} | {local / seconds:.2f}x |")
+    print("| engine | wall s | images/s | vs local | first rows after s | steady images/s | vs local |")
+    print("|---|---|---|---|---|---|---|")
+    for name, t in [("local (baseline)", local), ("ray, running cluster", on_cluster),
+                    ("ray, local Ray started by the run", own_ray)]:  # fmt: skip
+        print(f"| {name} | {t.wall:.1f} | {n / t.wall:.2f} | {local.wall / t.wall:.2f}x | {t.first_rows:.1f} "
+              f"| {t.steady:.2f} | {t.steady / local.steady:.2f}x |")  # fmt: skip
     print(f"cluster start (ray start --head): {cluster_start:.1f} s")
-    print(f"Ray's start-up inside a run (own Ray - running cluster): {own_ray - on_cluster:.1f} s")
+    print(f"Ray's start-up inside a run (own Ray - running cluster): {own_ray.wall - on_cluster.wall:.1f} s")
     print(f"max |score(local) - score(ray)|: {diff:.2e}")
 
 

@@ -124,6 +124,9 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PYTHONPATH": os.pathsep.join([str(DECODER_FAULTS), os.environ.get("PYTHONPATH", "")]),
         "PERCEPTSCORE_TEST_DECODER_FAULTS": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # `ray start` turns on token authentication when ~/.ray/auth_token exists (a local ray.init()
+        # writes one), and a client given an address does not send it: the test cluster is open.
+        "RAY_AUTH_MODE": "disabled",
     }
     ray = str(Path(sysconfig.get_path("scripts")) / "ray")
     with open(log, "wb") as out:

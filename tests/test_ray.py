@@ -86,7 +86,8 @@ def test_sigkill_of_the_driver_then_resume(
     out = tmp_path / "out.parquet"
     args = command(many_photos, release_checkpoints["memorability"][0], out, "--engine", "ray",
                    "--ray-address", ray_address)  # fmt: skip
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**ENV, "PERCEPTSCORE_RAY_WINDOW_ROWS": "64"}  # several Ray Data runs, killed in one of them
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while proc.poll() is None and shards(out) < 20 and time.monotonic() < deadline:  # 20 x 8 of 300 rows
         time.sleep(0.01)
@@ -94,7 +95,7 @@ def test_sigkill_of_the_driver_then_resume(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     same_as_reference(out, reference)
     resumed = read_provenance(str(out))["resumed_rows"]

@@ -171,9 +171,9 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, window_rows: int = 1_000_000) -> None:
+    def __init__(self, address: str | None = None, window_rows: int | None = None) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        self.window_rows = window_rows
+        self.window_rows = window_rows or int(os.environ.get("PERCEPTSCORE_RAY_WINDOW_ROWS", "1000000"))
         self._started = False
 
     def connect(self) -> None:
