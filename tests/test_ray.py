@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,26 @@ def test_engine_usage_errors_are_one_line(
         done = run("score", photo_dir, "-t", "mem", *checkpoint_args, "-o", tmp_path / "o.csv", *extra)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
+
+
+def test_weights_that_differ_on_a_node_stop_the_run_with_one_line(
+    ray_address: str, photo_dir: Path, release_checkpoints
+) -> None:
+    """The actor's constructor refuses weights whose sha256 is not the driver's: the run ends with that
+    one sentence (read back out of Ray's ActorDiedError), not Ray's traceback, and not a retry loop."""
+    from perceptscore.engines.ray import RayEngine
+    from perceptscore.errors import UsageError
+    from perceptscore.plan import ScoreOptions, make_plan
+
+    options = ScoreOptions(["memorability"], {"memorability": str(release_checkpoints["memorability"][0])})
+    plan = make_plan(options, [str(photo_dir)])
+    theirs = replace(plan.weights[0], sha256="0" * 64)  # what a driver with another file would plan
+    plan = replace(plan, weights=(theirs,))
+    start = time.monotonic()
+    with RayEngine(ray_address) as engine, pytest.raises(UsageError) as raised:
+        list(engine.run(plan, options.sources([str(photo_dir)])))
+    assert str(raised.value) == (
+        f"node {os.uname().nodename}: {plan.weights[0].path} is not the memorability weights the driver "
+        "planned with (sha256 000000000000...): give every node the same file"
+    )
+    assert time.monotonic() - start < 120

@@ -17,9 +17,12 @@ rows by default).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import signal
 import socket
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -181,6 +184,9 @@ class RayEngine:
             return
         if self.address:
             _check_reachable(self.address)  # ray.init retries a dead address for ever
+        # ray.init replaces the SIGTERM handler with one that exits at once; the command's own (stop after
+        # the current batch, save it, exit 143) is put back.
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(
                 # "local": a new Ray, never the last `ray start` cluster Ray would otherwise look for
@@ -193,6 +199,9 @@ class RayEngine:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray"
             raise UsageError(f"cannot connect to Ray at {where}: {_first_line(exc)}") from None
+        finally:
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread; a handler set in C
+                signal.signal(signal.SIGTERM, sigterm)
         self._started = True
         logging.getLogger("ray.data").setLevel(logging.ERROR)
 
@@ -287,8 +296,11 @@ class RayEngine:
 
 
 def _ours(exc: BaseException) -> PerceptScoreError | None:
-    """Our own error (a missing weights file on a node, a version mismatch) inside Ray's wrapping: Ray
-    keeps the original exception as ``cause``."""
+    """Our own error (weights missing on a node, a version mismatch) inside Ray's wrapping. A task's error
+    keeps the original as ``cause``; an actor whose constructor raised keeps only its traceback's text,
+    whose last line of ours is read back."""
+    from perceptscore import errors
+
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -298,8 +310,16 @@ def _ours(exc: BaseException) -> PerceptScoreError | None:
         seen.add(id(e))
         if isinstance(e, PerceptScoreError) and type(e).__module__.startswith("perceptscore"):
             return e
+        for name, message in reversed(_OUR_ERROR.findall(f"{e}\n{getattr(e, 'error_msg', '')}")):
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, PerceptScoreError):
+                with contextlib.suppress(TypeError):  # one whose constructor wants more than a message
+                    return cls(message.strip())
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
+
+
+_OUR_ERROR = re.compile(r"perceptscore\.errors\.(\w+): ([^\n]+)")
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
