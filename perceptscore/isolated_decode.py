@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
@@ -31,6 +33,9 @@ from perceptscore.tasks import Preprocess
 
 _LENGTH = struct.Struct(">I")
 _GRACE_SECONDS = 10.0  # past the child's own alarm, before this side kills it
+_STARTUP_SECONDS = 120.0  # a cold interpreter on a loaded node importing numpy, Pillow and perceptscore
+_HEADER_LIMIT = 1 << 20
+_READY = b"ready"
 
 
 @dataclass
@@ -46,7 +51,8 @@ def crashed(timeout: float) -> str:
 
 
 class IsolatedDecoder:
-    """Decodes uris in a child process started on first use (and again after a file killed it)."""
+    """Decodes uris in a child process started on first use (and again after a file killed it). Not for
+    several threads at once: one file in flight is what makes the blame exact."""
 
     def __init__(
         self, specs: Sequence[Preprocess], draft: int | None, max_pixels: int, timeout: float
@@ -61,36 +67,56 @@ class IsolatedDecoder:
         self._child: subprocess.Popen[bytes] | None = None
 
     def decode(self, uri: str) -> Decoded:
-        child = self._started()
+        child = self._sent(uri.encode("utf-8", "surrogateescape"))
+        deadline = time.monotonic() + self.timeout + _GRACE_SECONDS  # the whole answer, not each read
         try:
-            _send(child.stdin, uri.encode("utf-8", "surrogateescape"))
-            header = json.loads(self._receive(child))
+            header = json.loads(_receive(child, deadline, _HEADER_LIMIT))
             if header["error"] is not None:
-                return Decoded(header["error"], _stat(header["stat"]), [])
-            pixels = [
-                np.frombuffer(self._receive(child), np.uint8).reshape(s.crops, 3, s.crop, s.crop)
-                for s in self.specs
-            ]
+                return Decoded(str(header["error"]), _stat(header["stat"]), [])
+            pixels = []
+            for s in self.specs:
+                size = s.crops * 3 * s.crop * s.crop
+                data = _receive(child, deadline, size)
+                if len(data) != size:
+                    raise EOFError("an answer of the wrong size")
+                pixels.append(np.frombuffer(data, np.uint8).reshape(s.crops, 3, s.crop, s.crop))
             return Decoded(None, _stat(header["stat"]), pixels)
-        except (OSError, EOFError, ValueError):  # the child died on this file (or hung past its alarm)
+        except (OSError, EOFError, ValueError, KeyError, TypeError):  # died, hung, or answered garbage
             self.close()
             return Decoded(crashed(self.timeout), None, [])
 
+    def _sent(self, payload: bytes) -> subprocess.Popen[bytes]:
+        """The child, with ``payload`` sent to it; a child found dead (killed while idle) is replaced
+        first, so the next file is not blamed for it."""
+        for attempt in (1, 2):
+            if self._child is not None and self._child.poll() is not None:
+                self.close()
+            child = self._started()
+            try:
+                _send(child.stdin, payload)
+                return child
+            except OSError:
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def _started(self) -> subprocess.Popen[bytes]:
         if self._child is None:
-            self._child = subprocess.Popen(
+            child = subprocess.Popen(
                 [sys.executable, "-m", "perceptscore.isolated_decode"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
             )  # fmt: skip
-            _send(self._child.stdin, json.dumps(self._settings).encode())
+            self._child = child
+            try:
+                _send(child.stdin, json.dumps(self._settings).encode())
+                # its imports are not a file's time: they have a clock of their own
+                if _receive(child, time.monotonic() + _STARTUP_SECONDS, 16) != _READY:
+                    raise EOFError("not ready")
+            except (OSError, EOFError) as exc:
+                self.close()
+                raise RuntimeError(f"the isolated decoder process did not start: {exc}") from None
         return self._child
-
-    def _receive(self, child: subprocess.Popen[bytes]) -> bytes:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], self.timeout + _GRACE_SECONDS)
-        if not ready:
-            raise EOFError("no answer")
-        return _read_message(child.stdout)
 
     def close(self) -> None:
         if self._child is not None:
@@ -122,6 +148,37 @@ def _send(stream: IO[bytes] | None, payload: bytes) -> None:
     stream.flush()
 
 
+def _receive(child: subprocess.Popen[bytes], deadline: float, limit: int) -> bytes:
+    """One message from the child's unbuffered stdout, whole by ``deadline`` and at most ``limit`` bytes:
+    a child that stops mid-answer, or writes something else there, cannot make this wait for ever."""
+    assert child.stdout is not None
+    fd = child.stdout.fileno()
+    (n,) = _LENGTH.unpack(_read_fd(fd, _LENGTH.size, deadline))
+    if n > limit:
+        raise EOFError(f"a message of {n} bytes where at most {limit} were expected")
+    return _read_fd(fd, n, deadline)
+
+
+def _read_fd(fd: int, n: int, deadline: float) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise EOFError("no answer in time")
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            raise EOFError("the stream ended")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_message(stream: IO[bytes]) -> bytes:
+    """The child's side: one message from its (blocking) stdin."""
+    (n,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
+    return _read_exactly(stream, n)
+
+
 def _read_exactly(stream: IO[bytes], n: int) -> bytes:
     data = stream.read(n)
     if data is None or len(data) != n:
@@ -129,22 +186,21 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes:
     return data
 
 
-def _read_message(stream: IO[bytes]) -> bytes:
-    (n,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
-    return _read_exactly(stream, n)
-
-
 def _child_main() -> int:
     from perceptscore.batches import decode_item
     from perceptscore.locators import locate
     from perceptscore.sources import Item
 
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    # The answers go to a private copy of stdout; fd 1 itself goes to /dev/null, so a library that
+    # prints there cannot corrupt them.
+    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     try:
         settings: dict[str, Any] = json.loads(_read_message(stdin))
     except EOFError:
         return 0
     specs = [Preprocess.from_dict(s) for s in settings["specs"]]
+    _send(stdout, _READY)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang ends this process, even inside C code
     while True:
         try:

@@ -24,6 +24,7 @@ processes of the actor.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -78,8 +79,13 @@ class Scorer:
             for _ in range(max(1, decode_processes))
         ]
         self._threads = ThreadPoolExecutor(len(self._decoders))
+        self._lock = threading.Lock()
 
     def __call__(self, batch: Any) -> Any:
+        with self._lock:  # one batch at a time: each decoder has one file in flight (max_concurrency > 1)
+            return self._scored(batch)
+
+    def _scored(self, batch: Any) -> Any:
         uris = _column(batch, self.path_column)
         decoded = self._decode(uris)
         import torch
@@ -126,6 +132,9 @@ def _column(batch: Any, name: str) -> list[str | None]:
 
 def _with_columns(batch: Any, added: dict[str, pa.Array]) -> Any:
     """``batch`` in its own format with ``added`` appended; its columns of the same names renamed."""
+    names = [str(c) for c in (batch.column_names if isinstance(batch, pa.Table) else batch.keys())]
+    if clash := sorted(set(names) & {f"input_{c}" for c in added if c in names}):
+        raise UsageError(f"the batch has both {clash[0][6:]!r} and {clash[0]!r}: rename one before scoring")
     if isinstance(batch, pa.Table):
         table = batch.rename_columns([f"input_{c}" if c in added else c for c in batch.column_names])
         for name, values in added.items():

@@ -38,6 +38,7 @@ def test_crashes_and_hangs_cost_one_row_and_the_next_file_is_decoded(
     good = photo_dir / "a_square.jpg"
     crash = shutil.copy(good, tmp_path / "crash-the-decoder.jpg")
     hang = shutil.copy(good, tmp_path / "hang-the-decoder.jpg")
+    noisy = shutil.copy(good, tmp_path / "noisy-decoder.jpg")
     (tmp_path / "text.jpg").write_text("not an image")
     expected_error, expected_pixels = in_process(photo_dir / "c_cat.webp")
     with IsolatedDecoder(SPECS, None, 89_478_485, timeout=2) as decoder:
@@ -53,6 +54,8 @@ def test_crashes_and_hangs_cost_one_row_and_the_next_file_is_decoded(
         hung = decoder.decode(str(hang)).error
         assert hung == "the decoder crashed, or hung for 2 s, in its worker process"
         assert time.monotonic() - start < 2 + 10  # the child's alarm, or this side's grace at the latest
+        chatty = decoder.decode(str(noisy))  # its prints do not reach the answers
+        np.testing.assert_array_equal(chatty.pixels[0], in_process(good)[1][0])
         again = decoder.decode(str(good))  # a fresh child after each death
         np.testing.assert_array_equal(again.pixels[1], in_process(good)[1][1])
         assert decoder.decode(str(tmp_path / "text.jpg")).error == in_process(tmp_path / "text.jpg")[0]
@@ -63,6 +66,11 @@ def test_crashes_and_hangs_cost_one_row_and_the_next_file_is_decoded(
 def test_a_closed_decoder_leaves_no_child(photo_dir: Path) -> None:
     decoder = IsolatedDecoder(SPECS, None, 89_478_485, timeout=5)
     assert decoder.decode(str(photo_dir / "a_square.jpg")).error is None
+    child = decoder._child
+    assert child is not None and child.poll() is None
+    child.kill()  # killed while idle (an OOM killer): the next file is not blamed for it
+    child.wait()
+    assert decoder.decode(str(photo_dir / "c_cat.webp")).error is None
     child = decoder._child
     assert child is not None and child.poll() is None
     decoder.close()

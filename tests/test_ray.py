@@ -96,6 +96,7 @@ def test_sigterm_then_sigkill_of_the_driver_then_resume(
         while proc.poll() is None and shards(out) < at_least and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be stopped"
+        assert shards(out) >= at_least, "no progress in 240 s"
         return proc
 
     proc = started(3)
@@ -167,6 +168,8 @@ def test_the_scorer_keeps_its_input_batch_format(photo_dir: Path, release_checkp
     assert table.column_names == ["path", "memorability", "error"]
     with pytest.raises(Exception, match=r"no column 'path' in the batch \(it has: image\)"):
         scorer(pa.table({"image": paths}))
+    with pytest.raises(Exception, match="the batch has both 'error' and 'input_error'"):
+        scorer(pd.DataFrame({"path": paths, "error": [1, 2, 3], "input_error": [4, 5, 6]}))
 
 
 def test_engine_usage_errors_are_one_line(
@@ -180,6 +183,7 @@ def test_engine_usage_errors_are_one_line(
         ("--ray-address", closed): "--ray-address needs --engine ray",
         ("--engine", "spark"): "unknown engine 'spark': use local or ray",
         ("--engine", "ray", "--ray-address", closed): f"cannot reach the Ray cluster at {closed}",
+        ("--engine", "ray", "-o", "-"): "--engine ray needs a file output",
     }
     for extra, message in cases.items():
         start = time.monotonic()
@@ -209,3 +213,32 @@ def test_weights_that_differ_on_a_node_stop_the_run_with_one_line(
         "planned with (sha256 000000000000...): give every node the same file"
     )
     assert time.monotonic() - start < 120
+
+
+def test_a_cluster_that_never_answers_or_never_starts_the_models_is_one_line(
+    ray_address: str, checkpoint_args: list[str], photo_dir: Path, tmp_path: Path
+) -> None:
+    """Something that accepts connections but is no Ray head (ray.init would retry for ever), and model
+    actors the cluster does not start in time (Ray Data would wait for ever): exit 2, saying which."""
+    with socket.socket() as silent:
+        silent.bind(("0.0.0.0", 0))
+        silent.listen(8)  # accepts (the kernel does), never answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        done = subprocess.run(
+            [EXE, "score", photo_dir, "-t", "mem", *checkpoint_args, "--engine", "ray", "--ray-address",
+             address, "-o", tmp_path / "a.csv"],
+            env={**os.environ, "PERCEPTSCORE_RAY_CONNECT_TIMEOUT": "5"}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2 and f"error: no Ray cluster answered at {address} within 5 s" in done.stderr
+    assert time.monotonic() - start < 60 and "Traceback" not in done.stderr
+    done = subprocess.run(
+        [EXE, "score", photo_dir, "-t", "mem", *checkpoint_args, "--engine", "ray", "--ray-address",
+         ray_address, "-o", tmp_path / "b.csv"],
+        env={**os.environ, "PERCEPTSCORE_RAY_ACTOR_WAIT": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip  (an actor imports torch and loads its weights: more than a second)
+    assert done.returncode == 2, done.stderr
+    message = "error: no model actor could start within 1 s: the Ray cluster has no node with one CPU"
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "b.csv").exists()

@@ -60,6 +60,8 @@ def score(
         raise UsageError("--processes is for the local engine: on Ray, the cluster's GPUs or nodes decide")
     if ray_address and engine != "ray":
         raise UsageError("--ray-address needs --engine ray")
+    if engine == "ray" and out == "-":  # Ray prints its cluster's messages on standard output
+        raise UsageError("--engine ray needs a file output (-o scores.parquet), not standard output")
     sources = options.sources(inputs)  # bad inputs and outputs fail before seconds of model loading
     check_output(out)
     refuse_overwriting_an_input(out, inputs, allowed=[incremental] if incremental else [])

@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -124,6 +125,9 @@ class PredictStage:
         pixels = {}
         for number, spec in enumerate(self.specs):
             chunks = [b for b in table[pixels_column(number)].to_pylist() if b is not None]
+            size = spec.crops * 3 * spec.crop * spec.crop
+            if any(len(b) != size for b in chunks):  # the stages disagree on the preprocessings' order
+                raise RuntimeError(f"decoded crops of the wrong size for {spec.describe()}")
             flat = np.frombuffer(b"".join(chunks), np.uint8).copy()  # writable, for torch
             pixels[spec] = torch.from_numpy(flat.reshape(-1, 3, spec.crop, spec.crop))
         stats = [
@@ -151,7 +155,7 @@ def weights_here(plan: ScoringPlan) -> ScoringPlan:
             try:
                 path = str(resolve(get_task(w.task), None).path)
             except PerceptScoreError as exc:
-                raise UsageError(
+                raise type(exc)(
                     f"node {os.uname().nodename}: no weights for {w.task} ({exc}); run `perceptscore weights "
                     "fetch` on every node, or share HF_HOME / PERCEPTSCORE_CACHE between them"
                 ) from None
@@ -187,15 +191,14 @@ class RayEngine:
         # ray.init replaces the SIGTERM handler with one that exits at once; the command's own (stop after
         # the current batch, save it, exit 143) is put back.
         sigterm = signal.getsignal(signal.SIGTERM)
+        options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
         try:
-            ray.init(
+            if self.address:
+                _init_within(_connect_timeout(), address=self.address, **options)
+            else:
                 # "local": a new Ray, never the last `ray start` cluster Ray would otherwise look for
                 # (after that cluster died, ray.init would wait on its address for ever)
-                address=self.address or "local",
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+                ray.init(address="local", **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray"
             raise UsageError(f"cannot connect to Ray at {where}: {_first_line(exc)}") from None
@@ -203,7 +206,6 @@ class RayEngine:
             with contextlib.suppress(ValueError, TypeError):  # not the main thread; a handler set in C
                 signal.signal(signal.SIGTERM, sigterm)
         self._started = True
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
     def close(self) -> None:
         if self._started:
@@ -243,20 +245,39 @@ class RayEngine:
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
         self.connect()
         context = DataContext.get_current()
-        saved = context.execution_options.preserve_order, context.enable_progress_bars
+        saved = (
+            context.execution_options.preserve_order, context.enable_progress_bars,
+            context.wait_for_min_actors_s,
+        )  # fmt: skip
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # the command shows its own progress
+        # Ray Data waits for ever by default for actors the cluster cannot place (no free GPU, not enough
+        # memory for the models): a stalled cron job that says nothing. This ends it, naming why.
+        context.wait_for_min_actors_s = _actor_wait()
+        quiet = logging.getLogger("ray.data")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # Ray Data logs a failed run's whole traceback
         try:
             stream = iter(items)
             while window := list(islice(stream, self.window_rows)):
                 yield from self._window(plan, window)
+        except ray.exceptions.GetTimeoutError:
+            needs = "one GPU" if plan.device.startswith("cuda") else "one CPU"
+            raise UsageError(
+                f"no model actor could start within {_actor_wait()} s: the Ray cluster has no node with "
+                f"{needs} and the models' memory free (PERCEPTSCORE_RAY_ACTOR_WAIT sets the wait)"
+            ) from None
         except Exception as exc:
             ours = _ours(exc)
             if ours is None:
                 raise
             raise ours from None
         finally:
-            context.execution_options.preserve_order, context.enable_progress_bars = saved
+            (
+                context.execution_options.preserve_order, context.enable_progress_bars,
+                context.wait_for_min_actors_s,
+            ) = saved  # fmt: skip
+            quiet.setLevel(level)
 
     def _window(self, plan: ScoringPlan, window: list[Item]) -> Iterator[pa.RecordBatch]:
         table = pa.table(
@@ -322,10 +343,41 @@ def _ours(exc: BaseException) -> PerceptScoreError | None:
 _OUR_ERROR = re.compile(r"perceptscore\.errors\.(\w+): ([^\n]+)")
 
 
+def _actor_wait() -> int:
+    return int(os.environ.get("PERCEPTSCORE_RAY_ACTOR_WAIT", "600"))
+
+
+def _connect_timeout() -> float:
+    return float(os.environ.get("PERCEPTSCORE_RAY_CONNECT_TIMEOUT", "60"))
+
+
+def _init_within(timeout: float, **options: Any) -> None:
+    """ray.init on a cluster address, given ``timeout`` seconds: something that accepts connections but
+    is not a working Ray head (a stale address, a wedged head) would keep it retrying for ever. It runs in
+    a thread of its own, left behind (a daemon) when it does not return in time."""
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            ray.init(**options)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, name="perceptscore-ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise UsageError(f"no Ray cluster answered at {options['address']} within {timeout:.0f} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """One line at once for a cluster address nothing answers at (``host:port`` or ``ray://host:port``)."""
     host_port = address.split("://", 1)[-1]
     host, _, port = host_port.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     if not host or not port.isdigit():
         return  # "auto", "local": Ray finds (or says it cannot find) the cluster itself
     try:

@@ -1,7 +1,8 @@
 """Decoder faults for the tests, in processes the tests cannot patch: isolated decoder children and the
 Ray workers that start them. Python imports this at start-up when this folder is on PYTHONPATH; it acts
 only when PERCEPTSCORE_TEST_DECODER_FAULTS=1. A file whose name holds "crash-the-decoder" kills its
-decoding process with SIGSEGV (what a decoder bug in C does); "hang-the-decoder" never returns."""
+decoding process with SIGSEGV (what a decoder bug in C does); "hang-the-decoder" never returns;
+"noisy-decoder" writes to file descriptor 1 first, as a chatty C library would, then decodes."""
 
 import os
 
@@ -19,6 +20,8 @@ if os.environ.get("PERCEPTSCORE_TEST_DECODER_FAULTS") == "1":
             os.kill(os.getpid(), signal.SIGSEGV)
         if "hang-the-decoder" in name:
             time.sleep(3600)
+        if "noisy-decoder" in name:
+            os.write(1, b"libfoo: warning\n" * 100)
         return _real_decode(f, *args, **kwargs)
 
     perceptscore.images.decode = _faulty_decode  # before perceptscore.batches imports it by name
