@@ -234,9 +234,24 @@ def test_a_cluster_that_never_answers_or_never_starts_the_models_is_one_line(
     assert done.returncode == 2 and f"error: no Ray cluster answered at {address} within 5 s" in done.stderr
     assert time.monotonic() - start < 60 and "Traceback" not in done.stderr
     done = subprocess.run(
-        [EXE, "score", photo_dir, "-t", "mem", *checkpoint_args, "--engine", "ray", "--ray-address",
-         ray_address, "-o", tmp_path / "b.csv"],
-        env={**os.environ, "PERCEPTSCORE_RAY_ACTOR_WAIT": "1"}, capture_output=True, text=True, timeout=300,
+        [
+            EXE,
+            "score",
+            photo_dir,
+            "-t",
+            "mem",
+            *checkpoint_args,
+            "--engine",
+            "ray",
+            "--ray-address",
+            ray_address,
+            "-o",
+            tmp_path / "b.csv",
+        ],
+        env={**os.environ, "PERCEPTSCORE_RAY_ACTOR_WAIT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )  # fmt: skip  (an actor imports torch and loads its weights: more than a second)
     assert done.returncode == 2, done.stderr
     message = "error: no model actor could start within 1 s: the Ray cluster has no node with one CPU"
