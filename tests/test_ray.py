@@ -88,7 +88,7 @@ def test_sigterm_then_sigkill_of_the_driver_then_resume(
     out = tmp_path / "out.parquet"
     args = command(many_photos, release_checkpoints["memorability"][0], out, "--engine", "ray",
                    "--ray-address", ray_address)  # fmt: skip
-    env = {**ENV, "PERCEPTSCORE_RAY_WINDOW_ROWS": "64"}  # several Ray Data runs, killed in one of them
+    env = {**ENV, "PERCEPTSCORE_RAY_WINDOW_ROWS": "100"}  # three Ray Data runs, killed in one of them
 
     def started(at_least: int) -> subprocess.Popen[str]:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
