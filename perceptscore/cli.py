@@ -456,6 +456,47 @@ def eval_(
     raise typer.Exit(exit_code)
 
 
+# ---- seeing the scores: heatmaps and the HTML report ------------------------------------------------
+Checkpoint = Annotated[
+    str | None, typer.Option("--checkpoint", help="The task's weights file.", show_default="resolved")
+]
+Precision = Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+
+
+@app.command()
+def explain(
+    inputs: Inputs,
+    task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The folder for the heatmaps (created).")],
+    method: Annotated[
+        str, typer.Option(help="relevance (what raised the output) or attention-shift (vs. base CLIP).")
+    ] = "relevance",
+    label: Annotated[
+        str | None, typer.Option("--class", help="Emotion: the class to explain.", show_default="predicted")
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Also save each map as .npy (float32, NaN unseen).")
+    ] = False,
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    batch_size: Annotated[
+        int | None, typer.Option(help="Crops per forward pass.", show_default="16 on CUDA, 4 on CPU")
+    ] = None,
+) -> None:
+    """Show where each image's score came from: a heatmap PNG per image (and .npy with --raw)."""
+    from perceptscore.commands.explain import explain as run
+
+    errors = 0
+    for done in run(inputs, task, out, method, label, raw, checkpoint, device, precision, batch_size):
+        if done.error:
+            errors += 1
+            err_console.print(Text.assemble(("failed:", "red"), f" {shown(done.path)}: {shown(done.error)}"))
+        else:
+            err_console.print(f"{shown(done.path)} -> {shown(str(done.png))} ({done.caption})")
+    raise typer.Exit(1 if errors else 0)
+
+
 def main() -> None:
     """Console-script entry: user mistakes become one red line and their exit code, never a traceback."""
     try:

@@ -1,0 +1,277 @@
+"""``explain``: the maps are the published rules computed right, they mean something (localisation,
+deletion, randomisation), and the command writes what it says, upright, with the scores `score` gives."""
+
+from __future__ import annotations
+
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import perceptscore
+from perceptscore.checkpoints import load_model, save_converted
+from perceptscore.cli import app
+from perceptscore.explain import Explainer, attention_shift_maps, paste, relevance_maps
+from perceptscore.heatmap import BAR, CAPTION, DIMMED
+from perceptscore.images import decode
+from perceptscore.preprocess import random_crop_offsets, resize
+from perceptscore.tasks import get_task
+
+from photos import sample
+from quadrants import quadrant_images, train_quadrant_model
+
+EXE = str(Path(sysconfig.get_path("scripts")) / "perceptscore")
+
+
+def _first_output(out: torch.Tensor) -> torch.Tensor:
+    return out[:, 0]
+
+
+def _score_relevance(model: perceptscore.PerceptModel, x: torch.Tensor) -> torch.Tensor:
+    """The maps explain computes for a score (memorability, quality): evidence for and against."""
+    return relevance_maps(model, x, _first_output, either_way=True)
+
+
+# ---- the rules, against an independent computation on the release's own structure -------------------
+
+
+def _reference_attentions(reference, x: torch.Tensor, outputs: int = 0):  # type: ignore[no-untyped-def]
+    """transformers' eager attention probabilities of the release structure, and its raw outputs."""
+    reference.model.config._attn_implementation = "eager"
+    try:
+        out = reference.model(pixel_values=x, output_attentions=True)
+    finally:
+        reference.model.config._attn_implementation = "sdpa"
+    return out.attentions, reference.mlp(reference.proj(out.pooler_output))
+
+
+@pytest.mark.parametrize(("merge", "either_way"), [(False, False), (True, False), (True, True)])
+def test_relevance_is_chefers_rule_on_the_release_structure(release_checkpoints, merge, either_way) -> None:
+    path, reference = release_checkpoints["memorability"]
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    attentions, raw = _reference_attentions(reference, x.requires_grad_(True))
+    grads = torch.autograd.grad(raw[:, 0].sum(), attentions)
+    expected = []
+    for b in range(2):  # the rule, written out per image in float64
+        r = np.eye(attentions[0].shape[-1])
+        for a, g in zip(attentions, grads, strict=True):
+            weighted = g[b].double().numpy() * a[b].detach().double().numpy()
+            cam = (np.abs(weighted) if either_way else np.maximum(weighted, 0)).mean(axis=0)
+            r = r + cam @ r
+        expected.append(r[0, 1:].reshape(16, 16))
+    model = load_model("memorability", checkpoint=path, merge=merge)
+    got = relevance_maps(model, x.detach(), _first_output, either_way).numpy()
+    assert got.shape == (2, 16, 16)
+    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    assert x.detach().equal(x.detach())  # relevance_maps leaves its input alone (no grad written into it)
+
+
+def test_attention_shift_is_tuned_minus_base_clip_attention(release_checkpoints) -> None:
+    path, reference = release_checkpoints["emotion"]
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        tuned, _ = _reference_attentions(reference, x)
+        with reference.model.disable_adapter():
+            base, _ = _reference_attentions(reference, x)
+    expected = (tuned[-1][:, :, 0, 1:].mean(1) - base[-1][:, :, 0, 1:].mean(1)).reshape(2, 16, 16)
+    model = load_model("emotion", checkpoint=path, merge=False)
+    got = attention_shift_maps(model, x)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0), (got - expected).abs().max()
+    assert expected.abs().max() > 1e-5  # the adapters really move attention: the comparison is not 0 == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # the adapters are back on after the base pass
+    with pytest.raises(ValueError, match="unmerged"):
+        attention_shift_maps(load_model("emotion", checkpoint=path, merge=True), x)
+
+
+def test_pasted_crops_are_averaged_where_they_overlap_and_nan_where_none_reached() -> None:
+    grids = torch.arange(1.0, 4.0)[:, None, None].expand(3, 2, 2)  # crop i is constant i + 1
+    offsets = [(0, 0), (1, 1), (3, 0)]
+    got = paste(grids, offsets, crop=3, shape=(6, 5))
+    total, count = np.zeros((6, 5)), np.zeros((6, 5))
+    for value, (top, left) in zip((1, 2, 3), offsets, strict=True):
+        total[top : top + 3, left : left + 3] += value
+        count[top : top + 3, left : left + 3] += 1
+    expected = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.isnan(got[0, 4]) and got[1, 1] == pytest.approx(1.5)
+
+
+# ---- the maps mean something: a tiny tower that must look at one quadrant ---------------------------
+
+
+@pytest.fixture(scope="module")
+def quadrant_models() -> dict[str, perceptscore.PerceptModel]:
+    return {q: train_quadrant_model(q, seed) for seed, q in enumerate(("top-left", "bottom-right"))}
+
+
+def _images(n: int = 16, seed: int = 100) -> torch.Tensor:
+    return quadrant_images(n, "top-left", torch.Generator().manual_seed(seed))[0]
+
+
+def test_localisation_most_relevance_falls_in_the_quadrant_the_label_depends_on(quadrant_models) -> None:
+    x = _images()
+    for quadrant, (rows, cols) in (("top-left", (0, 0)), ("bottom-right", (1, 1))):
+        maps = _score_relevance(quadrant_models[quadrant], x)
+        half = maps.shape[-1] // 2
+        inside = maps[:, rows * half : (rows + 1) * half, cols * half : (cols + 1) * half].sum()
+        assert inside / maps.sum() >= 0.6, (quadrant, float(inside / maps.sum()))
+
+
+def test_deletion_blanking_the_most_relevant_patches_moves_the_output_most(quadrant_models) -> None:
+    model, x = quadrant_models["top-left"], _images(seed=200)
+    maps = _score_relevance(model, x).flatten(1)  # (n, 64 patches)
+    patches, k, side = maps.shape[1], round(0.2 * maps.shape[1]), x.shape[-1] // 8
+
+    def blanked(order: torch.Tensor) -> torch.Tensor:
+        images = x.clone()
+        for i, chosen in enumerate(order[:, :k]):
+            for p in chosen.tolist():
+                r, c = divmod(p, 8)
+                images[i, :, r * side : (r + 1) * side, c * side : (c + 1) * side] = 0  # the mean colour
+        return images
+
+    with torch.no_grad():
+        before = model(x)[:, 0]
+        relevant = (model(blanked(maps.argsort(dim=1, descending=True)))[:, 0] - before).abs().mean()
+        rng = torch.Generator().manual_seed(0)
+        random = torch.stack([
+            (model(blanked(torch.rand(len(x), patches, generator=rng).argsort(dim=1)))[:, 0] - before)
+            .abs().mean()
+            for _ in range(5)
+        ]).mean()  # fmt: skip
+    assert relevant > 1.5 * random, (float(relevant), float(random))
+
+
+def test_randomisation_other_training_other_map_same_checkpoint_same_map(quadrant_models, tmp_path) -> None:
+    x = _images(8, seed=300)
+    path = tmp_path / "top-left.safetensors"
+    save_converted(quadrant_models["top-left"], get_task("memorability"), path, "test", "0" * 64)
+    first, second = (_score_relevance(load_model("memorability", checkpoint=path), x) for _ in range(2))
+    assert torch.equal(first, second)  # the same checkpoint twice: the same map, bit for bit
+    other = _score_relevance(quadrant_models["bottom-right"], x)
+    untrained = _score_relevance(train_quadrant_model("top-left", seed=7, steps=0), x)
+    for different in (other, untrained):
+        correlation = np.corrcoef(first.flatten().numpy(), different.flatten().numpy())[0, 1]
+        assert correlation < 0.5, correlation
+
+
+# ---- the command and the Python API on real photos ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rotated_photo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Image.Image]:
+    """A JPEG stored 300x200 with EXIF orientation 6: upright it is 200x300."""
+    folder = tmp_path_factory.mktemp("explain-photos")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = sample("astronaut.png").resize((300, 200))
+    stored.save(folder / "portrait.jpg", exif=exif, quality=95)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return folder / "portrait.jpg", stored.transpose(Image.Transpose.ROTATE_270)
+
+
+def _run(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "300"})
+
+
+def test_explain_writes_an_upright_overlay_and_the_raw_map(release_checkpoints, rotated_photo, tmp_path):
+    photo, _ = rotated_photo
+    ckpt = str(release_checkpoints["memorability"][0])
+    result = _run("explain", str(photo), "-t", "mem", "--checkpoint", ckpt, "-o", str(tmp_path / "out"),
+                  "--raw", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    png, npy = (
+        tmp_path / "out/portrait.memorability.relevance.png",
+        tmp_path / "out/portrait.memorability.relevance.npy",
+    )
+    heat = np.load(npy, allow_pickle=False)
+    # upright 200x300 -> short side 224: 224x336 (w x h); the centre crop keeps rows 56..279
+    assert heat.shape == (336, 224) and heat.dtype == np.float32
+    assert np.isnan(heat[:56]).all() and np.isnan(heat[280:]).all() and np.isfinite(heat[56:280]).all()
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape == (300 + CAPTION, 200 + BAR, 3)
+    upright = np.asarray(Image.open(photo).convert("RGB").transpose(Image.Transpose.ROTATE_270), dtype=float)
+    # rows the model never saw are the upright photo, dimmed: not the stored (sideways) one
+    np.testing.assert_allclose(picture[:30, :200], np.round(upright[:30] * DIMMED), atol=1)
+    assert np.abs(picture[150, :200] - upright[150]).mean() > 5  # the rows it saw are tinted
+    assert "memorability" in result.output and str(png) in result.output
+
+
+def test_scores_in_explanations_are_the_scores_of_score(release_checkpoints, rotated_photo) -> None:
+    photo, _ = rotated_photo
+    upright = decode(photo)
+    paths = {t: release_checkpoints[t][0] for t in ("quality", "emotion")}
+    frame = perceptscore.Scorer(["quality", "emotion"], paths, device="cpu", precision="fp32").score(
+        [str(photo)]
+    )
+    quality = Explainer("quality", paths["quality"], device="cpu", precision="fp32").explain(photo)
+    assert quality.score == pytest.approx(frame["quality"][0], abs=1e-5)
+    # quality's 15 crops of the 384x512 resize, pasted where scoring took them: NaN exactly elsewhere
+    pixels = np.asarray(resize(upright, (512, 384)))
+    covered = np.zeros((512, 384), dtype=bool)
+    for top, left in random_crop_offsets(pixels, 15, 224):
+        covered[top : top + 224, left : left + 224] = True
+    assert quality.map.shape == (512, 384) and (np.isfinite(quality.map) == covered).all()
+    emotion = Explainer("emotion", paths["emotion"], device="cpu", precision="fp32")
+    predicted = emotion.explain(photo)
+    assert predicted.label == frame["emotion"][0]
+    assert predicted.score == pytest.approx(frame["emotion_confidence"][0], abs=1e-5)
+    other = next(label for label in get_task("emotion").labels if label != predicted.label)
+    chosen = emotion.explain(photo, label=other)
+    assert chosen.label == other and chosen.target == f"logit of {other}"
+    assert chosen.score == pytest.approx(frame[f"emotion_{other}"][0], abs=1e-5)
+    assert not np.allclose(np.nan_to_num(chosen.map), np.nan_to_num(predicted.map))
+
+
+def test_attention_shift_from_the_command_and_a_bad_file_is_one_line(
+    release_checkpoints, rotated_photo, tmp_path
+):
+    photo, _ = rotated_photo
+    ckpt = str(release_checkpoints["emotion"][0])
+    inputs = [str(photo), str(photo.with_name("broken.jpg"))]
+    options = [
+        "-t",
+        "emotion",
+        "--method",
+        "attention-shift",
+        "--checkpoint",
+        ckpt,
+        "--raw",
+        "--device",
+        "cpu",
+    ]
+    result = _run("explain", *inputs, *options, "-o", str(tmp_path))
+    assert result.exit_code == 1, result.output  # one file failed; the other was explained
+    assert "failed:" in result.output and "broken.jpg" in result.output and "Traceback" not in result.output
+    heat = np.load(tmp_path / "portrait.emotion.attention-shift.npy")
+    assert np.nanmin(heat) < 0 < np.nanmax(heat)  # a shift: attention moved to some patches, from others
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "portrait.emotion.attention-shift.npy", "portrait.emotion.attention-shift.png",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-t", "memorability", "--class", "awe"], "memorability has no classes"),
+        (["-t", "emotion", "--class", "joy"], "known: amusement"),
+        (["-t", "memorability", "--method", "saliency"], "choose relevance or attention-shift"),
+        (["-t", "memorability", "-o", "FILE"], "is a file"),
+    ],
+)
+def test_explain_usage_mistakes_are_one_line_and_exit_2(rotated_photo, tmp_path, args, message) -> None:
+    photo, _ = rotated_photo
+    (tmp_path / "taken").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "taken")) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out")]
+    done = subprocess.run([EXE, "explain", str(photo), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert not (tmp_path / "out").exists()
