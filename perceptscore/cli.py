@@ -106,13 +106,16 @@ def score(
         int | None,
         typer.Option(help="Scoring processes, each with its own model.", show_default="one per visible GPU"),
     ] = None,
+    report: Annotated[
+        str | None, typer.Option(help="Also write an HTML report of the output once it is complete.")
+    ] = None,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore.commands.score import score as run
     from perceptscore.tasks import parse_tasks
 
     options = scoring.options(parse_tasks(task))
-    outcome = run(inputs, out, options, _reporter, resume, incremental, processes, restart)
+    outcome = run(inputs, out, options, _reporter, resume, incremental, processes, restart, report=report)
     err_console.print(_summary(outcome, out, incremental))
     raise typer.Exit(outcome.exit_code)
 
@@ -495,6 +498,38 @@ def explain(
         else:
             err_console.print(f"{shown(done.path)} -> {shown(str(done.png))} ({done.caption})")
     raise typer.Exit(1 if errors else 0)
+
+
+@app.command()
+def report(
+    scores: Annotated[
+        list[str],
+        typer.Argument(help="Scores files written by `score` (.csv/.parquet/.jsonl).", show_default=False),
+    ],
+    out: Annotated[str, typer.Option("-o", "--out", help="The .html file to write.")],
+    top: Annotated[int, typer.Option(help="Images shown at each end of every task's ranking.")] = 24,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="A heatmap beside each image shown (runs the model on those).")
+    ] = False,
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--checkpoint", help="With --explain: TASK=PATH.", show_default="the weights that scored"
+        ),
+    ] = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+) -> None:
+    """Write one self-contained HTML page: histograms, top and bottom images, classes, errors, provenance."""
+    from perceptscore.commands.report import report as run
+    from perceptscore.tasks import all_tasks, parse_checkpoint_options
+
+    checkpoints = parse_checkpoint_options(checkpoint or [], list(all_tasks()))
+    written = run(scores, out, top, explain, checkpoints, device, precision)
+    err_console.print(
+        f"report of {_count(written.data.rows, 'row')} ({_count(written.data.errors, 'error')}) -> "
+        f"{shown(out)} ({written.size / 1e6:.1f} MB)"
+    )
 
 
 def main() -> None:

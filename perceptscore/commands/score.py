@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ def score(
     incremental: str | None = None,
     processes: int | None = None,
     restart: bool = False,
+    report: str | None = None,
 ) -> Outcome:
     """Score every input into ``out``. A file output is locked, written in resumable shards and appears
     only when complete; an interrupted run of the same plan is continued (``resume`` says so explicitly,
@@ -60,6 +62,8 @@ def score(
         )
     if resume and restart:
         raise UsageError("choose one of --resume and --restart")
+    if report:
+        _check_report(report, out, inputs)
     if (processes or 1) > 1 and "-" in inputs:
         raise UsageError("--processes needs inputs every process can read: not - (stdin)")
     previous = Previous.read(incremental, options.task_specs()) if incremental else None
@@ -70,7 +74,20 @@ def score(
     target = os.path.realpath(out)  # a symlinked output: its target is written and locked, the link kept
     with OutputLock(Path(target)), StopOnSignal() as stop:  # the lock before torch and the models load
         plan = make_plan(options, inputs, target, incremental, weights)
-        return _score_to_file(plan, sources, make_reporter, restart, resume, previous, processes, stop)
+        outcome = _score_to_file(plan, sources, make_reporter, restart, resume, previous, processes, stop)
+    if report:  # the HTML report of the output, made once the output is complete
+        from perceptscore.commands.report import report as write_report
+
+        write_report([out], report)
+    return outcome
+
+
+def _check_report(report: str, out: str, inputs: Sequence[str]) -> None:
+    from perceptscore.commands.report import check_report_output
+
+    if out == "-":
+        raise UsageError("--report needs a file output (-o scores.parquet): it is made from that file")
+    check_report_output(report, [*inputs, out])
 
 
 def _engine(plan: ScoringPlan, processes: int | None) -> Engine:
@@ -114,6 +131,7 @@ def _score_to_file(
     output. An interrupted run whose inputs changed is not continued but salvaged: its rows are reused
     where a file is unchanged, as ``--incremental`` does (``--resume`` insists on continuing: refused)."""
     out, engine, outcome = Path(plan.output), _engine(plan, processes), Outcome()
+    started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
     schema, tasks = plan.schema(sources.passthrough), plan.task_specs()
     with make_reporter(sources.count()) as reporter:
         while True:
@@ -137,6 +155,7 @@ def _score_to_file(
     outcome.skipped = previous.skipped if previous else 0
     about = provenance(plan, engine.describe(plan)) | {
         "resumed_rows": outcome.resumed, "incremental": plan.incremental,
+        "seconds": round(time.monotonic() - started, 3),
     }  # fmt: skip
     with Sink(plan.output, schema, about) as sink:
         for table in run.tables(counted.count):
