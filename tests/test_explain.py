@@ -234,7 +234,7 @@ def test_attention_shift_from_the_command_and_a_bad_file_is_one_line(
 ):
     photo, _ = rotated_photo
     ckpt = str(release_checkpoints["emotion"][0])
-    inputs = [str(photo), str(photo.with_name("broken.jpg"))]
+    inputs = [str(photo), str(photo.with_name("broken.jpg")), str(photo)]  # a name twice: -1
     options = [
         "-t",
         "emotion",
@@ -252,8 +252,11 @@ def test_attention_shift_from_the_command_and_a_bad_file_is_one_line(
     heat = np.load(tmp_path / "portrait.emotion.attention-shift.npy")
     assert np.nanmin(heat) < 0 < np.nanmax(heat)  # a shift: attention moved to some patches, from others
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "portrait.emotion.attention-shift-1.npy", "portrait.emotion.attention-shift-1.png",
         "portrait.emotion.attention-shift.npy", "portrait.emotion.attention-shift.png",
     ]  # fmt: skip
+    again = np.load(tmp_path / "portrait.emotion.attention-shift-1.npy")
+    assert np.array_equal(heat, again, equal_nan=True)  # the same image, the same map
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from perceptscore.errors import DecodeError, UsageError
 from perceptscore.heatmap import METHODS
 from perceptscore.plan import ScoreOptions
 from perceptscore.sinks import write_atomic
+from perceptscore.sources import Sources
 from perceptscore.tasks import get_task
 
 
@@ -61,8 +62,18 @@ def explain(
 
 
 def _explain_all(
-    sources, task, out_dir, method, label, raw, checkpoint, device, precision, batch_size
-) -> Iterator[Explained]:  # type: ignore[no-untyped-def]
+    sources: Sources,
+    task: str,
+    out_dir: Path,
+    method: str,
+    label: str | None,
+    raw: bool,
+    checkpoint: str | None,
+    device: str,
+    precision: str,
+    batch_size: int | None,
+) -> Iterator[Explained]:
+    """The work, once the inputs and options are known to be good (a generator: files appear one by one)."""
     from perceptscore.explain import Explainer
     from perceptscore.heatmap import overlay
     from perceptscore.images import decode
