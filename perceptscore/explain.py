@@ -46,29 +46,41 @@ def relevance_maps(
     keeps its magnitude instead, evidence for and against: for a score, a region that lowered it matters as
     much as one that raised it (the positive part alone would map a low score's reasons away).
     """
+    return _relevance(model, x, objective, either_way)[0]
+
+
+def _relevance(
+    model: PerceptModel, x: torch.Tensor, objective: Objective, either_way: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps and the raw outputs of the same forward (no second forward for the score)."""
     x = x.detach().requires_grad_(True)  # frozen weights: the input makes autograd keep the graph
     with torch.enable_grad(), model.recording_attention() as attentions:
-        value = objective(model(x))
-        grads = torch.autograd.grad(value.sum(), attentions)  # samples are independent: per-sample grads
+        out = model(x)
+        grads = torch.autograd.grad(objective(out).sum(), attentions)  # independent samples: per-sample
     tokens = attentions[0].shape[-1]
     r = torch.eye(tokens, dtype=torch.float32, device=x.device).expand(x.shape[0], tokens, tokens)
     for attention, grad in zip(attentions, grads, strict=True):
         weighted = grad.float() * attention.detach().float()
         cam = (weighted.abs() if either_way else weighted.clamp(min=0)).mean(dim=1)
         r = r + cam @ r
-    return _grid(r[:, 0, 1:])
+    return _grid(r[:, 0, 1:]), out.detach().float()
 
 
-@torch.no_grad()
 def attention_shift_maps(model: PerceptModel, x: torch.Tensor) -> torch.Tensor:
     """CLIP-normalised images (B, 3, S, S) -> last-layer class-token attention, fine-tuned minus base
     (B, grid, grid). ``model`` must be unmerged: the base is the model with its adapters off."""
+    return _attention_shift(model, x)[0]
+
+
+@torch.no_grad()
+def _attention_shift(model: PerceptModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps and the fine-tuned model's raw outputs (from the same forward)."""
     with model.recording_attention() as tuned:
-        model(x)
+        out = model(x)
     with model.adapters_off(), model.recording_attention() as base:
         model(x)
     shift = tuned[-1][:, :, 0, 1:].float().mean(dim=1) - base[-1][:, :, 0, 1:].float().mean(dim=1)
-    return _grid(shift)
+    return _grid(shift), out.float()
 
 
 def _grid(patches: torch.Tensor) -> torch.Tensor:
@@ -119,28 +131,33 @@ def explain_image(
     offsets = crop_offsets(resized, spec)
     x = normalize(torch.from_numpy(crops_of(resized, offsets, spec.crop)).to(param.device), arch.mean,
                   arch.std, param.dtype)  # fmt: skip
-    with torch.no_grad():
-        raw = torch.cat([model(chunk).float() for chunk in x.split(batch_size)]).mean(dim=0)
-    values = task.values(raw.cpu().numpy()[None])
-    if task.labels:
-        index = task.labels.index(label) if label else int(raw.argmax())
-        label = task.labels[index]
-        score, target = float(values[f"{task.name}_{label}"][0]), f"logit of {label}"
-
-        def objective(out: torch.Tensor) -> torch.Tensor:
-            return out[:, index]
-    else:
-        score, target = float(values[task.name][0]), "raw score"
-
-        def objective(out: torch.Tensor) -> torch.Tensor:
-            return out[:, 0]
-
     chunks = x.split(batch_size)
+    index = task.labels.index(label) if task.labels and label else None
+    if task.labels and index is None and spec.crops > 1:  # the image's class is the mean over its crops'
+        with torch.no_grad():
+            index = int(torch.cat([model(chunk).float() for chunk in chunks]).mean(dim=0).argmax())
+
+    def objective(out: torch.Tensor) -> torch.Tensor:
+        if not task.labels:
+            return out[:, 0]  # the raw score
+        if index is None:  # one crop per image: each row's own prediction is the image's
+            return out.gather(1, out.detach().argmax(dim=1, keepdim=True))[:, 0]
+        return out[:, index]
+
     if method == "relevance":
         either_way = not task.labels  # a score: what lowered it too; a class: evidence for it (Chefer)
-        grids = torch.cat([relevance_maps(model, chunk, objective, either_way) for chunk in chunks])
+        pairs = [_relevance(model, chunk, objective, either_way) for chunk in chunks]
     else:
-        grids = torch.cat([attention_shift_maps(model, chunk) for chunk in chunks])
+        pairs = [_attention_shift(model, chunk) for chunk in chunks]
+    grids = torch.cat([grid for grid, _ in pairs])
+    raw = torch.cat([out for _, out in pairs]).mean(dim=0)  # the score, from the same forward passes
+    values = task.values(raw.cpu().numpy()[None])
+    if task.labels:
+        label = task.labels[index if index is not None else int(raw.argmax())]
+        score, target = float(values[f"{task.name}_{label}"][0]), f"logit of {label}"
+    else:
+        score, target = float(values[task.name][0]), "raw score"
+    if method == "attention-shift":
         target = "last layer's class-token attention, fine-tuned minus base CLIP"
     return Explanation(
         task=task.name, method=method, target=target, score=score, label=label,
