@@ -249,3 +249,21 @@ def test_report_usage_mistakes_are_one_line_and_exit_2(scores, tmp_path: Path, a
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_remote_and_missing_files_get_a_placeholder_with_the_reason(tmp_path: Path) -> None:
+    paths = ["s3://bucket/a.jpg", "gone/b.jpg", "c.jpg"]
+    errors = [None, None, "unreadable image: test"]
+    frame = pd.DataFrame({"path": paths, "memorability": [0.9, 0.5, None], "error": errors})
+    about = {"perceptscore": "test", "cwd": str(tmp_path), "tasks": {}}
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    scores = tmp_path / "s.parquet"
+    pq.write_table(table.replace_schema_metadata({"perceptscore": json.dumps(about)}), scores)
+    _report(scores, "-o", tmp_path / "r.html", "--top", "2")
+    page = Page((tmp_path / "r.html").read_text(encoding="utf-8"))
+    top = page.images[("task-memorability", "grid top")]
+    assert [img["alt"] for img in top] == ["s3://bucket/a.jpg", "gone/b.jpg"]
+    assert len({img["src"] for img in top}) == 1  # the same grey placeholder for both
+    assert next(c for c in page.captions if "a.jpg" in c).endswith("(remote file: not fetched)")
+    assert next(c for c in page.captions if "b.jpg" in c).endswith("(no such file)")
+    assert "c.jpg" in page.cells and "unreadable image: test" in page.cells
