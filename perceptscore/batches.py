@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from perceptscore.errors import DecodeError
 from perceptscore.images import MAX_PIXELS, decode
 from perceptscore.preprocess import prepare
 from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
+
+if TYPE_CHECKING:  # torch is imported by ``collate``: an isolated decoder process starts without it
+    import torch
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Batch:
 
 
 def collate(decoded: list[Decoded]) -> Batch:
+    import torch
+
     ok = [d for d in decoded if d.error is None]
     pixels = (
         {spec: torch.from_numpy(np.concatenate([d.pixels[spec] for d in ok])) for spec in ok[0].pixels}

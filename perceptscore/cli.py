@@ -106,6 +106,13 @@ def score(
         int | None,
         typer.Option(help="Scoring processes, each with its own model.", show_default="one per visible GPU"),
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="local (this machine) or ray (Ray Data, on a cluster: extra [ray]).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="The Ray cluster for --engine ray.", show_default="$RAY_ADDRESS, else a local Ray"),
+    ] = None,
     report: Annotated[
         str | None, typer.Option(help="Also write an HTML report of the output once it is complete.")
     ] = None,
@@ -115,7 +122,9 @@ def score(
     from perceptscore.tasks import parse_tasks
 
     options = scoring.options(parse_tasks(task))
-    outcome = run(inputs, out, options, _reporter, resume, incremental, processes, restart, report=report)
+    outcome = run(
+        inputs, out, options, _reporter, resume, incremental, processes, restart, engine, ray_address, report
+    )
     err_console.print(_summary(outcome, out, incremental))
     raise typer.Exit(outcome.exit_code)
 

@@ -125,15 +125,20 @@ def make_plan(
     output: str = "-",
     incremental: str | None = None,
     weights: Mapping[str, Weights] | None = None,
+    device_elsewhere: str | None = None,
 ) -> ScoringPlan:
-    """Resolve ``options`` (imports torch to see the devices): every "auto" and default becomes a value."""
+    """Resolve ``options`` (imports torch to see the devices): every "auto" and default becomes a value.
+    ``device_elsewhere``: the device as an engine that scores on other machines resolved it (a Ray
+    cluster's GPUs), not checked against this machine's."""
+    import torch
+
     from perceptscore.checkpoints import resolve_device, resolve_precision
 
     tasks = list(dict.fromkeys(t.name for t in options.task_specs()))
     if not tasks:
         raise UsageError("no task given")
     weights = weights if weights is not None else options.weights()
-    device = resolve_device(options.device)
+    device = torch.device(device_elsewhere) if device_elsewhere else resolve_device(options.device)
     batch_size = options.batch_size or (64 if device.type == "cuda" else 8)
     workers = default_workers(device.type) if options.workers is None else options.workers
     if batch_size < 1 or workers < 0 or options.max_pixels < 1:

@@ -62,12 +62,23 @@ class Predictor:
         return list(dict.fromkeys(t.preprocess for t in self.tasks))
 
     def __call__(self, batch: Batch) -> pa.RecordBatch:
+        return self.rows([i.path for i in batch.items], batch.errors, batch.stats, batch.pixels)
+
+    def rows(
+        self,
+        uris: Sequence[str],
+        errors: Sequence[str | None],
+        stats: Sequence[tuple[int, int] | None],
+        pixels: Mapping[Preprocess, torch.Tensor],
+    ) -> pa.RecordBatch:
+        """Core rows for items given by their parts: ``pixels`` holds the crops of the rows without an
+        error, stacked per preprocessing."""
         values: dict[str, list[Any]] = {}
-        if any(e is None for e in batch.errors):
+        if any(e is None for e in errors):
             for task in self.tasks:
                 raw = raw_outputs(
-                    self.models[task.name], task, batch.pixels[task.preprocess], self.device, self.dtype,
+                    self.models[task.name], task, pixels[task.preprocess], self.device, self.dtype,
                     self.batch_size,
                 )  # fmt: skip
                 values |= task.values(raw)
-        return scored_batch(self.tasks, [i.path for i in batch.items], batch.errors, batch.stats, values)
+        return scored_batch(self.tasks, uris, errors, stats, values)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from perceptscore.tasks import Preprocess
+
+if TYPE_CHECKING:  # torch only where a batch meets the model: decoding processes start without it
+    import torch
 
 # The release card calls random.seed(3407) (which never reached torchvision's crops); it seeds ours.
 CROP_SEED = 3407
@@ -86,6 +89,8 @@ def normalize(
 ) -> torch.Tensor:
     """uint8 (..., 3, H, W) tensor -> CLIP-normalised float, computed in float32 like ``ToTensor`` +
     ``Normalize``, then cast to ``dtype`` (the model's)."""
+    import torch
+
     x = batch.to(torch.float32).div(255)
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)

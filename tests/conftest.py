@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # No test may reach a network or a user's caches: fresh cache folders, offline mode, and an endpoint where
@@ -84,3 +87,60 @@ def reference(
     )
     assert done.returncode == 0, done.stderr
     return pd.read_parquet(out)
+
+
+DECODER_FAULTS = Path(__file__).parent / "decoder_faults"
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Every process in session ``sid`` (Ray's workers start their own process groups, not sessions)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # after "pid (comm)": state ppid pgrp session
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One local Ray cluster for the whole test session, on 127.0.0.1, stopped (every process of it) at
+    the end; tests reach it by address, as a user's job would. Its workers load decoder_faults/, so files
+    named for it crash or hang their decoder there."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(DECODER_FAULTS), os.environ.get("PYTHONPATH", "")]),
+        "PERCEPTSCORE_TEST_DECODER_FAULTS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    ray = str(Path(sysconfig.get_path("scripts")) / "ray")
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=1000000000",
+             "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while b"block forever" not in log.read_bytes():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for pid in _session_processes(head.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        head.wait()

@@ -13,12 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
-from test_reliability import ENV, command, shards, wait_for_shards
 
 from perceptscore.errors import UsageError
 from perceptscore.runs import OutputLock
 
 from test_cli_score import EXE, run
+from test_reliability import ENV, command, shards, wait_for_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 

@@ -45,6 +45,8 @@ def score(
     incremental: str | None = None,
     processes: int | None = None,
     restart: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
     report: str | None = None,
 ) -> Outcome:
     """Score every input into ``out``. A file output is locked, written in resumable shards and appears
@@ -52,7 +54,14 @@ def score(
     ``restart`` discards it instead); ``incremental`` reuses the scores of an
     earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout.
     ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
-    CUDA, else one)."""
+    CUDA, else one). ``engine``: "local" (this machine), or "ray" (a Ray cluster at ``ray_address``,
+    ``$RAY_ADDRESS``, or a local Ray started for the run)."""
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown engine {engine!r}: use local or ray")
+    if engine == "ray" and processes:
+        raise UsageError("--processes is for the local engine: on Ray, the cluster's GPUs or nodes decide")
+    if ray_address and engine != "ray":
+        raise UsageError("--ray-address needs --engine ray")
     sources = options.sources(inputs)  # bad inputs and outputs fail before seconds of model loading
     check_output(out)
     refuse_overwriting_an_input(out, inputs, allowed=[incremental] if incremental else [])
@@ -68,13 +77,21 @@ def score(
         raise UsageError("--processes needs inputs every process can read: not - (stdin)")
     previous = Previous.read(incremental, options.task_specs()) if incremental else None
     weights = options.weights()  # a missing weights file is reported before torch loads
-    if out == "-":
-        plan = make_plan(options, inputs, out, incremental, weights)
-        return _score_to_stream(plan, sources, make_reporter)
-    target = os.path.realpath(out)  # a symlinked output: its target is written and locked, the link kept
-    with OutputLock(Path(target)), StopOnSignal() as stop:  # the lock before torch and the models load
-        plan = make_plan(options, inputs, target, incremental, weights)
-        outcome = _score_to_file(plan, sources, make_reporter, restart, resume, previous, processes, stop)
+    with contextlib.ExitStack() as stack:
+        target, stop = out, None
+        if out != "-":
+            # a symlinked output: its target is written and locked, the link kept
+            target = os.path.realpath(out)
+            stack.enter_context(OutputLock(Path(target)))  # the lock before Ray, torch and the models load
+            stop = stack.enter_context(StopOnSignal())
+        cluster = stack.enter_context(engines.create("ray", address=ray_address)) if engine == "ray" else None
+        device = cluster.device(options.device) if cluster is not None else None
+        plan = make_plan(options, inputs, target, incremental, weights, device)
+        if stop is None:
+            return _score_to_stream(plan, sources, make_reporter, cluster)
+        outcome = _score_to_file(
+            plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster
+        )
     if report:  # the HTML report of the output, made once the output is complete
         from perceptscore.commands.report import report as write_report
 
@@ -90,7 +107,9 @@ def _check_report(report: str, out: str, inputs: Sequence[str]) -> None:
     check_report_output(report, [*inputs, out])
 
 
-def _engine(plan: ScoringPlan, processes: int | None) -> Engine:
+def _engine(plan: ScoringPlan, processes: int | None, cluster: Engine | None = None) -> Engine:
+    if cluster is not None:
+        return cluster
     processes = processes or default_processes(plan.device)
     return engines.create("process", processes=processes) if processes > 1 else engines.create("local")
 
@@ -104,8 +123,10 @@ def default_processes(device: str) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _score_to_stream(plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter) -> Outcome:
-    engine, outcome = _engine(plan, 1), Outcome()
+def _score_to_stream(
+    plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter, cluster: Engine | None
+) -> Outcome:
+    engine, outcome = _engine(plan, 1, cluster), Outcome()
     schema = plan.schema(sources.passthrough)
     with (
         Sink("-", schema, provenance(plan)) as sink,
@@ -126,11 +147,12 @@ def _score_to_file(
     previous: Previous | None,
     processes: int | None,
     stop: StopOnSignal,
+    cluster: Engine | None,
 ) -> Outcome:
     """Score into the run's shards (continuing an interrupted run of the same plan), then assemble the
     output. An interrupted run whose inputs changed is not continued but salvaged: its rows are reused
     where a file is unchanged, as ``--incremental`` does (``--resume`` insists on continuing: refused)."""
-    out, engine, outcome = Path(plan.output), _engine(plan, processes), Outcome()
+    out, engine, outcome = Path(plan.output), _engine(plan, processes, cluster), Outcome()
     started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
     schema, tasks = plan.schema(sources.passthrough), plan.task_specs()
     with make_reporter(sources.count()) as reporter:
@@ -154,7 +176,7 @@ def _score_to_file(
                 outcome.salvaged += run.salvaged.num_rows
     outcome.skipped = previous.skipped if previous else 0
     about = provenance(plan, engine.describe(plan)) | {
-        "resumed_rows": outcome.resumed, "incremental": plan.incremental,
+        "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
         "seconds": round(time.monotonic() - started, 3),
     }  # fmt: skip
     with Sink(plan.output, schema, about) as sink:

@@ -100,6 +100,8 @@ class LocalEngine:
     """``predictor``: builds the model side from the plan (default: load the plan's weights). The trainer
     passes its in-training model this way."""
 
+    name = "local"
+
     def __init__(self, predictor: Callable[[ScoringPlan], Predictor] = Predictor.from_plan) -> None:
         self.make_predictor = predictor
 

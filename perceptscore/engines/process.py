@@ -39,6 +39,8 @@ class ProcessEngine:
     """``processes`` children; blocks of ``block_batches`` batches each (small: a stop, the progress and a
     shard's time limit act within a few batches, as in one process)."""
 
+    name = "process"
+
     def __init__(self, processes: int, block_batches: int = 4) -> None:
         self.processes, self.block_batches = processes, block_batches
 

@@ -1,0 +1,316 @@
+"""The Ray Data engine: the same plan, decoded by Ray tasks on CPU workers and scored by a pool of model
+actors, across a cluster (``score --engine ray``).
+
+The driver (this process) turns the items into a plan table (``row_index``, ``path``, ``error``); Ray Data
+reads it in blocks of one batch. ``decode_block`` runs as a task: each file through the worker's
+``IsolatedDecoder`` (a file that crashes or hangs its decoder is one error row; Ray never sees a failed
+task, so it never retries one forever). ``PredictStage`` is an actor that loads the weights on its own node
+in its constructor (never shipped from the driver), one GPU each on a GPU cluster, else one per node on
+its CPUs. Rows come back in order (``preserve_order``), and every row index is checked against the plan
+table, so each input row is there exactly once. Manifest columns, ``--incremental`` and shards stay on the
+driver, in ``scoring`` and ``runs``, as for every engine.
+
+The items are taken ``window_rows`` at a time (one Ray Data run each), so the driver holds a bounded part
+of a huge input; each window starts its actor pool afresh (a few seconds of weight loading per million
+rows by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from perceptscore._version import __version__
+from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH, core_schema
+from perceptscore.errors import PerceptScoreError, UsageError
+from perceptscore.images import draft_side
+from perceptscore.isolated_decode import Decoded, IsolatedDecoder
+from perceptscore.plan import ScoringPlan
+from perceptscore.sources import Item
+from perceptscore.tasks import Preprocess
+
+ROW_INDEX = "row_index"
+PLAN_SCHEMA = pa.schema([(ROW_INDEX, pa.int64()), (PATH, pa.string()), (ERROR, pa.string())])
+
+
+def pixels_column(number: int) -> str:
+    return f"pixels_{number}"
+
+
+# ---- the stages (run on the cluster's workers) -------------------------------------------------------
+
+_decoders: dict[str, IsolatedDecoder] = {}  # per worker process: one child decoder per settings
+
+
+def decoder_settings(specs: list[Preprocess], fast_decode: bool, max_pixels: int) -> dict[str, Any]:
+    from perceptscore.engines.local import decode_timeout
+
+    return {
+        "specs": [{"resize": s.resize, "crop": s.crop, "crops": s.crops} for s in specs],
+        "draft": draft_side(specs) if fast_decode else None,
+        "max_pixels": max_pixels,
+        "timeout": decode_timeout(),  # read on the driver: the run's setting, whatever the workers' env
+    }
+
+
+def _decoder(settings: dict[str, Any]) -> IsolatedDecoder:
+    key = json.dumps(settings, sort_keys=True)
+    if key not in _decoders:
+        specs = [Preprocess.from_dict(s) for s in settings["specs"]]
+        _decoders[key] = IsolatedDecoder(
+            specs, settings["draft"], settings["max_pixels"], settings["timeout"]
+        )
+    return _decoders[key]
+
+
+def decode_block(table: pa.Table, settings: dict[str, Any]) -> pa.Table:
+    """A block of the plan table -> its rows with the crops of each preprocessing (raw uint8 bytes; null
+    for a row with an error). Never raises for a file."""
+    decoder = _decoder(settings)
+    errors, sizes, mtimes = [], [], []
+    pixels: list[list[bytes | None]] = [[] for _ in settings["specs"]]
+    for uri, error in zip(table[PATH].to_pylist(), table[ERROR].to_pylist(), strict=True):
+        decoded = decoder.decode(uri) if error is None else Decoded(error, None, [])
+        errors.append(decoded.error)
+        sizes.append(decoded.stat[0] if decoded.stat else None)
+        mtimes.append(decoded.stat[1] if decoded.stat else None)
+        for column, array in zip(pixels, decoded.pixels or [None] * len(pixels), strict=True):
+            column.append(array.tobytes() if array is not None else None)
+    columns = {
+        ROW_INDEX: table[ROW_INDEX],
+        PATH: table[PATH],
+        ERROR: pa.array(errors, pa.string()),
+        FILE_SIZE: pa.array(sizes, pa.int64()),
+        FILE_MTIME: pa.array(mtimes, pa.int64()),
+    }
+    columns |= {pixels_column(i): pa.array(p, pa.binary()) for i, p in enumerate(pixels)}
+    return pa.table(columns)
+
+
+class PredictStage:
+    """A model actor: every task's model on this node's device, loaded here from this node's weights."""
+
+    def __init__(self, plan_json: str, version: str) -> None:
+        if version != __version__:
+            raise UsageError(
+                f"perceptscore {__version__} on this Ray node, {version} on the driver: install the same "
+                "version on every node"
+            )
+        from perceptscore.predict import Predictor
+
+        plan = weights_here(ScoringPlan.from_json(plan_json))
+        if plan.device == "cpu":  # Ray sets OMP_NUM_THREADS=1 in its workers; the model needs the cores
+            plan = plan.on_device("cpu", len(os.sched_getaffinity(0)))
+        self.predictor = Predictor.from_plan(plan)
+        self.specs = self.predictor.specs
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import torch
+
+        errors = table[ERROR].to_pylist()
+        pixels = {}
+        for number, spec in enumerate(self.specs):
+            chunks = [b for b in table[pixels_column(number)].to_pylist() if b is not None]
+            flat = np.frombuffer(b"".join(chunks), np.uint8).copy()  # writable, for torch
+            pixels[spec] = torch.from_numpy(flat.reshape(-1, 3, spec.crop, spec.crop))
+        stats = [
+            (s, m) if s is not None else None
+            for s, m in zip(table[FILE_SIZE].to_pylist(), table[FILE_MTIME].to_pylist(), strict=True)
+        ]
+        rows = self.predictor.rows(table[PATH].to_pylist(), errors, stats, pixels)
+        return pa.Table.from_batches([rows]).add_column(0, ROW_INDEX, table[ROW_INDEX])
+
+
+def weights_here(plan: ScoringPlan) -> ScoringPlan:
+    """The plan with each task's weights as found on this node: the driver's path when this node has the
+    same file (shared storage, or the same cache), else this node's own copy (its caches, or a download);
+    either way it must be the file the driver planned with (its sha256)."""
+    from dataclasses import replace
+
+    from perceptscore.hub import file_sha256, resolve
+    from perceptscore.plan import TaskWeights
+    from perceptscore.tasks import get_task
+
+    found = []
+    for w in plan.weights:
+        path = w.path
+        if not os.path.isfile(path):
+            try:
+                path = str(resolve(get_task(w.task), None).path)
+            except PerceptScoreError as exc:
+                raise UsageError(
+                    f"node {os.uname().nodename}: no weights for {w.task} ({exc}); run `perceptscore weights "
+                    "fetch` on every node, or share HF_HOME / PERCEPTSCORE_CACHE between them"
+                ) from None
+        if file_sha256(path) != w.sha256:
+            raise UsageError(
+                f"node {os.uname().nodename}: {path} is not the {w.task} weights the driver planned with "
+                f"(sha256 {w.sha256[:12]}...): give every node the same file"
+            )
+        found.append(TaskWeights(w.task, path, w.sha256, w.origin))
+    return replace(plan, weights=tuple(found))
+
+
+# ---- the driver --------------------------------------------------------------------------------------
+
+
+class RayEngine:
+    """``address``: a running cluster (``ray://`` or ``host:port``); None: ``$RAY_ADDRESS``, else a local
+    Ray started for the run (and stopped after it). A Ray already initialised in this process (a user's
+    program) is used as it is."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, window_rows: int = 1_000_000) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.window_rows = window_rows
+        self._started = False
+
+    def connect(self) -> None:
+        if ray.is_initialized():
+            return
+        if self.address:
+            _check_reachable(self.address)  # ray.init retries a dead address for ever
+        try:
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "a local Ray"
+            raise UsageError(f"cannot connect to Ray at {where}: {_first_line(exc)}") from None
+        self._started = True
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+    def close(self) -> None:
+        if self._started:
+            ray.shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayEngine:
+        """For the length of a command: connected on entry; a Ray this started is stopped on exit."""
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cluster(self) -> dict[str, int]:
+        self.connect()
+        total = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        return {"nodes": len(nodes), "cpus": int(total.get("CPU", 0)), "gpus": int(total.get("GPU", 0))}
+
+    def device(self, asked: str) -> str:
+        """The device the actors use, as the cluster allows: "auto" is CUDA where the cluster has GPUs
+        (whether or not the driver has one)."""
+        gpus = self.cluster()["gpus"]
+        if asked == "auto":
+            return "cuda" if gpus else "cpu"
+        if asked.startswith("cuda") and not gpus:
+            raise UsageError(f"--device {asked}: the Ray cluster has no GPU")
+        if asked.startswith("cuda:"):
+            raise UsageError("--engine ray gives each model actor one GPU: use --device cuda, not cuda:N")
+        return asked
+
+    def describe(self, plan: ScoringPlan) -> str:
+        c = self.cluster()
+        return f"ray ({c['nodes']} nodes, {c['cpus']} CPUs, {c['gpus']} GPUs); models on {plan.device}"
+
+    def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
+        self.connect()
+        context = DataContext.get_current()
+        saved = context.execution_options.preserve_order, context.enable_progress_bars
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False  # the command shows its own progress
+        try:
+            stream = iter(items)
+            while window := list(islice(stream, self.window_rows)):
+                yield from self._window(plan, window)
+        except Exception as exc:
+            ours = _ours(exc)
+            if ours is None:
+                raise
+            raise ours from None
+        finally:
+            context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+    def _window(self, plan: ScoringPlan, window: list[Item]) -> Iterator[pa.RecordBatch]:
+        table = pa.table(
+            [[i.index for i in window], [i.path for i in window], [i.error for i in window]],
+            schema=PLAN_SCHEMA,
+        )
+        blocks = [table.slice(start, plan.batch_size) for start in range(0, len(table), plan.batch_size)]
+        cluster, cuda = self.cluster(), plan.device.startswith("cuda")
+        specs = list(dict.fromkeys(t.preprocess for t in plan.task_specs()))
+        settings = decoder_settings(specs, plan.fast_decode, plan.max_pixels)
+        actors = ActorPoolStrategy(min_size=1, max_size=max(1, cluster["gpus"] if cuda else cluster["nodes"]))
+        # The actors declare the memory their models take: Ray schedules by it, and the two stages'
+        # differing needs keep Ray Data from fusing decoding into the model actors (decoding would then
+        # wait for the model instead of running beside it).
+        model_bytes = sum(os.path.getsize(w.path) for w in plan.weights)
+        dataset = (
+            ray.data.from_arrow(blocks)
+            .map_batches(
+                decode_block, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=None,
+                num_cpus=1,
+            )
+            .map_batches(
+                PredictStage, fn_constructor_kwargs={"plan_json": plan.to_json(), "version": __version__},
+                compute=actors, batch_format="pyarrow", batch_size=None,
+                num_cpus=1, num_gpus=1 if cuda else 0, memory=model_bytes,
+            )
+        )  # fmt: skip
+        schema = core_schema(plan.task_specs())
+        expected = iter([i.index for i in window])
+        for out in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+            for got in out[ROW_INDEX].to_pylist():
+                if got != next(expected, None):
+                    raise RuntimeError(f"Ray returned row {got} out of order: rows would be mixed")
+            yield from out.select(schema.names).cast(schema).combine_chunks().to_batches()
+        if next(expected, None) is not None:
+            raise RuntimeError("Ray returned fewer rows than it was given")
+
+
+def _ours(exc: BaseException) -> PerceptScoreError | None:
+    """Our own error (a missing weights file on a node, a version mismatch) inside Ray's wrapping: Ray
+    keeps the original exception as ``cause``."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PerceptScoreError) and type(e).__module__.startswith("perceptscore"):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One line at once for a cluster address nothing answers at (``host:port`` or ``ray://host:port``)."""
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray finds (or says it cannot find) the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

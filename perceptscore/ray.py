@@ -1,0 +1,140 @@
+"""PerceptCLIP scores as one step of your own Ray Data pipeline.
+
+    import ray, perceptscore.ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.read_parquet("manifest.parquet")           # any dataset with a column of image paths
+    ds = ds.map_batches(
+        perceptscore.ray.Scorer,
+        fn_constructor_kwargs={"tasks": ["quality", "memorability"]},
+        compute=ActorPoolStrategy(min_size=1, max_size=8),
+        batch_size=64,
+        num_gpus=1,                                          # leave out on CPU-only clusters
+    )
+    ds.write_parquet("scored/")
+
+Each actor loads the weights on its own node, in its constructor (``perceptscore weights fetch`` on every
+node, a shared ``HF_HOME``, or ``checkpoints`` paths every node can read). Each output batch is the input
+batch, in the same format (pandas, pyarrow or numpy), plus the columns ``perceptscore score`` writes for the
+tasks (``memorability``, ``quality`` and ``quality_raw``, ``emotion`` ...) and ``error``; an input column of
+the same name is renamed ``input_<name>``. A file that cannot be read, cannot be decoded, or crashes or hangs
+its decoder gets its ``error``, never a failed block: files are decoded in ``decode_processes`` child
+processes of the actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
+from perceptscore.errors import UsageError
+from perceptscore.images import MAX_PIXELS, draft_side
+from perceptscore.isolated_decode import Decoded, IsolatedDecoder
+
+__all__ = ["Scorer"]
+
+
+class Scorer:
+    """A callable class for ``Dataset.map_batches`` (see the module's docstring).
+
+    ``tasks``: task names (or one name); ``checkpoints``: task -> weights file, as in the Python API
+    (default: the released weights, from this node's caches or the hub); ``device``: "auto" takes the
+    actor's GPU when Ray gave it one; ``precision``: "auto" is fp16 on CUDA, fp32 on CPU; ``path_column``:
+    the column of image paths; ``decode_processes``: files decoded at once per actor."""
+
+    def __init__(
+        self,
+        tasks: str | Sequence[str],
+        checkpoints: Mapping[str, str] | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        path_column: str = PATH,
+        decode_processes: int = 2,
+        fast_decode: bool = False,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        from perceptscore.engines.local import decode_timeout
+        from perceptscore.plan import ScoreOptions, make_plan
+        from perceptscore.predict import Predictor
+        from perceptscore.tasks import parse_tasks
+
+        names = parse_tasks([tasks] if isinstance(tasks, str) else list(tasks))
+        options = ScoreOptions(
+            names, dict(checkpoints or {}), device, precision, fast_decode=fast_decode, max_pixels=max_pixels
+        )
+        self.plan = make_plan(options)
+        self.predictor = Predictor.from_plan(self.plan)
+        self.path_column = path_column
+        specs = self.predictor.specs
+        draft = draft_side(specs) if fast_decode else None
+        self._decoders = [
+            IsolatedDecoder(specs, draft, max_pixels, decode_timeout())
+            for _ in range(max(1, decode_processes))
+        ]
+        self._threads = ThreadPoolExecutor(len(self._decoders))
+
+    def __call__(self, batch: Any) -> Any:
+        uris = _column(batch, self.path_column)
+        decoded = self._decode(uris)
+        import torch
+
+        ok = [d for d in decoded if d.error is None]
+        pixels = {
+            spec: torch.from_numpy(np.concatenate([d.pixels[i] for d in ok]))
+            for i, spec in enumerate(self.predictor.specs)
+            if ok
+        }
+        rows = self.predictor.rows(
+            [u or "" for u in uris], [d.error for d in decoded], [d.stat for d in decoded], pixels
+        )
+        added = {
+            name: rows.column(name) for name in rows.schema.names if name not in (PATH, FILE_SIZE, FILE_MTIME)
+        }
+        return _with_columns(batch, added)
+
+    def _decode(self, uris: list[str | None]) -> list[Decoded]:
+        """Every uri decoded; decoder k takes every n-th from the k-th, all at once (each on its child)."""
+        n = len(self._decoders)
+
+        def share(k: int) -> list[Decoded]:
+            return [self._decoders[k].decode(u) if u else Decoded("no path", None, []) for u in uris[k::n]]
+
+        shares = list(self._threads.map(share, range(n)))
+        return [shares[i % n][i // n] for i in range(len(uris))]
+
+    def __del__(self) -> None:
+        for decoder in getattr(self, "_decoders", []):
+            decoder.close()
+
+
+def _column(batch: Any, name: str) -> list[str | None]:
+    names = list(batch.column_names if isinstance(batch, pa.Table) else batch.keys())
+    if name not in names:
+        raise UsageError(
+            f"no column {name!r} in the batch (it has: {', '.join(map(str, names))}); set path_column"
+        )
+    values = batch[name]
+    values = values.to_pylist() if isinstance(values, pa.ChunkedArray) else list(values)
+    return [None if v is None else str(v) for v in values]
+
+
+def _with_columns(batch: Any, added: dict[str, pa.Array]) -> Any:
+    """``batch`` in its own format with ``added`` appended; its columns of the same names renamed."""
+    if isinstance(batch, pa.Table):
+        table = batch.rename_columns([f"input_{c}" if c in added else c for c in batch.column_names])
+        for name, values in added.items():
+            table = table.append_column(name, values)
+        return table
+    renamed = {(f"input_{k}" if k in added else k): v for k, v in batch.items()}
+    if isinstance(batch, pd.DataFrame):
+        frame = pd.DataFrame(renamed, index=batch.index)
+        for name, values in added.items():
+            frame[name] = values.to_pandas().to_numpy()
+        return frame
+    return renamed | {name: values.to_numpy(zero_copy_only=False) for name, values in added.items()}

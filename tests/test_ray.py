@@ -1,0 +1,176 @@
+"""The Ray engine and ``perceptscore.ray.Scorer`` on a real local Ray cluster (conftest's ``ray_address``):
+the same rows as the local engine, decoder faults as error rows, a killed driver resumed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from perceptscore.formats import read_provenance
+from perceptscore.scorer import Scorer as LocalScorer
+
+from test_cli_score import EXE, run
+from test_reliability import ENV, command, make_hostile_corpus, same_as_reference, shards
+
+TASKS = ["memorability", "quality", "emotion"]
+
+
+def score_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith(("memorability", "quality", "emotion")) and c != "emotion"]
+
+
+def test_ray_engine_gives_the_local_engines_rows(
+    ray_address: str, photo_dir: Path, checkpoint_args: list[str], tmp_path: Path
+) -> None:
+    """Real photos and every hostile input, three tasks at once: same paths, order, errors; values to 1e-6."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    expected = make_hostile_corpus(corpus, photo_dir / "a_square.jpg")
+    args = ["score", photo_dir, corpus, "-t", ",".join(TASKS), *checkpoint_args, "--device", "cpu"]
+    local = run(*args, "-o", tmp_path / "local.csv")
+    ray = run(*args, "--engine", "ray", "--ray-address", ray_address, "-o", tmp_path / "ray.csv")
+    assert ray.returncode == local.returncode == 1, ray.stderr  # the hostile files are error rows
+    assert "Traceback" not in ray.stderr
+    a = pd.read_csv(tmp_path / "local.csv", keep_default_na=False)
+    b = pd.read_csv(tmp_path / "ray.csv", keep_default_na=False)
+    assert len(a) == 6 + len(expected) and (a["error"] != "").sum() == 8
+    for column in ("path", "error", "emotion", "file_size", "file_mtime_ns"):
+        assert b[column].tolist() == a[column].tolist(), column
+    ok = a["error"] == ""
+    for column in score_columns(a):
+        ours, theirs = b.loc[ok, column].astype(float), a.loc[ok, column].astype(float)
+        np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
+    about = read_provenance(str(tmp_path / "ray.csv"))
+    assert about["engine"] == "ray" and about["device"] == "ray (1 nodes, 2 CPUs, 0 GPUs); models on cpu"
+
+
+def test_a_decoder_that_crashes_or_hangs_on_ray_is_one_error_row(
+    ray_address: str, photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    shutil.copytree(photo_dir, folder)
+    shutil.copy(photo_dir / "a_square.jpg", folder / "b_crash-the-decoder.jpg")
+    shutil.copy(photo_dir / "a_square.jpg", folder / "d_hang-the-decoder.jpg")
+    out = tmp_path / "out.csv"
+    start = time.monotonic()
+    done = subprocess.run(
+        [EXE, "score", folder, "-t", "mem", "--checkpoint", f"mem={release_checkpoints['memorability'][0]}",
+         "--device", "cpu", "--engine", "ray", "--ray-address", ray_address, "-o", out],
+        env={**os.environ, "PERCEPTSCORE_DECODE_TIMEOUT": "3"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - start < 120
+    df = pd.read_csv(out, keep_default_na=False)
+    errors = dict(zip(df["path"].map(lambda p: Path(p).name), df["error"], strict=True))
+    assert len(errors) == 8
+    crashed = "the decoder crashed, or hung for 3 s, in its worker process"
+    assert errors.pop("b_crash-the-decoder.jpg") == errors.pop("d_hang-the-decoder.jpg") == crashed
+    assert set(errors.values()) == {""}
+
+
+def test_sigkill_of_the_driver_then_resume(
+    ray_address: str, many_photos: Path, release_checkpoints, reference: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Killed once more than half the rows are saved: the resume gives the local engine's output and
+    scores less than half of the files again."""
+    out = tmp_path / "out.parquet"
+    args = command(many_photos, release_checkpoints["memorability"][0], out, "--engine", "ray",
+                   "--ray-address", ray_address)  # fmt: skip
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and shards(out) < 20 and time.monotonic() < deadline:  # 20 x 8 of 300 rows
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    same_as_reference(out, reference)
+    resumed = read_provenance(str(out))["resumed_rows"]
+    assert resumed >= 160 and resumed > len(reference) / 2
+
+
+def test_the_scorer_in_a_users_ray_pipeline(
+    ray_address: str, photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    import perceptscore.ray
+
+    checkpoints = {t: str(release_checkpoints[t][0]) for t in ("memorability", "emotion")}
+    paths = [str(p) for p in sorted(photo_dir.iterdir())] + [str(tmp_path / "missing.jpg"), __file__]
+    rows = [{"image": p, "n": i, "error": "theirs"} for i, p in enumerate(paths)]
+    ray.init(address=ray_address, log_to_driver=False)
+    try:
+        ds = ray.data.from_items(rows).map_batches(
+            perceptscore.ray.Scorer,
+            fn_constructor_kwargs={"tasks": ["memorability", "emotion"], "checkpoints": checkpoints,
+                                   "device": "cpu", "path_column": "image"},
+            compute=ActorPoolStrategy(size=1), batch_size=3, batch_format="pyarrow",
+        )  # fmt: skip
+        got = ds.to_pandas().sort_values("n")  # Ray Data need not keep the order
+    finally:
+        ray.shutdown()
+    want = LocalScorer(["memorability", "emotion"], checkpoints, device="cpu").score([*paths[:6], __file__])
+    assert got["image"].tolist() == paths and got["n"].tolist() == list(range(len(paths)))
+    assert got["input_error"].tolist() == ["theirs"] * len(paths)  # the input's own column, renamed
+    assert got["error"][:6].isna().all()
+    assert got["error"].tolist()[6:] == ["no such file", want["error"].iloc[6]]
+    assert want["error"].iloc[6] == "not a recognised image format"
+    for column in ["memorability", "emotion_confidence", *[c for c in want if c.startswith("emotion_")]]:
+        np.testing.assert_allclose(
+            got[column].to_numpy(float)[:6], want[column][:6].to_numpy(float), atol=1e-6
+        )
+    assert got["emotion"].tolist()[:6] == want["emotion"].tolist()[:6]
+
+
+def test_the_scorer_keeps_its_input_batch_format(photo_dir: Path, release_checkpoints) -> None:
+    """Without Ray: pandas in, pandas out; numpy dict in, numpy dict out; the rows match the local API."""
+    import perceptscore.ray
+
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    scorer = perceptscore.ray.Scorer("mem", checkpoint, device="cpu", decode_processes=1)
+    paths = [str(photo_dir / "a_square.jpg"), "", str(photo_dir / "c_cat.webp")]
+    want = LocalScorer(["memorability"], checkpoint, device="cpu").score([paths[0], paths[2]])
+    frame = scorer(pd.DataFrame({"path": paths, "n": [1, 2, 3]}, index=[10, 11, 12]))
+    assert isinstance(frame, pd.DataFrame) and list(frame.index) == [10, 11, 12]
+    assert frame["error"].fillna("").tolist() == ["", "no path", ""] and frame["n"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(frame["memorability"].to_numpy()[[0, 2]], want["memorability"], atol=1e-6)
+    numpy_batch = scorer({"path": np.array(paths, dtype=object), "n": np.array([1, 2, 3])})
+    assert isinstance(numpy_batch["memorability"], np.ndarray)
+    np.testing.assert_allclose(numpy_batch["memorability"][[0, 2]], want["memorability"], atol=1e-6)
+    table = scorer(pa.table({"path": paths}))
+    assert table.column_names == ["path", "memorability", "error"]
+    with pytest.raises(Exception, match=r"no column 'path' in the batch \(it has: image\)"):
+        scorer(pa.table({"image": paths}))
+
+
+def test_engine_usage_errors_are_one_line(
+    checkpoint_args: list[str], photo_dir: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    cases = {
+        ("--engine", "ray", "--processes", "2"): "--processes is for the local engine",
+        ("--ray-address", closed): "--ray-address needs --engine ray",
+        ("--engine", "spark"): "unknown engine 'spark': use local or ray",
+        ("--engine", "ray", "--ray-address", closed): f"cannot reach the Ray cluster at {closed}",
+    }
+    for extra, message in cases.items():
+        start = time.monotonic()
+        done = run("score", photo_dir, "-t", "mem", *checkpoint_args, "-o", tmp_path / "o.csv", *extra)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
