@@ -278,3 +278,72 @@ def test_explain_usage_mistakes_are_one_line_and_exit_2(rotated_photo, tmp_path,
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1  # one line, no traceback
     assert not (tmp_path / "out").exists()
+
+
+# ---- never over an input, never its own outputs -------------------------------------------------------
+
+
+def _explain_cli(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, "explain", *args, "-t", "memorability", "--checkpoint", str(checkpoint), "--device", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_explain_refuses_to_write_over_an_input_with_an_output_name(release_checkpoints, tmp_path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sample("astronaut.png").resize((96, 64)).save(photos / "a.jpg")
+    sample("coffee.png").resize((64, 64)).save(photos / "a.memorability.relevance.png")  # a user's photo
+    before = _contents(photos)
+    ckpt = release_checkpoints["memorability"][0]
+    for args in (
+        [str(photos), "-o", str(photos)],  # the folder walked is the output folder
+        [str(photos / "a.jpg"), str(photos / "a.memorability.relevance.png"), "-o", str(photos)],
+    ):
+        done = _explain_cli(ckpt, *args)
+        assert done.returncode == 2, done.stderr
+        assert "would overwrite the input" in done.stderr and "a.memorability.relevance.png" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert _contents(photos) == before  # byte for byte, and nothing added
+
+
+def test_explain_into_the_photo_folder_explains_only_the_photos_and_a_rerun_is_refused(
+    release_checkpoints, tmp_path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sample("astronaut.png").resize((96, 64)).save(photos / "a.jpg")
+    original = (photos / "a.jpg").read_bytes()
+    ckpt = release_checkpoints["memorability"][0]
+    done = _explain_cli(ckpt, str(photos), "-o", str(photos))
+    assert done.returncode == 0, done.stderr
+    assert sorted(_contents(photos)) == ["a.jpg", "a.memorability.relevance.png"]
+    assert done.stderr.count(" -> ") == 1  # the heatmap written in this run was not explained in it
+    heatmap = (photos / "a.memorability.relevance.png").read_bytes()
+    again = _explain_cli(ckpt, str(photos), "-o", str(photos))  # the heatmap is now an input
+    assert again.returncode == 2 and "would overwrite the input" in again.stderr, again.stderr
+    assert (photos / "a.jpg").read_bytes() == original
+    assert (photos / "a.memorability.relevance.png").read_bytes() == heatmap
+
+
+def test_explain_into_a_folder_inside_the_input_never_explains_its_outputs(release_checkpoints, tmp_path):
+    photos = tmp_path / "p2"
+    (photos / "sub").mkdir(parents=True)
+    sample("astronaut.png").resize((96, 64)).save(photos / "a.jpg")
+    sample("coffee.png").resize((64, 64)).save(photos / "sub" / "b.png")
+    before = _contents(photos)
+    ckpt = release_checkpoints["memorability"][0]
+    for run in range(2):  # the second run finds the first run's heatmaps under the folder it walks
+        done = _explain_cli(ckpt, str(photos), "-o", str(photos / "heat"), "--raw")
+        assert done.returncode == 0, (run, done.stderr)
+        assert done.stderr.count(" -> ") == 2, (run, done.stderr)
+        assert sorted(p.name for p in (photos / "heat").iterdir()) == [
+            "a.memorability.relevance.npy", "a.memorability.relevance.png",
+            "b.memorability.relevance.npy", "b.memorability.relevance.png",
+        ]  # fmt: skip
+        assert {k: v for k, v in _contents(photos).items() if not k.startswith("heat")} == before

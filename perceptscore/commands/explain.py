@@ -12,7 +12,7 @@ from perceptscore.errors import DecodeError, UsageError
 from perceptscore.heatmap import METHODS
 from perceptscore.plan import ScoreOptions
 from perceptscore.sinks import write_atomic
-from perceptscore.sources import Sources
+from perceptscore.sources import Item
 from perceptscore.tasks import get_task
 
 
@@ -56,13 +56,71 @@ def explain(
         raise UsageError(f"-o {str(out_dir)!r} is a file: name a folder for the heatmaps")
     if not out_dir.parent.is_dir():
         raise UsageError(f"output folder {str(out_dir.parent)!r} does not exist")
-    sources = ScoreOptions([spec.name], recursive=recursive).sources(inputs)
-    return _explain_all(sources, spec.name, out_dir, method, label, raw, checkpoint, device, precision,
+    # The whole input list and every output name are settled before anything is written: a run never
+    # explains its own outputs, and never writes over one of its inputs.
+    sources = ScoreOptions([spec.name], recursive=recursive).sources(inputs, skip_folders=[str(out_dir)])
+    planned = plan_outputs(list(sources), out_dir, f".{spec.name}.{method}")
+    refuse_writing_over_inputs(planned, inputs, raw)
+    return _explain_all(planned, spec.name, out_dir, method, label, raw, checkpoint, device, precision,
                         batch_size)  # fmt: skip
 
 
+@dataclass
+class Planned:
+    """One input and the heatmap name chosen for it (None for an item that is already an error)."""
+
+    item: Item
+    png: Path | None
+
+
+def plan_outputs(items: Sequence[Item], out_dir: Path, suffix: str) -> list[Planned]:
+    """Each item's ``out_dir/<stem><suffix>.png``; a name used twice in the run gets ``-1``, ``-2``."""
+    used: set[str] = set()
+    planned = []
+    for item in items:
+        if item.error:
+            planned.append(Planned(item, None))
+            continue
+        stem, n = Path(item.path).stem, 0
+        while (name := f"{stem}{suffix}{f'-{n}' if n else ''}") in used:
+            n += 1
+        used.add(name)
+        planned.append(Planned(item, out_dir / f"{name}.png"))
+    return planned
+
+
+def refuse_writing_over_inputs(planned: Sequence[Planned], inputs: Sequence[str], raw: bool) -> None:
+    """One line and exit 2, before the model loads, when a name chosen would replace one of this run's
+    inputs (an image walked, listed or named; a list or manifest): e.g. ``-o`` is the photo folder and a
+    photo there has a heatmap's name, or an earlier run's heatmaps there are now inputs. Refused rather
+    than renamed: names stay predictable, and a rerun into the photo folder does not pile up ``-1`` maps."""
+    from perceptscore.safety import input_files
+
+    def identity(path: str | Path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # absent (not written yet), remote, or not a local path at all
+            return None
+        return st.st_dev, st.st_ino
+
+    outputs = {}
+    for p in planned:
+        for path in (p.png, p.png.with_suffix(".npy") if raw else None) if p.png else ():
+            if path is not None and (key := identity(path)) is not None:
+                outputs[key] = path
+    if not outputs:
+        return
+    named = [p.item.path for p in planned] + list(input_files(inputs))
+    for path in named:
+        if (key := identity(path)) in outputs:
+            raise UsageError(
+                f"-o {str(outputs[key].parent)!r}: {outputs[key].name!r} would overwrite the input {path!r}; "
+                "refusing to write over an input: choose an output folder that holds no inputs"
+            )
+
+
 def _explain_all(
-    sources: Sources,
+    planned: Sequence[Planned],
     task: str,
     out_dir: Path,
     method: str,
@@ -73,16 +131,17 @@ def _explain_all(
     precision: str,
     batch_size: int | None,
 ) -> Iterator[Explained]:
-    """The work, once the inputs and options are known to be good (a generator: files appear one by one)."""
+    """The work, once the inputs, options and names are known to be good (a generator: files appear one by
+    one)."""
     from perceptscore.explain import Explainer
     from perceptscore.heatmap import overlay
     from perceptscore.images import decode
 
     explainer = Explainer(task, checkpoint, device, precision, method, batch_size)
     out_dir.mkdir(exist_ok=True)
-    used: set[str] = set()
-    for item in sources:
-        if item.error:
+    for entry in planned:
+        item, png = entry.item, entry.png
+        if item.error or png is None:
             yield Explained(item.path, error=item.error)
             continue
         try:
@@ -92,7 +151,6 @@ def _explain_all(
             yield Explained(item.path, error=str(exc))
             continue
         result = explainer.explain(picture, label)
-        png = _free_name(out_dir, Path(item.path).stem, f".{task}.{method}", used, item.path)
         image = overlay(picture, result.map, signed=METHODS[method], caption=result.caption())
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -106,15 +164,3 @@ def _explain_all(
             np.save(buffer, result.map, allow_pickle=False)
             write_atomic(npy, buffer.getvalue())
         yield Explained(item.path, png, npy, result.caption())
-
-
-def _free_name(folder: Path, stem: str, suffix: str, used: set[str], source: str) -> Path:
-    """``folder/<stem><suffix>.png`` unless this run wrote it already or it is the image itself."""
-    for n in range(len(used) + 2):
-        name = f"{stem}{suffix}{f'-{n}' if n else ''}"
-        path = folder / f"{name}.png"
-        if name in used or (path.exists() and os.path.exists(source) and os.path.samefile(path, source)):
-            continue
-        used.add(name)
-        return path
-    raise AssertionError("unreachable: one of len(used) + 2 names is free")
