@@ -472,7 +472,15 @@ def eval_(
 Checkpoint = Annotated[
     str | None, typer.Option("--checkpoint", help="The task's weights file.", show_default="resolved")
 ]
-Precision = Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+# Maps need fp32: fp16 flushes many of the backward's small gradients to zero. Lower only when asked.
+MapPrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto or fp32 (fp32 on every device: maps need gradients fp16 flushes to zero); bf16 or fp16 "
+        "run faster with coarser maps.",
+    ),
+]
 
 
 @app.command()
@@ -481,7 +489,11 @@ def explain(
     task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="The folder for the heatmaps (created).")],
     method: Annotated[
-        str, typer.Option(help="relevance (what raised the output) or attention-shift (vs. base CLIP).")
+        str,
+        typer.Option(
+            help="relevance (for a score: what it depended on, either way; for emotion: evidence for the "
+            "class) or attention-shift (vs. base CLIP)."
+        ),
     ] = "relevance",
     label: Annotated[
         str | None, typer.Option("--class", help="Emotion: the class to explain.", show_default="predicted")
@@ -491,9 +503,13 @@ def explain(
     ] = False,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: MapPrecision = "auto",
     batch_size: Annotated[
-        int | None, typer.Option(help="Crops per forward pass.", show_default="16 on CUDA, 4 on CPU")
+        int | None,
+        typer.Option(
+            help="Crops per forward and backward pass, across images (at least 1).",
+            show_default="16 on CUDA, 4 on CPU",
+        ),
     ] = None,
 ) -> None:
     """Show where each image's score came from: a heatmap PNG per image (and .npy with --raw)."""
@@ -527,7 +543,7 @@ def report(
         ),
     ] = None,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: MapPrecision = "auto",
 ) -> None:
     """Write one self-contained HTML page: histograms, top and bottom images, classes, errors, provenance."""
     from perceptscore.commands.report import report as run

@@ -2,31 +2,38 @@
 
 Two methods, both on the model's explicit-attention path (``PerceptModel.recording_attention``):
 
-- ``relevance`` (default): gradient-weighted attention relevance over all layers, Chefer, Gur and Wolf,
-  "Generic Attention-model Explainability" (ICCV 2021; the follow-up of "Transformer Interpretability
+- ``relevance`` (default): gradient-weighted attention relevance over all layers, after Chefer, Gur and
+  Wolf, "Generic Attention-model Explainability" (ICCV 2021; the follow-up of "Transformer Interpretability
   Beyond Attention Visualization", CVPR 2021), for self-attention: ``R = I``, then per layer
-  ``R += mean_heads(relu(grad(A) * A)) @ R``; the map is the class token's row over the patches. It shows
-  what raised the task's output: the raw score (memorability, quality) or the chosen class's logit (emotion).
+  ``R += mean_heads(cam(grad(A) * A)) @ R``; the map is the class token's row over the patches. For
+  emotion's class logit ``cam`` is Chefer's ``clamp(min=0)``: evidence *for* the class. For a score
+  (memorability, quality) it is the magnitude ``abs``, a deviation of ours: the map shows what the raw score
+  depended on, either way, not what raised it. A regression head's sign is an arbitrary convention (a tower
+  trained on the negated target is as good), and the positive part flips with it: on two test towers
+  trained alike the exact rule put 9% of the mass in the quadrant the score depends on for one and 99.8% for
+  the other, purely by sign.
 - ``attention-shift``: the class token's attention to the patches in the last layer, averaged over heads,
   in the fine-tuned model minus the same in the base CLIP tower (the adapters switched off), as the
   paper's attention-shift figure shows. Positive: where fine-tuning moved attention to; negative: from.
 
 Maps are computed per crop of the task's own preprocessing (so on exactly what the score saw) and pasted
 back into the resized image at the crop's offset; where crops overlap (quality's 15) they are averaged,
-where none reached (outside memorability's centre crop) the map is NaN.
+where none reached (outside memorability's centre crop) the map is NaN. ``Explainer`` computes in fp32 on
+every device unless asked otherwise (fp16 flushes many of the backward's small gradients to zero) and runs
+the crops of several images in one batch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from perceptscore.errors import UsageError
 from perceptscore.heatmap import METHODS
@@ -35,6 +42,9 @@ from perceptscore.preprocess import crop_offsets, crops_of, normalize, resize
 from perceptscore.tasks import Task, get_task
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # raw outputs (B, outputs) -> the explained value (B,)
+# What a score's relevance map shows (the caption says it): the magnitude rule, so regions that lowered the
+# score count as much as those that raised it.
+SCORE_TARGET = "what the raw score depended on, either way"
 
 
 def relevance_maps(
@@ -114,10 +124,24 @@ def explain_image(
     label: str | None = None,
     batch_size: int = 8,
 ) -> Explanation:
-    """The map of one upright RGB image (``images.decode`` applies EXIF orientation, as scoring does).
+    """The map of one upright RGB image (``images.decode`` applies EXIF orientation, as scoring does)."""
+    return explain_images(model, task, [image], method, label, batch_size)[0]
 
-    ``label``: for emotion, the class to explain (default: the predicted one). ``model`` in eval mode on its
-    device and dtype; for ``attention-shift`` unmerged (``load_model(..., merge=False)``).
+
+def explain_images(
+    model: PerceptModel,
+    task: Task,
+    images: Sequence[Image.Image],
+    method: str = "relevance",
+    label: str | None = None,
+    batch_size: int = 8,
+) -> list[Explanation]:
+    """The maps of upright RGB images, their crops run ``batch_size`` at a time across images (a batch of
+    memorability photos is one forward and one backward; the maps are those of one image at a time: the
+    samples of a batch are independent, so each one's gradient is its own).
+
+    ``label``: for emotion, the class to explain (default: each image's predicted one). ``model`` in eval
+    mode on its device and dtype; for ``attention-shift`` unmerged (``load_model(..., merge=False)``).
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose {' or '.join(METHODS)}")
@@ -125,44 +149,77 @@ def explain_image(
         raise UsageError(f"--class is for a classifier (emotion), not {task.name}")
     if label is not None and label not in (task.labels or ()):
         raise UsageError(f"unknown class {label!r}; known: {', '.join(task.labels or ())}")
+    if not images:
+        return []
     param = next(model.parameters())
     spec, arch = task.preprocess, task.architecture
-    resized = np.asarray(resize(image, spec.resize))
-    offsets = crop_offsets(resized, spec)
-    x = normalize(torch.from_numpy(crops_of(resized, offsets, spec.crop)).to(param.device), arch.mean,
-                  arch.std, param.dtype)  # fmt: skip
-    chunks = x.split(batch_size)
-    index = task.labels.index(label) if task.labels and label else None
-    if task.labels and index is None and spec.crops > 1:  # the image's class is the mean over its crops'
-        with torch.no_grad():
-            index = int(torch.cat([model(chunk).float() for chunk in chunks]).mean(dim=0).argmax())
+    views = []  # per image: the resized pixels and where its crops are
+    for image in images:
+        resized = np.asarray(resize(image, spec.resize))
+        views.append((resized, crop_offsets(resized, spec)))
+    pixels = np.concatenate([crops_of(resized, offsets, spec.crop) for resized, offsets in views])
+    x = normalize(torch.from_numpy(pixels).to(param.device), arch.mean, arch.std, param.dtype)
+    counts = [len(offsets) for _, offsets in views]
+    targets = _targets(model, task, x, counts, label, batch_size)
 
-    def objective(out: torch.Tensor) -> torch.Tensor:
-        if not task.labels:
-            return out[:, 0]  # the raw score
-        if index is None:  # one crop per image: each row's own prediction is the image's
-            return out.gather(1, out.detach().argmax(dim=1, keepdim=True))[:, 0]
-        return out[:, index]
+    def objective_from(start: int) -> Objective:
+        def objective(out: torch.Tensor) -> torch.Tensor:
+            if not task.labels:
+                return out[:, 0]  # the raw score
+            if targets is None:  # one crop per image: each row's own prediction is its image's
+                return out.gather(1, out.detach().argmax(dim=1, keepdim=True))[:, 0]
+            return out.gather(1, targets[start : start + len(out), None])[:, 0]
 
-    if method == "relevance":
-        either_way = not task.labels  # a score: what lowered it too; a class: evidence for it (Chefer)
-        pairs = [_relevance(model, chunk, objective, either_way) for chunk in chunks]
-    else:
-        pairs = [_attention_shift(model, chunk) for chunk in chunks]
+        return objective
+
+    pairs = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start : start + batch_size]
+        if method == "relevance":
+            either_way = not task.labels  # a score: what it depended on either way; a class: evidence for it
+            pairs.append(_relevance(model, chunk, objective_from(start), either_way))
+        else:
+            pairs.append(_attention_shift(model, chunk))
     grids = torch.cat([grid for grid, _ in pairs])
-    raw = torch.cat([out for _, out in pairs]).mean(dim=0)  # the score, from the same forward passes
-    values = task.values(raw.cpu().numpy()[None])
-    if task.labels:
-        label = task.labels[index if index is not None else int(raw.argmax())]
-        score, target = float(values[f"{task.name}_{label}"][0]), f"logit of {label}"
-    else:
-        score, target = float(values[task.name][0]), "raw score"
-    if method == "attention-shift":
-        target = "last layer's class-token attention, fine-tuned minus base CLIP"
-    return Explanation(
-        task=task.name, method=method, target=target, score=score, label=label,
-        map=paste(grids, offsets, spec.crop, resized.shape[:2]), image=Image.fromarray(resized),
-    )  # fmt: skip
+    raws = torch.cat([out for _, out in pairs])  # the scores, from the same forward passes
+    explanations, start = [], 0
+    for (resized, offsets), n in zip(views, counts, strict=True):
+        raw = raws[start : start + n].mean(dim=0)
+        values = task.values(raw.cpu().numpy()[None])
+        chosen: str | None = None
+        if task.labels:
+            chosen = task.labels[int(targets[start]) if targets is not None else int(raw.argmax())]
+            score, target = float(values[f"{task.name}_{chosen}"][0]), f"logit of {chosen}"
+        else:
+            score, target = float(values[task.name][0]), SCORE_TARGET
+        if method == "attention-shift":
+            target = "last layer's class-token attention, fine-tuned minus base CLIP"
+        explanations.append(Explanation(
+            task=task.name, method=method, target=target, score=score, label=chosen,
+            map=paste(grids[start : start + n], offsets, spec.crop, resized.shape[:2]),
+            image=Image.fromarray(resized),
+        ))  # fmt: skip
+        start += n
+    return explanations
+
+
+def _targets(
+    model: PerceptModel, task: Task, x: torch.Tensor, counts: list[int], label: str | None, batch_size: int
+) -> torch.Tensor | None:
+    """A classifier's class to explain, per crop: ``label``, else the image's prediction, the mean over its
+    crops' outputs (None when every image is one crop: each row's own argmax is it, no extra forward)."""
+    if not task.labels:
+        return None
+    per_crop = torch.tensor(counts, device=x.device)
+    if label is not None:
+        return torch.full((len(x),), task.labels.index(label), dtype=torch.long, device=x.device)
+    if max(counts) == 1:
+        return None
+    with torch.no_grad():
+        out = torch.cat([model(chunk).float() for chunk in x.split(batch_size)])
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=x.device), per_crop)
+    means = torch.zeros(len(counts), out.shape[1], device=x.device).index_add_(0, owner, out)
+    return means.argmax(dim=1).repeat_interleave(per_crop)
 
 
 def paste(
@@ -202,19 +259,43 @@ class Explainer:
 
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; choose {' or '.join(METHODS)}")
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
         self.task, self.method = get_task(task), method
         self.weights = resolve(self.task, checkpoint)
         dev = resolve_device(device)
+        # fp32 on every device unless asked: the backward's gradients are small enough that fp16 flushes
+        # many of them to zero (subnormal), and the map is built from them
+        self.precision = "fp32" if precision == "auto" else precision
         # attention-shift needs the adapters apart from the base; relevance runs faster merged
         self.model = load_model(
-            self.task.name, self.weights.path, device=dev, precision=precision, merge=method == "relevance"
+            self.task.name,
+            self.weights.path,
+            device=dev,
+            precision=self.precision,
+            merge=method == "relevance",
         )
         # ~100 MB of attention maps and their gradients per full-size crop on the CPU: keep batches small
-        self.batch_size = batch_size or (16 if dev.type == "cuda" else 4)
+        self.batch_size = batch_size if batch_size is not None else (16 if dev.type == "cuda" else 4)
+
+    @property
+    def images_per_batch(self) -> int:
+        """How many images fill a batch of crops (at least one: quality's 15 crops are a batch alone)."""
+        return max(1, self.batch_size // self.task.preprocess.crops)
 
     def explain(self, image: str | os.PathLike[str] | Image.Image, label: str | None = None) -> Explanation:
-        """Explain a file (decoded upright, as scoring decodes it) or an RGB PIL image."""
+        """Explain a file or a PIL image; both are turned upright by their EXIF orientation, as scoring
+        decodes a file (an image already upright, as ``images.decode`` returns it, is left as it is)."""
+        return self.explain_many([image], label)[0]
+
+    def explain_many(
+        self, images: Sequence[str | os.PathLike[str] | Image.Image], label: str | None = None
+    ) -> list[Explanation]:
+        """Explain several images in batches of ``batch_size`` crops; the same maps as one at a time."""
         from perceptscore.images import decode
 
-        picture = decode(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
-        return explain_image(self.model, self.task, picture, self.method, label, self.batch_size)
+        pictures = [
+            decode(i) if isinstance(i, (str, os.PathLike)) else ImageOps.exif_transpose(i).convert("RGB")
+            for i in images
+        ]
+        return explain_images(self.model, self.task, pictures, self.method, label, self.batch_size)

@@ -7,7 +7,10 @@ mass there. 112 px (8x8 patches of 14) keeps a training run at a few seconds on 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 
 from perceptscore.architecture import Architecture
 from perceptscore.model import PerceptModel
@@ -39,14 +42,16 @@ def blank_patches(images: torch.Tensor, most: float, generator: torch.Generator)
     return images * keep.repeat_interleave(14, dim=1).repeat_interleave(14, dim=2)[:, None]
 
 
-def train_quadrant_model(quadrant: str, seed: int, steps: int = 300) -> PerceptModel:
+def train_quadrant_model(quadrant: str, seed: int, steps: int = 300, classes: bool = False) -> PerceptModel:
     """Every weight trained (a tiny random tower learns fast from scratch), MSE, AdamW; eval mode.
+    ``classes``: a 2-class tower instead (dark or bright quadrant, split at the median brightness 0.6),
+    cross-entropy on its two logits: the path emotion's class logit takes.
 
     Random patches are blanked during training (as ROAR, Hooker et al. 2019, retrains): a deletion test
     then measures what the blanked patches carried, not how the model reacts to grey squares it never saw.
     """
     torch.manual_seed(seed)
-    model = PerceptModel(ARCH)
+    model = PerceptModel(dataclasses.replace(ARCH, outputs=2) if classes else ARCH)
     with torch.no_grad():  # distinct positions from the start: a tower of 2 layers then learns where to look
         model.visual.positional_embedding.mul_(8)  # in 300 steps on every seed tried, instead of sometimes
     for param in model.parameters():
@@ -56,7 +61,8 @@ def train_quadrant_model(quadrant: str, seed: int, steps: int = 300) -> PerceptM
     for _ in range(steps):
         x, y = quadrant_images(32, quadrant, generator)
         x = blank_patches(x, 0.4, generator)
-        loss = (model(x)[:, 0] - y).pow(2).mean()
+        out = model(x)
+        loss = F.cross_entropy(out, (y > 0.6).long()) if classes else (out[:, 0] - y).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

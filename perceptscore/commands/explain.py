@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.heatmap import METHODS
@@ -14,6 +15,11 @@ from perceptscore.plan import ScoreOptions
 from perceptscore.sinks import write_atomic
 from perceptscore.sources import Item
 from perceptscore.tasks import get_task
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from perceptscore.explain import Explainer
 
 
 @dataclass
@@ -52,6 +58,8 @@ def explain(
             f"known: {', '.join(spec.labels)}" if spec.labels else f"{spec.name} has no classes (emotion has)"
         )
         raise UsageError(f"--class {label!r}: {known}")
+    if batch_size is not None and batch_size < 1:  # 0 would silently mean "the default"
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {str(out_dir)!r} is a file: name a folder for the heatmaps")
     if not out_dir.parent.is_dir():
@@ -134,23 +142,43 @@ def _explain_all(
     """The work, once the inputs, options and names are known to be good (a generator: files appear one by
     one)."""
     from perceptscore.explain import Explainer
-    from perceptscore.heatmap import overlay
     from perceptscore.images import decode
 
     explainer = Explainer(task, checkpoint, device, precision, method, batch_size)
     out_dir.mkdir(exist_ok=True)
+    group: list[tuple[Planned, Image.Image | str]] = []  # decoded pictures, or why not, in input order
     for entry in planned:
-        item, png = entry.item, entry.png
-        if item.error or png is None:
-            yield Explained(item.path, error=item.error)
+        if entry.item.error or entry.png is None:
+            group.append((entry, entry.item.error or "no output name"))
+        else:
+            try:
+                with entry.item.locator.open() as f:
+                    group.append((entry, decode(f)))
+            except DecodeError as exc:
+                group.append((entry, str(exc)))
+        # a batch is several images' crops (one forward and backward for memorability's 4 or 16 photos)
+        if sum(not isinstance(p, str) for _, p in group) >= explainer.images_per_batch:
+            yield from _write(group, explainer, method, label, raw)
+            group = []
+    yield from _write(group, explainer, method, label, raw)
+
+
+def _write(
+    group: Sequence[tuple[Planned, Image.Image | str]], explainer: Explainer, method: str,
+    label: str | None, raw: bool,
+) -> Iterator[Explained]:  # fmt: skip
+    """Explain a group's pictures in one call, then write each heatmap (and ``.npy``) in input order."""
+    from perceptscore.heatmap import overlay
+
+    pictures = [p for _, p in group if not isinstance(p, str)]
+    results = iter(explainer.explain_many(pictures, label))
+    for entry, picture in group:
+        if isinstance(picture, str):
+            yield Explained(entry.item.path, error=picture)
             continue
-        try:
-            with item.locator.open() as f:
-                picture = decode(f)
-        except DecodeError as exc:
-            yield Explained(item.path, error=str(exc))
-            continue
-        result = explainer.explain(picture, label)
+        png = entry.png
+        assert png is not None  # planned for every item that decoded
+        result = next(results)
         image = overlay(picture, result.map, signed=METHODS[method], caption=result.caption())
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -163,4 +191,4 @@ def _explain_all(
             buffer = io.BytesIO()
             np.save(buffer, result.map, allow_pickle=False)
             write_atomic(npy, buffer.getvalue())
-        yield Explained(item.path, png, npy, result.caption())
+        yield Explained(entry.item.path, png, npy, result.caption())
