@@ -86,7 +86,7 @@ def read_report_table(paths: Sequence[str]) -> tuple[pa.Table, Roots, list[tuple
             raise UsageError(
                 f"{path}: not a scores file written by perceptscore score (.csv/.parquet/.jsonl)"
             )
-        about = read_provenance(path)
+        about = recorded_provenance(read_provenance(path))
         table = read_columns(path, _wanted)
         if PATH not in table.column_names:
             raise UsageError(f"{path}: has no {PATH} column")
@@ -95,6 +95,30 @@ def read_report_table(paths: Sequence[str]) -> tuple[pa.Table, Roots, list[tuple
         tables.append(table)
         provenance.append((path, about))
     return pa.concat_tables(tables, promote_options="default"), roots, provenance
+
+
+TEXT_FIELDS = ("perceptscore", "created", "device", "precision", "cwd")
+WEIGHTS_FIELDS = ("checkpoint", "origin", "sha256")
+
+
+def recorded_provenance(about: Any) -> dict[str, Any]:
+    """The provenance fields a report uses, each kept only when it has the type ``score`` writes: a scores
+    file edited or written by another tool (``"seconds": "12"``, ``"tasks": {"memorability": "oops"}``)
+    shows "not recorded" for what is malformed instead of failing the report."""
+    if not isinstance(about, dict):
+        return {}
+    kept: dict[str, Any] = {k: about[k] for k in TEXT_FIELDS if isinstance(about.get(k), str)}
+    seconds = about.get("seconds")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds):
+        kept["seconds"] = float(seconds)
+    tasks = about.get("tasks")
+    if isinstance(tasks, dict):  # a task stays listed; its malformed weights fields are left out
+        kept["tasks"] = {
+            str(task): {k: w[k] for k in WEIGHTS_FIELDS if isinstance(w.get(k), str)} if isinstance(w, dict)
+            else {}
+            for task, w in tasks.items()
+        }  # fmt: skip
+    return kept
 
 
 def histogram(values: np.ndarray, bins: int = BINS) -> Histogram:

@@ -267,3 +267,26 @@ def test_remote_and_missing_files_get_a_placeholder_with_the_reason(tmp_path: Pa
     assert next(c for c in page.captions if "a.jpg" in c).endswith("(remote file: not fetched)")
     assert next(c for c in page.captions if "b.jpg" in c).endswith("(no such file)")
     assert "c.jpg" in page.cells and "unreadable image: test" in page.cells
+
+
+@pytest.mark.parametrize(
+    "about",
+    [
+        {"tasks": {"memorability": "oops"}, "seconds": "12", "device": 7},
+        {"tasks": ["memorability"], "seconds": True, "created": {"at": 1}},
+        {"tasks": {"memorability": {"checkpoint": 3, "sha256": None}}, "seconds": float("nan")},
+    ],
+)
+def test_malformed_provenance_shows_not_recorded_instead_of_a_traceback(tmp_path: Path, about) -> None:
+    frame = pd.DataFrame({"path": ["c.jpg"], "memorability": [0.5], "error": [None]})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    scores = tmp_path / "s.parquet"
+    pq.write_table(table.replace_schema_metadata({"perceptscore": json.dumps(about)}), scores)
+    done = subprocess.run([EXE, "report", str(scores), "-o", str(tmp_path / "r.html")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    page = Page((tmp_path / "r.html").read_text(encoding="utf-8"))
+    how_long, device, when = page.cells[2], page.cells[3], page.cells[1]  # after the version's cell
+    assert (how_long, device, when) == ("not recorded", "not recorded", "not recorded"), page.cells
+    if isinstance(about["tasks"], dict):  # the task is listed, each malformed field not recorded
+        assert page.cells[-1] == "not recorded (not recorded)sha256 not recorded", page.cells
