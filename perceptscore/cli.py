@@ -126,6 +126,9 @@ def score(
         inputs, out, options, _reporter, resume, incremental, processes, restart, engine, ray_address, report
     )
     err_console.print(_summary(outcome, out, incremental))
+    if outcome.report:  # after the summary: a report that failed never hides what was scored
+        err_console.print(Text.assemble(("error:", "red"), f" {outcome.report}") if outcome.report_failed
+                          else outcome.report)  # fmt: skip
     raise typer.Exit(outcome.exit_code)
 
 

@@ -49,6 +49,8 @@ def scores(tmp_path_factory: pytest.TempPathFactory, checkpoint_args: list[str])
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr  # one error row
+    # the summary, then one line on the page
+    assert done.stderr.strip().splitlines()[-1].startswith(f"report -> {page} ("), done.stderr
     (photos / "gone.jpg").unlink()
     return out, page
 
@@ -290,3 +292,24 @@ def test_malformed_provenance_shows_not_recorded_instead_of_a_traceback(tmp_path
     assert (how_long, device, when) == ("not recorded", "not recorded", "not recorded"), page.cells
     if isinstance(about["tasks"], dict):  # the task is listed, each malformed field not recorded
         assert page.cells[-1] == "not recorded (not recorded)sha256 not recorded", page.cells
+
+
+def test_score_report_failure_still_prints_the_summary_then_one_error_and_exits_2(
+    release_checkpoints, tmp_path: Path
+) -> None:
+    photo = tmp_path / "a.jpg"
+    sample("astronaut.png").resize((96, 64)).save(photo)
+    out = tmp_path / "s.parquet"
+    page = tmp_path / ("r" * 250 + ".html")  # a legal name whose temporary sibling is too long: write fails
+    ckpt = str(release_checkpoints["memorability"][0])
+    done = subprocess.run(
+        [EXE, "score", str(photo), "-t", "memorability", "--checkpoint", ckpt, "--device", "cpu",
+         "-o", str(out), "--report", str(page)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-2].startswith("scored 1 file, 0 errors -> ") and str(out) in lines[-2], done.stderr
+    assert lines[-1].startswith("error: report ") and "not written" in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr and not page.exists()
+    assert pd.read_parquet(out)["memorability"].notna().all()  # the scores are there, complete

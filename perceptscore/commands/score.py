@@ -93,10 +93,23 @@ def score(
             plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster
         )
     if report:  # the HTML report of the output, made once the output is complete
-        from perceptscore.commands.report import report as write_report
-
-        write_report([out], report)
+        _write_report(out, report, outcome)
     return outcome
+
+
+def _write_report(out: str, report: str, outcome: Outcome) -> None:
+    """The page of a complete scores file. Its failure (a folder gone, a full disk) is kept in the outcome,
+    not raised: the scoring summary is still printed, then the report's error, and the run exits 2."""
+    from perceptscore.commands.report import report as write_report
+    from perceptscore.errors import PerceptScoreError
+
+    try:
+        written = write_report([out], report)
+    except (PerceptScoreError, OSError) as exc:
+        reason = " ".join((exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).split())
+        outcome.report, outcome.report_failed = f"report {shown(report)} not written: {reason}", True
+        return
+    outcome.report = f"report -> {shown(report)} ({written.size / 1e6:.1f} MB)"
 
 
 def _check_report(report: str, out: str, inputs: Sequence[str]) -> None:
