@@ -475,13 +475,13 @@ def eval_(
 Checkpoint = Annotated[
     str | None, typer.Option("--checkpoint", help="The task's weights file.", show_default="resolved")
 ]
-# Maps need fp32: fp16 flushes many of the backward's small gradients to zero. Lower only when asked.
+# Maps default to fp32: most of the backward's gradients are fp16 subnormals. Lower only when asked.
 MapPrecision = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="auto or fp32 (fp32 on every device: maps need gradients fp16 flushes to zero); bf16 or fp16 "
-        "run faster with coarser maps.",
+        help="auto or fp32 (fp32 on every device: maps are built from tiny gradients, most of them fp16 "
+        "subnormals); bf16 or fp16 run faster with coarser maps.",
     ),
 ]
 

@@ -19,7 +19,7 @@ Two methods, both on the model's explicit-attention path (``PerceptModel.recordi
 Maps are computed per crop of the task's own preprocessing (so on exactly what the score saw) and pasted
 back into the resized image at the crop's offset; where crops overlap (quality's 15) they are averaged,
 where none reached (outside memorability's centre crop) the map is NaN. ``Explainer`` computes in fp32 on
-every device unless asked otherwise (fp16 flushes many of the backward's small gradients to zero) and runs
+every device unless asked otherwise (most of the backward's gradients are fp16 subnormals) and runs
 the crops of several images in one batch.
 """
 
@@ -264,8 +264,8 @@ class Explainer:
         self.task, self.method = get_task(task), method
         self.weights = resolve(self.task, checkpoint)
         dev = resolve_device(device)
-        # fp32 on every device unless asked: the backward's gradients are small enough that fp16 flushes
-        # many of them to zero (subnormal), and the map is built from them
+        # fp32 on every device unless asked: the map is built from the backward's gradients, and most of
+        # them are small enough to be fp16 subnormals (few significant bits left)
         self.precision = "fp32" if precision == "auto" else precision
         # attention-shift needs the adapters apart from the base; relevance runs faster merged
         self.model = load_model(

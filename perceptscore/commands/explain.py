@@ -48,8 +48,9 @@ def explain(
 ) -> Iterator[Explained]:
     """Explain every image the inputs name (files, folders, globs, lists, manifests: as ``score`` reads
     them) into ``out_dir``: ``<name>.<task>.<method>.png`` (a name used twice gets ``-1``, ``-2``), and
-    ``.npy`` beside it with ``raw``. Bad inputs and options fail before the model loads; a file that cannot
-    be decoded is an ``Explained`` with its error, and the run goes on."""
+    ``.npy`` beside it with ``raw``. Bad inputs and options fail before the model loads, and so does a name
+    that would write over one of the inputs; ``out_dir`` inside a folder given is not walked. A file that
+    cannot be decoded is an ``Explained`` with its error, and the run goes on."""
     spec = get_task(task)
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}; choose {' or '.join(METHODS)}")
