@@ -12,12 +12,14 @@ from perceptscore._version import __version__
 
 if TYPE_CHECKING:
     from perceptscore.checkpoints import load_model
+    from perceptscore.explain import Explainer
     from perceptscore.model import PerceptModel
     from perceptscore.scorer import Scorer
 
-__all__ = ["PerceptModel", "Scorer", "__version__", "load_model"]
+__all__ = ["Explainer", "PerceptModel", "Scorer", "__version__", "load_model"]
 
 _LAZY = {
+    "Explainer": "perceptscore.explain",
     "load_model": "perceptscore.checkpoints",
     "PerceptModel": "perceptscore.model",
     "Scorer": "perceptscore.scorer",

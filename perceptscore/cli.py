@@ -113,6 +113,9 @@ def score(
         str | None,
         typer.Option(help="The Ray cluster for --engine ray.", show_default="$RAY_ADDRESS, else a local Ray"),
     ] = None,
+    report: Annotated[
+        str | None, typer.Option(help="Also write an HTML report of the output once it is complete.")
+    ] = None,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore.commands.score import score as run
@@ -120,9 +123,12 @@ def score(
 
     options = scoring.options(parse_tasks(task))
     outcome = run(
-        inputs, out, options, _reporter, resume, incremental, processes, restart, engine, ray_address
+        inputs, out, options, _reporter, resume, incremental, processes, restart, engine, ray_address, report
     )
     err_console.print(_summary(outcome, out, incremental))
+    if outcome.report:  # after the summary: a report that failed never hides what was scored
+        err_console.print(Text.assemble(("error:", "red"), f" {outcome.report}") if outcome.report_failed
+                          else outcome.report)  # fmt: skip
     raise typer.Exit(outcome.exit_code)
 
 
@@ -463,6 +469,95 @@ def eval_(
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
     raise typer.Exit(exit_code)
+
+
+# ---- seeing the scores: heatmaps and the HTML report ------------------------------------------------
+Checkpoint = Annotated[
+    str | None, typer.Option("--checkpoint", help="The task's weights file.", show_default="resolved")
+]
+# Maps default to fp32: most of the backward's gradients are fp16 subnormals. Lower only when asked.
+MapPrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto or fp32 (fp32 on every device: maps are built from tiny gradients, most of them fp16 "
+        "subnormals); bf16 or fp16 run faster with coarser maps.",
+    ),
+]
+
+
+@app.command()
+def explain(
+    inputs: Inputs,
+    task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The folder for the heatmaps (created).")],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="relevance (for a score: what it depended on, either way; for emotion: evidence for the "
+            "class) or attention-shift (vs. base CLIP)."
+        ),
+    ] = "relevance",
+    label: Annotated[
+        str | None, typer.Option("--class", help="Emotion: the class to explain.", show_default="predicted")
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Also save each map as .npy (float32, NaN unseen).")
+    ] = False,
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    precision: MapPrecision = "auto",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Crops per forward and backward pass, across images (at least 1).",
+            show_default="16 on CUDA, 4 on CPU",
+        ),
+    ] = None,
+) -> None:
+    """Show where each image's score came from: a heatmap PNG per image (and .npy with --raw)."""
+    from perceptscore.commands.explain import explain as run
+
+    errors = 0
+    for done in run(inputs, task, out, method, label, raw, checkpoint, device, precision, batch_size):
+        if done.error:
+            errors += 1
+            err_console.print(Text.assemble(("failed:", "red"), f" {shown(done.path)}: {shown(done.error)}"))
+        else:
+            err_console.print(f"{shown(done.path)} -> {shown(str(done.png))} ({done.caption})")
+    raise typer.Exit(1 if errors else 0)
+
+
+@app.command()
+def report(
+    scores: Annotated[
+        list[str],
+        typer.Argument(help="Scores files written by `score` (.csv/.parquet/.jsonl).", show_default=False),
+    ],
+    out: Annotated[str, typer.Option("-o", "--out", help="The .html file to write.")],
+    top: Annotated[int, typer.Option(help="Images shown at each end of every task's ranking.")] = 24,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="A heatmap beside each image shown (runs the model on those).")
+    ] = False,
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--checkpoint", help="With --explain: TASK=PATH.", show_default="the weights that scored"
+        ),
+    ] = None,
+    device: Device = "auto",
+    precision: MapPrecision = "auto",
+) -> None:
+    """Write one self-contained HTML page: histograms, top and bottom images, classes, errors, provenance."""
+    from perceptscore.commands.report import report as run
+    from perceptscore.tasks import all_tasks, parse_checkpoint_options
+
+    checkpoints = parse_checkpoint_options(checkpoint or [], list(all_tasks()))
+    written = run(scores, out, top, explain, checkpoints, device, precision)
+    err_console.print(
+        f"report of {_count(written.data.rows, 'row')} ({_count(written.data.errors, 'error')}) -> "
+        f"{shown(out)} ({written.size / 1e6:.1f} MB)"
+    )
 
 
 def main() -> None:

@@ -225,3 +225,26 @@ def read_provenance(path: str) -> dict[str, Any]:
     fmt = format_of(path)
     assert fmt is not None, path
     return fmt.provenance(path) or {}
+
+
+def read_columns(path: str, wanted: Callable[[pa.Schema], Sequence[str]]) -> pa.Table:
+    """Only some columns of a scores file (``wanted`` picks them from its schema): a report of a million
+    rows reads the path, error and score columns, not every probability and passthrough column."""
+    fmt = format_of(path)
+    assert fmt is not None, path
+    try:
+        if fmt.suffix == ".parquet":
+            return pq.read_table(path, columns=list(wanted(pq.read_schema(path))))
+        if fmt.suffix == ".csv":
+            columns = list(wanted(_csv_reader(path, (PATH, ERROR)).schema))
+            convert = pacsv.ConvertOptions(
+                include_columns=columns,
+                column_types={PATH: pa.string(), ERROR: pa.string()},
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+            )
+            return restore_formulas(pacsv.read_csv(path, convert_options=convert))
+        table = fmt.read(path)
+        return table.select(list(wanted(table.schema)))
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"{path}: unreadable ({' '.join(str(exc).split())[:200]})") from None

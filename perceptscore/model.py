@@ -101,7 +101,9 @@ class LoRAQKVAttention(nn.Module):
         else:  # the same attention, computed step by step to keep its probabilities (explain)
             scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             probs = (scores if attn_mask is None else scores + attn_mask).softmax(dim=-1)
-            self.record.append(probs.detach())
+            # Not detached: relevance maps need the output's gradient with respect to these probabilities
+            # (under no_grad there is no graph to keep anyway).
+            self.record.append(probs)
             out = probs @ v
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.width)), None
 
@@ -177,6 +179,23 @@ class PerceptModel(nn.Module):
         finally:
             for layer in layers:
                 layer.record = None
+
+    @contextlib.contextmanager
+    def adapters_off(self) -> Iterator[None]:
+        """Within the block the model is its base CLIP tower: every LoRA adapter is left out (the head stays).
+        Needs the unmerged model (``load_model(..., merge=False)``): merged weights hold no base to return to.
+        """
+        layers = [m for m in self.modules() if isinstance(m, LoRAQKVAttention)]
+        if any(layer.merged for layer in layers):
+            raise ValueError("adapters_off() needs the unmerged model: load it with merge=False")
+        saved = [(layer.lora_A, layer.lora_B) for layer in layers]
+        for layer in layers:
+            layer.lora_A = layer.lora_B = None
+        try:
+            yield
+        finally:
+            for layer, (a, b) in zip(layers, saved, strict=True):
+                layer.lora_A, layer.lora_B = a, b
 
     @property
     def merged(self) -> bool:

@@ -42,9 +42,12 @@ class ScoreOptions:
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
 
-    def sources(self, inputs: Sequence[str], stdin: TextIO | None = None) -> Sources:
+    def sources(
+        self, inputs: Sequence[str], stdin: TextIO | None = None, skip_folders: Sequence[str] = ()
+    ) -> Sources:
         reserved = output_columns(self.task_specs())
-        return Sources(inputs, self.recursive, self.path_column, reserved, stdin, self.follow_links)
+        return Sources(inputs, self.recursive, self.path_column, reserved, stdin, self.follow_links,
+                       skip_folders)  # fmt: skip
 
     def weights(self) -> dict[str, Weights]:
         """Each task's weights file, found or downloaded, without loading anything (no torch)."""

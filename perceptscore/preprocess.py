@@ -64,15 +64,24 @@ def prepare(img: Image.Image, spec: Preprocess) -> np.ndarray:
     if img.mode != "RGB":
         raise ValueError(f"prepare() needs an RGB image, got mode {img.mode}")
     pixels = np.asarray(resize(img, spec.resize))
+    return crops_of(pixels, crop_offsets(pixels, spec), spec.crop)
+
+
+def crop_offsets(pixels: np.ndarray, spec: Preprocess) -> list[tuple[int, int]]:
+    """The (top, left) of each crop ``spec`` takes from the resized image ``pixels`` (H, W, 3): the centre
+    crop, or the random crops seeded by the pixels. ``explain`` pastes each crop's map back at these."""
     height, width = pixels.shape[:2]
     c = spec.crop
     if height < c or width < c:
         raise ValueError(f"resized image {width}x{height} is smaller than the {c}px crop")
     if spec.crops == 1:
-        offsets = [center_crop_offset(width, height, c)]
-    else:
-        offsets = random_crop_offsets(pixels, spec.crops, c)
-    return np.stack([pixels[t : t + c, left : left + c].transpose(2, 0, 1) for t, left in offsets])
+        return [center_crop_offset(width, height, c)]
+    return random_crop_offsets(pixels, spec.crops, c)
+
+
+def crops_of(pixels: np.ndarray, offsets: Sequence[tuple[int, int]], crop: int) -> np.ndarray:
+    """uint8 (crops, 3, crop, crop) cut from ``pixels`` (H, W, 3) at ``offsets``."""
+    return np.stack([pixels[t : t + crop, left : left + crop].transpose(2, 0, 1) for t, left in offsets])
 
 
 def normalize(

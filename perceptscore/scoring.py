@@ -32,9 +32,13 @@ class Outcome:
     discarded: int = 0  # rows of an interrupted run discarded by --restart
     salvaged: int = 0  # rows of an interrupted run whose inputs changed, reused where files are unchanged
     ignored: list[str] = field(default_factory=list)  # files in input folders passed over (not images)
+    report: str | None = None  # --report: one line on the page written, or on why it could not be
+    report_failed: bool = False
 
     @property
     def exit_code(self) -> int:
+        if self.report_failed:  # the scores are written; the page asked for is not: a usage-level failure
+            return 2
         return 1 if self.errors else 0
 
     def count(self, rows: pa.RecordBatch | pa.Table) -> None:

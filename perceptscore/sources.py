@@ -61,12 +61,17 @@ def _is_glob(text: str) -> bool:
 
 
 def _walk(
-    root: str, recursive: bool, ignored: list[str] | None = None, follow_links: bool = False
+    root: str,
+    recursive: bool,
+    ignored: list[str] | None = None,
+    follow_links: bool = False,
+    skip: frozenset[str] = frozenset(),
 ) -> Iterator[str]:
     """Image files below ``root`` in sorted order, depth first; each real folder visited once. A linked
     folder is followed only when it stays under ``root`` (a link to / would walk the whole machine), unless
     ``follow_links``. A file with no extension at all is an image if its first bytes say so. Other files
-    are passed over and appended to ``ignored``. Iterative: no depth is too deep."""
+    are passed over and appended to ``ignored``. Sub-folders whose real path is in ``skip`` are not entered
+    (a command's own output folder inside the folder it reads). Iterative: no depth is too deep."""
     inside = os.path.realpath(root)
     seen: set[tuple[int, int]] = set()
     stack = [root]
@@ -84,7 +89,8 @@ def _walk(
         folders = []
         for entry in entries:
             if _is_folder(entry):
-                if recursive and (follow_links or not entry.is_symlink() or _under(entry.path, inside)):
+                followed = follow_links or not entry.is_symlink() or _under(entry.path, inside)
+                if recursive and followed and (not skip or os.path.realpath(entry.path) not in skip):
                     folders.append(entry.path)
             elif entry.name.startswith("._"):  # macOS AppleDouble metadata files, never images
                 _note(ignored, entry.path)
@@ -167,7 +173,8 @@ class Sources:
     """The inputs of one run, validated up front, iterated lazily as ``Item``s in input order.
 
     ``reserved``: output column names; a manifest column with such a name is passed through as
-    ``input_<name>`` instead of being overwritten.
+    ``input_<name>`` instead of being overwritten. ``skip_folders``: real paths of folders a walk does not
+    enter below a folder input (``explain``'s output folder); a folder named as an input is still walked.
     """
 
     def __init__(
@@ -178,10 +185,12 @@ class Sources:
         reserved: Iterable[str] = (),
         stdin: TextIO | None = None,
         follow_links: bool = False,
+        skip_folders: Iterable[str] = (),
     ) -> None:
         if not inputs:
             raise UsageError("no inputs given: name image files, folders, globs, @lists, manifests or -")
         self.recursive, self.follow_links = recursive, follow_links
+        self.skip = frozenset(os.path.realpath(f) for f in skip_folders)
         self.stdin = stdin if stdin is not None else sys.stdin
         self._plan: list[tuple[str, Any]] = [self._classify(text, path_column or PATH) for text in inputs]
         if sum(kind == "stdin" for kind, _ in self._plan) > 1:
@@ -230,19 +239,19 @@ class Sources:
                 fields[name] = f.with_name(name)
         return pa.schema(list(fields.values()))
 
+    def _walk(self, folder: str) -> Iterator[str]:
+        return _walk(folder, self.recursive, self.ignored, self.follow_links, self.skip)
+
     def _paths(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
         for kind, value in self._plan:
             if kind == "file":
                 yield value, {}
             elif kind == "dir":
-                for path in _walk(value, self.recursive, self.ignored, self.follow_links):
-                    yield path, {}
+                yield from ((p, {}) for p in self._walk(value))
             elif kind == "glob":
                 for path in value:
                     if os.path.isdir(path):
-                        yield from (
-                            (p, {}) for p in _walk(path, self.recursive, self.ignored, self.follow_links)
-                        )
+                        yield from ((p, {}) for p in self._walk(path))
                     else:
                         yield path, {}
             elif kind == "list":

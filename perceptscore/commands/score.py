@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ def score(
     restart: bool = False,
     engine: str = "local",
     ray_address: str | None = None,
+    report: str | None = None,
 ) -> Outcome:
     """Score every input into ``out``. A file output is locked, written in resumable shards and appears
     only when complete; an interrupted run of the same plan is continued (``resume`` says so explicitly,
@@ -71,6 +73,8 @@ def score(
         )
     if resume and restart:
         raise UsageError("choose one of --resume and --restart")
+    if report:
+        _check_report(report, out, inputs)
     if (processes or 1) > 1 and "-" in inputs:
         raise UsageError("--processes needs inputs every process can read: not - (stdin)")
     previous = Previous.read(incremental, options.task_specs()) if incremental else None
@@ -87,9 +91,35 @@ def score(
         plan = make_plan(options, inputs, target, incremental, weights, device)
         if stop is None:
             return _score_to_stream(plan, sources, make_reporter, cluster)
-        return _score_to_file(
+        outcome = _score_to_file(
             plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster
         )
+    if report:  # the HTML report of the output, made once the output is complete
+        _write_report(out, report, outcome)
+    return outcome
+
+
+def _write_report(out: str, report: str, outcome: Outcome) -> None:
+    """The page of a complete scores file. Its failure (a folder gone, a full disk) is kept in the outcome,
+    not raised: the scoring summary is still printed, then the report's error, and the run exits 2."""
+    from perceptscore.commands.report import report as write_report
+    from perceptscore.errors import PerceptScoreError
+
+    try:
+        written = write_report([out], report)
+    except (PerceptScoreError, OSError) as exc:
+        reason = " ".join((exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).split())
+        outcome.report, outcome.report_failed = f"report {shown(report)} not written: {reason}", True
+        return
+    outcome.report = f"report -> {shown(report)} ({written.size / 1e6:.1f} MB)"
+
+
+def _check_report(report: str, out: str, inputs: Sequence[str]) -> None:
+    from perceptscore.commands.report import check_report_output
+
+    if out == "-":
+        raise UsageError("--report needs a file output (-o scores.parquet): it is made from that file")
+    check_report_output(report, [*inputs, out])
 
 
 def _engine(plan: ScoringPlan, processes: int | None, cluster: Engine | None = None) -> Engine:
@@ -138,6 +168,7 @@ def _score_to_file(
     output. An interrupted run whose inputs changed is not continued but salvaged: its rows are reused
     where a file is unchanged, as ``--incremental`` does (``--resume`` insists on continuing: refused)."""
     out, engine, outcome = Path(plan.output), _engine(plan, processes, cluster), Outcome()
+    started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
     schema, tasks = plan.schema(sources.passthrough), plan.task_specs()
     with make_reporter(sources.count()) as reporter:
         while True:
@@ -161,6 +192,7 @@ def _score_to_file(
     outcome.skipped = previous.skipped if previous else 0
     about = provenance(plan, engine.describe(plan)) | {
         "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
+        "seconds": round(time.monotonic() - started, 3),
     }  # fmt: skip
     with Sink(plan.output, schema, about) as sink:
         for table in run.tables(counted.count):

@@ -1,0 +1,131 @@
+"""``perceptscore report``: one self-contained HTML page from scores files (and ``score --report``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from perceptscore._version import __version__
+from perceptscore.errors import UsageError
+from perceptscore.report import ReportData, Row, TaskSection, gather
+from perceptscore.safety import refuse_overwriting_an_input
+from perceptscore.sinks import write_atomic
+
+SUFFIXES = (".html", ".htm")
+
+
+@dataclass
+class Shown:
+    """How a row is drawn: its thumbnail (or the placeholder, with why), and its heatmap (``--explain``)."""
+
+    src: str
+    note: str = ""
+    heatmap: str | None = None
+
+
+@dataclass
+class Written:
+    out: str
+    data: ReportData
+    size: int  # bytes
+
+
+def check_report_output(out: str, inputs: Sequence[str]) -> None:
+    """Fail before any work on a report name that is not an .html file we may write."""
+    if Path(out).suffix.lower() not in SUFFIXES:
+        raise UsageError(f"report {out!r}: name an .html file")
+    if os.path.isdir(out):
+        raise UsageError(f"report {out!r} is a folder: name the file to write")
+    if not Path(out).parent.is_dir():
+        raise UsageError(f"report folder {str(Path(out).parent)!r} does not exist")
+    refuse_overwriting_an_input(out, inputs)
+
+
+def report(
+    scores: Sequence[str],
+    out: str,
+    top: int = 24,
+    explain: bool = False,
+    checkpoints: Mapping[str, str] | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> Written:
+    """Write the report of ``scores`` (files written by ``perceptscore score``) to ``out``, atomically.
+    ``explain``: a heatmap beside each image shown (the model runs on those images only)."""
+    check_report_output(out, scores)
+    data = gather(scores, top)
+    pictures = _Pictures(data, explain, dict(checkpoints or {}), device, precision)
+    html = render(data, pictures.shown)
+    write_atomic(Path(out), html.encode("utf-8"))
+    return Written(out, data, len(html.encode("utf-8")))
+
+
+def render(data: ReportData, shown: Any) -> str:
+    """The page, from the package's template; every value is escaped (paths are user data)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(
+        loader=PackageLoader("perceptscore", "templates"), autoescape=True, undefined=StrictUndefined
+    )
+    written = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    template = env.get_template("report.html.j2")
+    return template.render(data=data, shown=shown, version=__version__, written=written)
+
+
+class _Pictures:
+    """Thumbnails (each file decoded once for all tasks) and, with ``explain``, heatmaps per task."""
+
+    def __init__(
+        self, data: ReportData, explain: bool, checkpoints: dict[str, str], device: str, precision: str
+    ) -> None:
+        self.explain, self.checkpoints, self.device, self.precision = explain, checkpoints, device, precision
+        self.recorded = {t: w.get("checkpoint") for _, about in data.provenance for t, w in
+                         (about.get("tasks") or {}).items()}  # fmt: skip
+        self.thumbnails: dict[tuple[str, str], tuple[str, str]] = {}
+        self.heatmaps: dict[tuple[str, str, str, str | None], str | None] = {}
+        self.explainers: dict[str, Any] = {}
+
+    def shown(self, section: TaskSection, row: Row) -> Shown:
+        from perceptscore.thumbnails import open_upright, placeholder, thumbnail
+
+        key = (row.path, row.root)
+        if key not in self.thumbnails:
+            image, why = open_upright(row.path, row.root)
+            self.thumbnails[key] = (thumbnail(image), "") if image is not None else (placeholder(), why)
+        src, note = self.thumbnails[key]
+        heatmap = self._heatmap(section, row) if self.explain and not note else None
+        return Shown(src, note, heatmap)
+
+    def _heatmap(self, section: TaskSection, row: Row) -> str | None:
+        from perceptscore.errors import DecodeError
+        from perceptscore.heatmap import overlay
+        from perceptscore.images import decode
+        from perceptscore.thumbnails import SIDE, data_uri, local_path
+
+        key = (section.task.name, row.path, row.root, row.label)
+        if key not in self.heatmaps:
+            try:
+                image = decode(local_path(row.path, row.root) or row.path)  # as scored: no draft decoding
+            except DecodeError:
+                self.heatmaps[key] = None
+                return None
+            explained = self._explainer(section.task.name).explain(image, row.label)
+            self.heatmaps[key] = data_uri(overlay(image, explained.map, max_side=SIDE))
+        return self.heatmaps[key]
+
+    def _explainer(self, task: str) -> Any:
+        """The task's model: ``--checkpoint``, else the weights that scored the file (when still there),
+        else the task's weights as ``score`` resolves them."""
+        if task not in self.explainers:
+            from perceptscore.explain import Explainer
+
+            recorded = self.recorded.get(task)
+            checkpoint = self.checkpoints.get(task) or (
+                recorded if recorded and os.path.isfile(recorded) else None
+            )
+            self.explainers[task] = Explainer(task, checkpoint, self.device, self.precision)
+        return self.explainers[task]
