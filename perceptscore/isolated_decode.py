@@ -50,6 +50,12 @@ def crashed(timeout: float) -> str:
     return f"the decoder crashed, or hung for {timeout:.0f} s, in its worker process"
 
 
+def settings_for(
+    specs: Sequence[Preprocess], draft: int | None, max_pixels: int, timeout: float
+) -> dict[str, Any]:
+    return {"specs": [asdict(s) for s in specs], "draft": draft, "max_pixels": max_pixels, "timeout": timeout}
+
+
 class IsolatedDecoder:
     """Decodes uris in a child process started on first use (and again after a file killed it). Not for
     several threads at once: one file in flight is what makes the blame exact."""
@@ -58,13 +64,14 @@ class IsolatedDecoder:
         self, specs: Sequence[Preprocess], draft: int | None, max_pixels: int, timeout: float
     ) -> None:
         self.specs, self.timeout = list(specs), timeout
-        self._settings = {
-            "specs": [asdict(s) for s in self.specs],
-            "draft": draft,
-            "max_pixels": max_pixels,
-            "timeout": timeout,
-        }
+        self._settings = settings_for(self.specs, draft, max_pixels, timeout)  # what the child receives
         self._child: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> IsolatedDecoder:
+        """A decoder from ``settings_for``'s JSON-able dict (how a Ray task receives it)."""
+        specs = [Preprocess.from_dict(s) for s in settings["specs"]]
+        return cls(specs, settings["draft"], settings["max_pixels"], settings["timeout"])
 
     def decode(self, uri: str) -> Decoded:
         child = self._sent(uri.encode("utf-8", "surrogateescape"))

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import UsageError
-from perceptscore.images import MAX_PIXELS, draft_side
+from perceptscore.images import MAX_PIXELS
 from perceptscore.isolated_decode import Decoded, IsolatedDecoder
 
 __all__ = ["Scorer"]
@@ -60,7 +60,7 @@ class Scorer:
         fast_decode: bool = False,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
-        from perceptscore.engines.local import decode_timeout
+        from perceptscore.engines.ray import decoder_settings
         from perceptscore.plan import ScoreOptions, make_plan
         from perceptscore.predict import Predictor
         from perceptscore.tasks import parse_tasks
@@ -72,12 +72,8 @@ class Scorer:
         self.plan = make_plan(options)
         self.predictor = Predictor.from_plan(self.plan)
         self.path_column = path_column
-        specs = self.predictor.specs
-        draft = draft_side(specs) if fast_decode else None
-        self._decoders = [
-            IsolatedDecoder(specs, draft, max_pixels, decode_timeout())
-            for _ in range(max(1, decode_processes))
-        ]
+        settings = decoder_settings(self.predictor.specs, fast_decode, max_pixels)
+        self._decoders = [IsolatedDecoder.from_settings(settings) for _ in range(max(1, decode_processes))]
         self._threads = ThreadPoolExecutor(len(self._decoders))
         self._lock = threading.Lock()
 

@@ -38,7 +38,7 @@ from perceptscore._version import __version__
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH, core_schema
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.images import draft_side
-from perceptscore.isolated_decode import Decoded, IsolatedDecoder
+from perceptscore.isolated_decode import Decoded, IsolatedDecoder, settings_for
 from perceptscore.plan import ScoringPlan
 from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
@@ -57,23 +57,18 @@ _decoders: dict[str, IsolatedDecoder] = {}  # per worker process: one child deco
 
 
 def decoder_settings(specs: list[Preprocess], fast_decode: bool, max_pixels: int) -> dict[str, Any]:
+    """The isolated decoders' settings for a run, as JSON-able data shipped to the decode tasks."""
     from perceptscore.engines.local import decode_timeout
 
-    return {
-        "specs": [{"resize": s.resize, "crop": s.crop, "crops": s.crops} for s in specs],
-        "draft": draft_side(specs) if fast_decode else None,
-        "max_pixels": max_pixels,
-        "timeout": decode_timeout(),  # read on the driver: the run's setting, whatever the workers' env
-    }
+    draft = draft_side(specs) if fast_decode else None
+    # the time limit is read here, on the driver: the run's setting, whatever the workers' environment
+    return settings_for(specs, draft, max_pixels, decode_timeout())
 
 
 def _decoder(settings: dict[str, Any]) -> IsolatedDecoder:
     key = json.dumps(settings, sort_keys=True)
     if key not in _decoders:
-        specs = [Preprocess.from_dict(s) for s in settings["specs"]]
-        _decoders[key] = IsolatedDecoder(
-            specs, settings["draft"], settings["max_pixels"], settings["timeout"]
-        )
+        _decoders[key] = IsolatedDecoder.from_settings(settings)
     return _decoders[key]
 
 
