@@ -67,6 +67,24 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         False,
     ),
+    "tar_fields": (
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Columns tar rows bring besides shard and key: txt, json, json.NAME (comma-separated)."
+            ),
+        ],
+        None,
+    ),
+    "storage_options": (
+        Annotated[
+            str | None,
+            typer.Option(
+                help="JSON options for fsspec (s3://, gs://, az://, or keyed by scheme); never written."
+            ),
+        ],
+        None,
+    ),
 }
 
 
@@ -87,11 +105,16 @@ class ScoringArgs:
 
     def options(self, tasks: list[str]):  # type: ignore[no-untyped-def]  # -> ScoreOptions
         from perceptscore.plan import ScoreOptions
+        from perceptscore.remote import Settings
+        from perceptscore.shards import parse_fields
         from perceptscore.tasks import parse_checkpoint_options
 
         values = dict(self.values)
         checkpoints = parse_checkpoint_options(values.pop("checkpoint") or [], tasks)
-        return ScoreOptions(tasks=tasks, checkpoints=checkpoints, **values)
+        tar_fields = parse_fields(values.pop("tar_fields"))
+        storage = Settings.parse(values.pop("storage_options"))
+        return ScoreOptions(tasks=tasks, checkpoints=checkpoints, tar_fields=tar_fields, storage=storage,
+                            **values)  # fmt: skip
 
 
 def scoring_options(command: Callable[..., None]) -> Callable[..., None]:

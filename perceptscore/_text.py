@@ -13,6 +13,30 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
+_SECRET_OPTIONS = ("--storage-options",)  # options whose value may hold credentials
+
+
+def redacted_command(argv: list[str]) -> str:
+    """A command line fit for a lock file or log: user info redacted, URL queries (a presigned URL's
+    signature) and ``--storage-options`` values replaced by ``***``."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _SECRET_OPTIONS:
+            out.append(f"{name}=***" if "=" in arg else arg)
+            hide_next = "=" not in arg
+            continue
+        text = redact(arg)
+        if "://" in text and "?" in text:
+            text = text.split("?", 1)[0] + "?***"
+        out.append(text)
+    return " ".join(out)
+
+
 def shown(text: str) -> str:
     """A path or message as a person may see it on a terminal: control characters (ESC sequences that
     would recolour or rewrite the screen, newlines that would fake a second line) escaped as ``\\xNN``."""

@@ -54,6 +54,14 @@ Inputs = Annotated[
         show_default=False,
     ),
 ]
+ScoreInputs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Image files, folders (recursive), globs, @list.txt, - (paths on stdin), .parquet/.csv/.jsonl "
+        "manifests, .tar shards (shards/{00000..00099}.tar); any as a URL (s3://bucket/prefix/, https://).",
+        show_default=False,
+    ),
+]
 InputsOrStdin = Annotated[
     list[str] | None,
     typer.Argument(
@@ -81,7 +89,8 @@ def _reporter(total: int | None):  # type: ignore[no-untyped-def]
 @app.command()
 @scoring_options
 def score(
-    inputs: Inputs,
+    inputs: ScoreInputs = None,
+    *,
     task: Annotated[
         list[str], typer.Option("-t", "--task", help="Task(s): memorability, quality, emotion; a,b.")
     ],
@@ -116,6 +125,12 @@ def score(
     report: Annotated[
         str | None, typer.Option(help="Also write an HTML report of the output once it is complete.")
     ] = None,
+    retry_errors: Annotated[
+        str | None,
+        typer.Option(
+            help="An earlier scores file (no inputs): keep its scored rows, score its error rows again."
+        ),
+    ] = None,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore.commands.score import score as run
@@ -123,24 +138,29 @@ def score(
 
     options = scoring.options(parse_tasks(task))
     outcome = run(
-        inputs, out, options, _reporter, resume, incremental, processes, restart, engine, ray_address, report
-    )
-    err_console.print(_summary(outcome, out, incremental))
+        inputs or [], out, options, _reporter, resume, incremental, processes, restart, engine, ray_address,
+        report, retry_errors,
+    )  # fmt: skip
+    err_console.print(_summary(outcome, out, incremental, retry_errors))
     if outcome.report:  # after the summary: a report that failed never hides what was scored
         err_console.print(Text.assemble(("error:", "red"), f" {outcome.report}") if outcome.report_failed
                           else outcome.report)  # fmt: skip
     raise typer.Exit(outcome.exit_code)
 
 
-def _summary(outcome, out: str, incremental: str | None) -> str:  # type: ignore[no-untyped-def]
+def _summary(outcome, out: str, incremental: str | None, retry_errors: str | None = None) -> str:  # type: ignore[no-untyped-def]
+    from perceptscore.remote import without_secrets
+
     notes = [f"{outcome.resumed} resumed from an interrupted run"] if outcome.resumed else []
     if outcome.salvaged:
         notes.append(
             f"the inputs changed since an interrupted run: its {outcome.salvaged} rows were reused where "
             "files are unchanged"
         )
-    if incremental:
-        notes.append(f"{outcome.skipped} unchanged, reused from {incremental}")
+    if retry_errors:
+        notes.append(f"{outcome.skipped} kept from {shown(without_secrets(retry_errors))}, the rest retried")
+    elif incremental:
+        notes.append(f"{outcome.skipped} unchanged, reused from {shown(without_secrets(incremental))}")
     elif outcome.skipped:
         notes.append(f"{outcome.skipped} unchanged, reused")
     if outcome.discarded:
@@ -150,7 +170,7 @@ def _summary(outcome, out: str, incremental: str | None) -> str:  # type: ignore
         n = len(outcome.ignored)
         what = "file that is not an image" if n == 1 else "files that are not images"
         notes.append(f"ignored {n} {what}: {names}")
-    where = "stdout" if out == "-" else shown(out)
+    where = "stdout" if out == "-" else shown(without_secrets(out))
     extra = f" ({'; '.join(notes)})" if notes else ""
     return f"scored {_count(outcome.rows, 'file')}, {_count(outcome.errors, 'error')} -> {where}{extra}"
 

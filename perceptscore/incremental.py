@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from perceptscore import remote
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import UsageError
 from perceptscore.formats import is_scores_file, read_scores
@@ -20,22 +21,26 @@ class Previous:
     """Rows to reuse, by path: from ``--incremental``'s file (``read``), and from an interrupted run whose
     inputs changed (``absorb``: its rows are as good as any where the file is unchanged)."""
 
-    def __init__(self, tasks: Sequence[Task]) -> None:
+    def __init__(self, tasks: Sequence[Task], keep: bool = False) -> None:
         self.columns = [c for t in tasks for c in t.columns]
         self.rows: dict[str, dict[str, Any]] = {}
         self.skipped = 0
+        self.keep = keep  # --retry-errors: every scored row is kept as it is, its file not looked at
 
     @classmethod
-    def read(cls, path: str, tasks: Sequence[Task]) -> Previous:
+    def read(cls, path: str, tasks: Sequence[Task], keep: bool = False, named: str | None = None) -> Previous:
+        """``path``: a local scores file (a copy of ``named``, when that is a URL)."""
+        option = "--retry-errors" if keep else "--incremental"
+        shown_as = remote.without_secrets(named or path)
         if not (Path(path).is_file() and is_scores_file(path)):
-            raise UsageError(f"--incremental {path!r}: not a scores file written by perceptscore score")
-        previous = cls(tasks)
+            raise UsageError(f"{option} {shown_as!r}: not a scores file written by perceptscore score")
+        previous = cls(tasks, keep)
         table = read_scores(path)
         missing = [c for c in previous._needed if c not in table.column_names]
         if missing:
             raise UsageError(
-                f"--incremental {path!r} lacks column(s) {', '.join(missing)}: it was written for other "
-                "tasks or by an older perceptscore; score without --incremental once"
+                f"{option} {shown_as!r} lacks column(s) {', '.join(missing)}: it was written for other "
+                f"tasks or by an older perceptscore; score without {option} once"
             )
         previous.absorb(table)
         return previous
@@ -55,6 +60,10 @@ class Previous:
         old = self.rows.get(item.path)
         if old is None or item.error:
             return None
+        if self.keep:
+            self.skipped += 1
+            return {PATH: item.path, **{c: old[c] for c in self.columns}, ERROR: None,
+                    FILE_SIZE: old[FILE_SIZE], FILE_MTIME: old[FILE_MTIME]}  # fmt: skip
         stat = item.locator.stat()
         if stat is None or stat != (old[FILE_SIZE], old[FILE_MTIME]):
             return None

@@ -9,7 +9,9 @@ SIGALRM at its default action for each file, so a hang, even inside C code, ends
 side also gives up waiting a little later, in case the alarm cannot fire. A new child is started for the
 next file.
 
-Messages are length-prefixed (4 bytes, big-endian): a uri or a JSON header, then the crops' raw bytes.
+Messages are length-prefixed (4 bytes, big-endian). A request is a JSON header (the uri, the stat known,
+whether bytes follow) and, for bytes already read (a fetched object, a tar member), those bytes: the child
+never goes back to the network or the shard. An answer is a JSON header, then the crops' raw bytes.
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ class IsolatedDecoder:
         specs = [Preprocess.from_dict(s) for s in settings["specs"]]
         return cls(specs, settings["draft"], settings["max_pixels"], settings["timeout"])
 
-    def decode(self, uri: str) -> Decoded:
-        child = self._sent(uri.encode("utf-8", "surrogateescape"))
+    def decode(self, uri: str, data: bytes | None = None, stat: tuple[int, int] | None = None) -> Decoded:
+        """The file at ``uri``, or ``data`` (its bytes, already read) under that name."""
+        header = {"uri": uri, "stat": list(stat) if stat else None, "bytes": data is not None}
+        child = self._sent(json.dumps(header).encode(), data)
         deadline = time.monotonic() + self.timeout + _GRACE_SECONDS  # the whole answer, not each read
         try:
             header = json.loads(_receive(child, deadline, _HEADER_LIMIT))
@@ -92,7 +96,7 @@ class IsolatedDecoder:
             self.close()
             return Decoded(crashed(self.timeout), None, [])
 
-    def _sent(self, payload: bytes) -> subprocess.Popen[bytes]:
+    def _sent(self, payload: bytes, data: bytes | None) -> subprocess.Popen[bytes]:
         """The child, with ``payload`` sent to it; a child found dead (killed while idle) is replaced
         first, so the next file is not blamed for it."""
         for attempt in (1, 2):
@@ -101,6 +105,8 @@ class IsolatedDecoder:
             child = self._started()
             try:
                 _send(child.stdin, payload)
+                if data is not None:
+                    _send(child.stdin, data)
                 return child
             except OSError:
                 self.close()
@@ -195,7 +201,7 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes:
 
 def _child_main() -> int:
     from perceptscore.batches import decode_item
-    from perceptscore.locators import locate
+    from perceptscore.locators import InMemory, Locator, locate
     from perceptscore.sources import Item
 
     # The answers go to a private copy of stdout; fd 1 itself goes to /dev/null, so a library that
@@ -211,12 +217,15 @@ def _child_main() -> int:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang ends this process, even inside C code
     while True:
         try:
-            uri = _read_message(stdin).decode("utf-8", "surrogateescape")
+            request = json.loads(_read_message(stdin))
+            data = _read_message(stdin) if request["bytes"] else None
         except EOFError:  # the parent closed our input, or is gone
             return 0
+        uri, known = request["uri"], _stat(request["stat"])
+        locator: Locator = InMemory(uri, data, known) if data is not None else locate(uri)
         signal.setitimer(signal.ITIMER_REAL, settings["timeout"])
         try:
-            decoded = decode_item(Item(0, locate(uri)), specs, settings["draft"], settings["max_pixels"])
+            decoded = decode_item(Item(0, locator), specs, settings["draft"], settings["max_pixels"])
             error, stat = decoded.error, decoded.stat
             pixels = [np.ascontiguousarray(decoded.pixels[s]) for s in specs] if error is None else []
         except Exception as exc:  # a row says what went wrong; this process goes on with the next file

@@ -1,16 +1,26 @@
 """Where an item's bytes live. A locator opens them and reads their size and mtime, so nothing downstream
-(decoding, incremental runs, the engines) calls ``os.stat`` or ``open`` on a path itself: a remote object or
-an archive member is one more locator class here, registered in ``locate``.
+(decoding, incremental runs, the engines) calls ``os.stat`` or ``open`` on a path itself.
+
+- ``LocalFile``: a path on this machine (``file://`` URLs become one).
+- ``RemoteFile``: an object behind a URL (``s3://``, ``gs://``, ``https://`` ...), fetched whole through
+  fsspec when opened (``prefetch`` fetches many at once ahead of decoding).
+- ``InMemory``: bytes already read (a fetched object, a tar member): decoding never goes back to the
+  network or the shard, and engines in other processes receive the bytes themselves (``to_wire``).
+- ``TarMember``: ``tar://name::shard`` rows found again later (``explain``, ``report``): the shard is read
+  front to back up to the member.
+- ``Unavailable``: a row that cannot be opened, with the reason (an unknown URL scheme, say).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
-from perceptscore.errors import DecodeError
+from perceptscore import remote
+from perceptscore.errors import DecodeError, UsageError
 
 
 class Locator(Protocol):
@@ -61,6 +71,134 @@ class LocalFile:
             raise DecodeError(f"unreadable image: {' '.join(str(exc).split())[:300]}") from None
 
 
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    listed: tuple[int, int] | None = None  # (size, version) as a listing reported it: no request for stat
+
+    @property
+    def uri(self) -> str:
+        return self.url
+
+    def stat(self) -> tuple[int, int] | None:
+        if self.listed is not None:
+            return self.listed
+        try:
+            return remote.stat_of(remote.info(self.url))
+        except (DecodeError, UsageError):
+            return None
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.fetch()[0])
+
+    def fetch(self, deadline: float | None = None) -> tuple[bytes, tuple[int, int] | None]:
+        try:
+            return remote.fetch(self.url, deadline=deadline)
+        except UsageError as exc:  # a backend not installed: this row's error, not the run's
+            raise DecodeError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class InMemory:
+    uri: str
+    data: bytes
+    known: tuple[int, int] | None = None
+
+    def stat(self) -> tuple[int, int] | None:
+        return self.known
+
+    def open(self) -> BinaryIO:
+        if not self.data:
+            raise DecodeError("empty file")
+        return io.BytesIO(self.data)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    uri: str
+    reason: str
+
+    def stat(self) -> tuple[int, int] | None:
+        return None
+
+    def open(self) -> BinaryIO:
+        raise DecodeError(self.reason)
+
+
+TAR_SCHEME = "tar://"
+
+
+def member_uri(name: str, shard: str) -> str:
+    """fsspec's chained URL of a tar member (``fsspec.open`` opens it too)."""
+    return f"{TAR_SCHEME}{name}::{shard}"
+
+
+@dataclass(frozen=True)
+class TarMember:
+    uri: str
+
+    def parts(self) -> tuple[str, str]:
+        name, _, shard = self.uri[len(TAR_SCHEME) :].partition("::")
+        return name, shard
+
+    def stat(self) -> tuple[int, int] | None:
+        return None
+
+    def open(self) -> BinaryIO:
+        from perceptscore import tars
+
+        name, shard = self.parts()
+        with _open_shard(shard) as stream:
+            for member in tars.members(stream, remote.max_bytes()):
+                if member.name == name:
+                    if member.error:
+                        raise DecodeError(member.error)
+                    return io.BytesIO(member.data or b"")
+        raise DecodeError(f"no member {name!r} in {remote.without_secrets(shard)}")
+
+
+def _open_shard(shard: str) -> BinaryIO:
+    if remote.is_remote(shard):
+        try:
+            return remote.open_stream(shard)
+        except UsageError as exc:
+            raise DecodeError(str(exc)) from None
+    return LocalFile(remote.local_path(shard)).open()
+
+
 def locate(uri: str) -> Locator:
-    """The locator for a ``uri`` (what ``Locator.uri`` gave): today every uri is a local path."""
-    return LocalFile(uri)
+    """The locator for a ``uri`` (what ``Locator.uri`` gave): a local path, a URL, or a tar member."""
+    if uri.startswith(TAR_SCHEME) and "::" in uri:
+        return TarMember(uri)
+    name = remote.scheme(uri)
+    if name is None:
+        return LocalFile(uri)
+    if name == "file":
+        try:
+            return LocalFile(remote.local_path(uri))
+        except UsageError as exc:
+            return Unavailable(uri, str(exc))
+    if name not in remote.READABLE:
+        return Unavailable(uri, f"unsupported URL scheme {name}://")
+    return RemoteFile(uri)
+
+
+# ---- across processes -------------------------------------------------------------------------------
+
+Wire = tuple[str, bytes | None, int | None, int | None]  # uri, bytes held, size, version
+
+
+def to_wire(locator: Locator) -> Wire:
+    """What another process needs to rebuild ``locator`` without reading anything again: bytes already
+    held travel with it (a tar member is never looked for in its shard a second time)."""
+    if isinstance(locator, InMemory):
+        size, version = locator.known if locator.known else (None, None)
+        return locator.uri, locator.data, size, version
+    return locator.uri, None, None, None
+
+
+def from_wire(uri: str, data: bytes | None, size: Any = None, version: Any = None) -> Locator:
+    if data is not None:
+        known = (int(size), int(version)) if size is not None and version is not None else None
+        return InMemory(uri, data, known)
+    return locate(uri)

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import pyarrow as pa
 
+from perceptscore import remote
 from perceptscore.columns import output_columns, output_schema
 from perceptscore.errors import UsageError
 from perceptscore.hub import Weights, file_sha256, resolve
@@ -38,16 +39,23 @@ class ScoreOptions:
     path_column: str | None = None
     follow_links: bool = False
     max_pixels: int = MAX_PIXELS
+    tar_fields: tuple[str, ...] = ()  # what tar rows bring besides shard and key (shards.parse_fields)
+    storage: remote.Settings = field(default_factory=remote.Settings)  # never in a plan, a file or a log
 
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
 
     def sources(
-        self, inputs: Sequence[str], stdin: TextIO | None = None, skip_folders: Sequence[str] = ()
+        self,
+        inputs: Sequence[str],
+        stdin: TextIO | None = None,
+        skip_folders: Sequence[str] = (),
+        retry_errors: bool = False,
     ) -> Sources:
         reserved = output_columns(self.task_specs())
+        remote.configure(self.storage)  # before any URL is looked at
         return Sources(inputs, self.recursive, self.path_column, reserved, stdin, self.follow_links,
-                       skip_folders)  # fmt: skip
+                       skip_folders, self.tar_fields, retry_errors)  # fmt: skip
 
     def weights(self) -> dict[str, Weights]:
         """Each task's weights file, found or downloaded, without loading anything (no torch)."""
@@ -82,6 +90,8 @@ class ScoringPlan:
     follow_links: bool = False
     max_pixels: int = MAX_PIXELS
     input_files: tuple[tuple[str, int, int], ...] = ()  # the named files' (absolute path, size, mtime_ns)
+    tar_fields: tuple[str, ...] = ()
+    retry_errors: str | None = None
 
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
@@ -98,6 +108,7 @@ class ScoringPlan:
         data["weights"] = tuple(TaskWeights(**w) for w in data["weights"])
         data["tasks"], data["inputs"] = tuple(data["tasks"]), tuple(data["inputs"])
         data["input_files"] = tuple(tuple(f) for f in data["input_files"])
+        data["tar_fields"] = tuple(data.get("tar_fields", ()))
         return cls(**data)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -115,7 +126,9 @@ class ScoringPlan:
             "follow_links": self.follow_links,
             "max_pixels": self.max_pixels,
             "path_column": self.path_column,
-            "incremental": self.incremental,
+            "incremental": remote.without_secrets(self.incremental) if self.incremental else None,
+            "tar_fields": list(self.tar_fields),
+            "retry_errors": remote.without_secrets(self.retry_errors) if self.retry_errors else None,
         }
 
     def on_device(self, device: str, cpu_threads: int = 0) -> ScoringPlan:
@@ -129,6 +142,7 @@ def make_plan(
     incremental: str | None = None,
     weights: Mapping[str, Weights] | None = None,
     device_elsewhere: str | None = None,
+    retry_errors: str | None = None,
 ) -> ScoringPlan:
     """Resolve ``options`` (imports torch to see the devices): every "auto" and default becomes a value.
     ``device_elsewhere``: the device as an engine that scores on other machines resolved it (a Ray
@@ -166,12 +180,17 @@ def make_plan(
         follow_links=options.follow_links,
         max_pixels=options.max_pixels,
         input_files=_stats(sorted(listings(inputs))),
+        tar_fields=tuple(options.tar_fields),
+        retry_errors=retry_errors,
     )
 
 
 def _absolute(text: str, cwd: str) -> str:
+    """An input as the run's record keeps it: local paths made absolute, URLs without credentials."""
     if text == "-":
         return text
+    if remote.is_remote(text.removeprefix("@")):
+        return remote.without_secrets(text)
     if text.startswith("@"):
         return "@" + os.path.join(cwd, text[1:])
     return os.path.join(cwd, text)

@@ -101,11 +101,26 @@ class Scorer:
         return _with_columns(batch, added)
 
     def _decode(self, uris: list[str | None]) -> list[Decoded]:
-        """Every uri decoded; decoder k takes every n-th from the k-th, all at once (each on its child)."""
+        """Every uri decoded; decoder k takes every n-th from the k-th, all at once (each on its child).
+        URLs are fetched first, many at once, so no decoder waits on the network under its time limit."""
+        from perceptscore.locators import InMemory, Unavailable, locate
+        from perceptscore.prefetch import prefetched
+        from perceptscore.sources import Item
+
+        items = list(prefetched(Item(i, locate(u or "")) for i, u in enumerate(uris)))
         n = len(self._decoders)
 
+        def one(decoder: IsolatedDecoder, item: Item) -> Decoded:
+            if not item.path:
+                return Decoded("no path", None, [])
+            if isinstance(item.locator, Unavailable):
+                return Decoded(item.locator.reason, None, [])
+            if isinstance(item.locator, InMemory):
+                return decoder.decode(item.path, item.locator.data, item.locator.known)
+            return decoder.decode(item.path)
+
         def share(k: int) -> list[Decoded]:
-            return [self._decoders[k].decode(u) if u else Decoded("no path", None, []) for u in uris[k::n]]
+            return [one(self._decoders[k], item) for item in items[k::n]]
 
         shares = list(self._threads.map(share, range(n)))
         return [shares[i % n][i // n] for i in range(len(uris))]

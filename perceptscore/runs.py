@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from perceptscore._text import redact
+from perceptscore._text import redacted_command
 from perceptscore.columns import PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.sources import Item
@@ -82,7 +82,7 @@ class OutputLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(redact(a) for a in sys.argv),
+            "command": redacted_command(sys.argv),
         }
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(record).encode(), 0)
@@ -189,6 +189,7 @@ _INPUT_KEYS = {
     "follow_links",
     "incremental",
     "max_pixels",
+    "tar_fields",
 }
 
 

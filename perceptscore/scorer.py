@@ -3,8 +3,10 @@ row assembly as the CLI, with the models loaded once and kept for every ``score(
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -13,7 +15,9 @@ from perceptscore.engines.local import LocalEngine
 from perceptscore.hub import Weights, resolve
 from perceptscore.plan import ScoreOptions, make_plan
 from perceptscore.predict import Predictor
+from perceptscore.remote import Settings
 from perceptscore.scoring import scored
+from perceptscore.shards import parse_fields
 from perceptscore.sources import Item, Sources
 from perceptscore.tasks import get_task
 
@@ -65,10 +69,20 @@ class Scorer:
         return self.engine.run(self.plan, items)
 
     def score(
-        self, inputs: Sequence[str] | str, recursive: bool = True, path_column: str | None = None
+        self,
+        inputs: Sequence[str] | str,
+        recursive: bool = True,
+        path_column: str | None = None,
+        tar_fields: Sequence[str] = (),
+        storage_options: Mapping[str, Any] | None = None,
     ) -> pd.DataFrame:
-        """Score files, folders, globs, @lists or manifests; a DataFrame with the CLI's columns."""
-        options = ScoreOptions(self.plan.tasks, recursive=recursive, path_column=path_column)
+        """Score files, folders, globs, @lists, manifests or tar shards, local or URLs; a DataFrame with the
+        CLI's columns. ``tar_fields``: txt, json, json.NAME; ``storage_options``: for fsspec, as
+        ``--storage-options``."""
+        storage = Settings.parse(json.dumps(storage_options)) if storage_options else Settings()
+        fields = parse_fields(",".join(tar_fields))
+        options = ScoreOptions(self.plan.tasks, recursive=recursive, path_column=path_column,
+                               tar_fields=fields, storage=storage)  # fmt: skip
         sources: Sources = options.sources([inputs] if isinstance(inputs, str) else inputs)
         batches = [batch for _, batch in scored(self.engine, self.plan, sources, sources.passthrough)]
         schema = self.plan.schema(sources.passthrough)

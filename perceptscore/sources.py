@@ -6,6 +6,10 @@ hour); the items themselves are produced lazily, so a manifest of millions of ro
 Paths in the output are the paths used to open the files: as typed for command-line inputs, joined to
 the manifest's folder for relative manifest rows. Scores files (written by ``perceptscore score``) hold
 such paths already, so their relative paths are taken as relative to the working directory.
+
+Any of these may be a URL (``s3://bucket/photos/`` lists a prefix recursively; ``https://`` objects;
+remote manifests), and ``.tar`` shards (named, globbed, brace-expanded, or listed in a manifest) give a
+row per image member (``shards``).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from perceptscore.columns import PATH
-from perceptscore.errors import UsageError
+from perceptscore import remote, shards
+from perceptscore.columns import ERROR, PATH
+from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import FORMATS, format_of, is_scores_file, restore_formulas
 from perceptscore.images import IMAGE_EXTENSIONS, looks_like_image
-from perceptscore.locators import Locator, locate
+from perceptscore.locators import Locator, RemoteFile, Unavailable, locate
 
 MANIFEST_SUFFIXES = tuple(FORMATS)  # every table format is also read as a manifest
 
@@ -127,23 +132,45 @@ def _note(ignored: list[str] | None, path: str) -> None:
 
 
 class _Manifest:
-    """A parquet/CSV/JSONL table with a path column; read in blocks of rows."""
+    """A parquet/CSV/JSONL table with a path column; read in blocks of rows. ``named``: what the user
+    called it (a URL, when the table was downloaded to ``path``). ``drop``: columns not passed through."""
 
-    def __init__(self, path: str, path_column: str) -> None:
-        self.path, self.path_column = path, path_column
+    def __init__(
+        self, path: str, path_column: str, named: str | None = None, drop: Iterable[str] = ()
+    ) -> None:
+        self.path, self.path_column, self.named = path, path_column, named or path
         self.format = format_of(path)
+        shown_as = remote.without_secrets(self.named)
         assert self.format is not None, path
         try:
             self.is_scores = is_scores_file(path)
             schema = self.format.read_schema(path, [path_column])
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise UsageError(f"manifest {path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
-        self.folder = "" if self.is_scores else os.path.dirname(path)
+            raise UsageError(
+                f"manifest {shown_as}: unreadable ({' '.join(str(exc).split())[:200]})"
+            ) from None
+        if self.is_scores:
+            self.folder = ""
+        elif remote.is_remote(self.named):
+            self.folder = remote.parent(self.named)
+        else:
+            self.folder = os.path.dirname(path)
         if path_column not in schema.names:
             found = ", ".join(schema.names) or "none"
             hint = "; choose one with --path-column" if path_column == PATH else ""
-            raise UsageError(f"manifest {path} has no column {path_column!r} (columns found: {found}){hint}")
-        self.extras = pa.schema([f for f in schema if f.name != PATH])
+            raise UsageError(
+                f"manifest {shown_as} has no column {path_column!r} (columns found: {found}){hint}"
+            )
+        dropped = {PATH, *drop}
+        self.extras = pa.schema([f for f in schema if f.name not in dropped])
+
+    def resolve(self, path: str) -> str:
+        """A row's path as it is opened: relative ones joined to the manifest's folder."""
+        if remote.scheme(path) is not None or os.path.isabs(path):
+            return path
+        if remote.is_remote(self.folder):
+            return remote.join(self.folder, path)
+        return os.path.join(self.folder, path)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         batches = self.format.read_batches(self.path, [self.path_column])
@@ -175,6 +202,9 @@ class Sources:
     ``reserved``: output column names; a manifest column with such a name is passed through as
     ``input_<name>`` instead of being overwritten. ``skip_folders``: real paths of folders a walk does not
     enter below a folder input (``explain``'s output folder); a folder named as an input is still walked.
+    ``tar_fields``: what tar rows bring besides ``shard`` and ``key`` (``shards.parse_fields``).
+    ``retry_errors``: the one input is a scores file whose rows are produced again, the failed tar shards
+    among them read again whole (``--retry-errors``).
     """
 
     def __init__(
@@ -186,36 +216,58 @@ class Sources:
         stdin: TextIO | None = None,
         follow_links: bool = False,
         skip_folders: Iterable[str] = (),
+        tar_fields: Sequence[str] = (),
+        retry_errors: bool = False,
     ) -> None:
         if not inputs:
             raise UsageError("no inputs given: name image files, folders, globs, @lists, manifests or -")
         self.recursive, self.follow_links = recursive, follow_links
         self.skip = frozenset(os.path.realpath(f) for f in skip_folders)
         self.stdin = stdin if stdin is not None else sys.stdin
-        self._plan: list[tuple[str, Any]] = [self._classify(text, path_column or PATH) for text in inputs]
+        self.tar_fields = tuple(tar_fields)
+        reserved = list(reserved)
+        self._rename = {name: f"input_{name}" for name in reserved}
+        if retry_errors:
+            self._plan: list[tuple[str, Any]] = [self._retried(inputs, path_column or PATH, reserved)]
+        else:
+            self._plan = [self._classify(text, path_column or PATH) for text in _expanded(inputs)]
         if sum(kind == "stdin" for kind, _ in self._plan) > 1:
             raise UsageError("'-' (paths on stdin) can be given only once")
-        self._rename = {name: f"input_{name}" for name in reserved}
         self.ignored: list[str] = []  # files in folders passed over: not images by name or content
         self.passthrough = self._passthrough_schema()
 
     @property
     def manifests(self) -> list[_Manifest]:
-        return [m for kind, m in self._plan if kind == "manifest"]
+        return [m for kind, m in self._plan if kind in ("manifest", "retry")]
+
+    def _retried(self, inputs: Sequence[str], path_column: str, reserved: list[str]) -> tuple[str, Any]:
+        if len(inputs) != 1:
+            raise UsageError("--retry-errors takes its rows from the scores file it names: give no inputs")
+        (old,) = inputs  # a local copy, when it was named by URL (``remote.local_copy``)
+        if not (os.path.isfile(old) and is_scores_file(old)):
+            raise UsageError(f"--retry-errors {old!r}: not a scores file written by perceptscore score")
+        return "retry", _Manifest(old, PATH, drop=reserved)
 
     def _classify(self, text: str, path_column: str) -> tuple[str, Any]:
         if text == "-":
             return "stdin", None
         if text.startswith("@"):
-            listing = text[1:]
+            listing = remote.local_path(text[1:])
+            if remote.is_remote(listing):
+                return "list", (remote.local_copy(listing), listing)
             if not os.path.isfile(listing):
                 raise UsageError(f"list file {listing!r} not found")
-            return "list", listing
+            return "list", (listing, listing)
+        if remote.is_remote(text):
+            return self._classify_url(text, path_column)
+        text = remote.local_path(text)
         if os.path.isdir(text):
             return "dir", text
         if os.path.isfile(text):
             if text.lower().endswith(MANIFEST_SUFFIXES):
                 return "manifest", _Manifest(text, path_column)
+            if shards.is_shard(text):
+                return "shard", text
             return "file", text
         if _is_glob(text):
             matches = sorted(glob.iglob(text, recursive=True))
@@ -226,23 +278,101 @@ class Sources:
             return "file", text  # a dangling symlink: an error row, not a usage error
         raise UsageError(f"no such file or directory: {text!r}")
 
+    def _classify_url(self, url: str, path_column: str) -> tuple[str, Any]:
+        """A URL input. Shards are not looked at until read (a missing one is an error row: a list of a
+        thousand shards costs no thousand requests up front); anything else is checked now."""
+        name = remote.scheme(url)
+        if name not in remote.READABLE:
+            known = ", ".join(f"{s}://" for s in remote.READABLE)
+            shown_as = remote.without_secrets(url)
+            raise UsageError(f"{shown_as}: unsupported URL scheme {name}:// (known: {known})")
+        remote.filesystem(name)  # a missing backend: the extra to install, now
+        shown_as = remote.without_secrets(url)
+        path = url.split("?", 1)[0]
+        if shards.is_shard(path):
+            return "shard", url
+        if path.lower().endswith(MANIFEST_SUFFIXES):
+            return "manifest", _Manifest(remote.local_copy(url), path_column, url)
+        if _is_glob(path.split("://", 1)[1]) and name not in ("http", "https"):
+            found = self._listed(url)
+            if not found:
+                raise UsageError(f"no objects match {shown_as!r}")
+            return "remote_glob", found
+        if remote.is_prefix(url) and name not in ("http", "https"):
+            if not self._exists(url):
+                raise UsageError(f"no objects under {shown_as!r}")
+            return "remote_dir", url
+        try:
+            about = remote.info(url)
+        except DecodeError as exc:
+            raise UsageError(f"{shown_as}: {exc}") from None
+        if about.get("type") == "directory":
+            return "remote_dir", url.rstrip("/") + "/"
+        return "remote_file", RemoteFile(url, remote.stat_of(about))
+
+    def _exists(self, url: str) -> bool:
+        try:
+            return remote.exists(url)
+        except DecodeError as exc:
+            raise UsageError(f"{remote.without_secrets(url)}: {exc}") from None
+
+    def _listed(self, url: str, recursive: bool = True) -> list[tuple[str, dict[str, Any]]]:
+        try:
+            return list(remote.listing(url, recursive))
+        except DecodeError as exc:
+            raise UsageError(f"{remote.without_secrets(url)}: cannot list ({exc})") from None
+
     def _passthrough_schema(self) -> pa.Schema:
         fields: dict[str, pa.Field] = {}
-        for manifest in self.manifests:
-            for f in manifest.extras:
+        tables = [(m.named, m.extras) for m in self.manifests]
+        if self.tar_fields or any(self._has_shards(kind, value) for kind, value in self._plan):
+            tables.append(("tar shards", shards.schema(self.tar_fields)))
+        for where, extras in tables:
+            for f in extras:
                 name = self._rename.get(f.name, f.name)
                 if name in fields and fields[name].type != f.type:
+                    if where == "tar shards":
+                        continue  # a manifest's own column of that name wins
                     raise UsageError(
-                        f"manifest column {f.name!r} has type {f.type} in {manifest.path} "
+                        f"manifest column {f.name!r} has type {f.type} in {where} "
                         f"but {fields[name].type} in an earlier manifest"
                     )
-                fields[name] = f.with_name(name)
+                fields.setdefault(name, f.with_name(name))
         return pa.schema(list(fields.values()))
+
+    @staticmethod
+    def _has_shards(kind: str, value: Any) -> bool:
+        """Whether an input gives tar rows (then ``shard`` and ``key`` are columns). A manifest or list
+        may name shards too: its member rows have those columns only with ``--tar-fields``."""
+        if kind == "shard":
+            return True
+        if kind in ("glob", "remote_glob"):
+            return any(shards.is_shard(p if isinstance(p, str) else p[0]) for p in value)
+        return False
 
     def _walk(self, folder: str) -> Iterator[str]:
         return _walk(folder, self.recursive, self.ignored, self.follow_links, self.skip)
 
-    def _paths(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    def _shard(self, shard: str) -> Iterator[tuple[Locator, dict[str, Any]]]:
+        return shards.members(shard, self.tar_fields)
+
+    def _named(self, path: str) -> Iterator[tuple[str | Locator, dict[str, Any]]]:
+        """A path or URL named by a list, stdin or a manifest row: a shard gives its members."""
+        if shards.is_shard(path) and not path.startswith("tar://"):
+            yield from self._shard(path)
+        else:
+            yield path, {}
+
+    def _remote_objects(
+        self, found: Iterable[tuple[str, dict[str, Any]]]
+    ) -> Iterator[tuple[Locator, dict[str, Any]]]:
+        for url, about in found:
+            if _named_image(url):
+                yield RemoteFile(url, remote.stat_of(about)), {}
+            else:
+                self.ignored.append(url)
+
+    def _paths(self) -> Iterator[tuple[str | Locator | None, dict[str, Any]]]:
         for kind, value in self._plan:
             if kind == "file":
                 yield value, {}
@@ -252,28 +382,67 @@ class Sources:
                 for path in value:
                     if os.path.isdir(path):
                         yield from ((p, {}) for p in self._walk(path))
+                    elif shards.is_shard(path):
+                        yield from self._shard(path)
                     else:
                         yield path, {}
+            elif kind == "shard":
+                yield from self._shard(value)
+            elif kind == "remote_file":
+                yield value, {}
+            elif kind == "remote_dir":
+                yield from self._remote_objects(self._listed(value, self.recursive))
+            elif kind == "remote_glob":
+                for url, about in value:
+                    if shards.is_shard(url):
+                        yield from self._shard(url)
+                    else:
+                        yield from self._remote_objects([(url, about)])
             elif kind == "list":
-                folder = os.path.dirname(value)
-                with open(value, encoding="utf-8") as lines:
-                    yield from ((os.path.join(folder, p), {}) for p in _listed(lines))
+                local, named = value
+                folder = remote.parent(named) if remote.is_remote(named) else os.path.dirname(named)
+                with open(local, encoding="utf-8") as lines:
+                    for p in _listed(lines):
+                        yield from self._named(_joined(folder, p))
             elif kind == "stdin":
-                yield from ((p, {}) for p in _listed(self.stdin))
+                for p in _listed(self.stdin):
+                    yield from self._named(p)
+            elif kind == "retry":
+                yield from self._retry_rows(value)
             else:
                 manifest: _Manifest = value
                 for path, extras in manifest.rows():
-                    if path is not None and not os.path.isabs(path):
-                        path = os.path.join(manifest.folder, path)
-                    yield path, {self._rename.get(k, k): v for k, v in extras.items()}
+                    renamed = {self._rename.get(k, k): v for k, v in extras.items()}
+                    if path is None:
+                        yield None, renamed
+                        continue
+                    for found, more in self._named(manifest.resolve(path)):
+                        yield found, {**renamed, **more}
+
+    def _retry_rows(self, old: _Manifest) -> Iterator[tuple[str | Locator | None, dict[str, Any]]]:
+        """The rows of a scores file again: each as it was (the scores are reused by ``Previous``), but a
+        failed shard's row becomes the shard's members, read again (its rows that had been scored before
+        it broke off are dropped: they come again with the others)."""
+        failed = _failed_shards(old)
+        for path, extras in old.rows():
+            if path is not None and path.startswith("tar://") and path.rpartition("::")[2] in failed:
+                continue
+            if path is not None and path in failed:
+                yield from self._shard(path)
+            else:
+                yield path, extras
 
     def __iter__(self) -> Iterator[Item]:
         self.ignored = []  # counted anew on each pass
-        for index, (path, extras) in enumerate(self._paths()):
-            if not path:
+        for index, (where, extras) in enumerate(self._paths()):
+            if not where:
                 yield Item(index, locate(""), extras, error="manifest row has no path")
             else:
-                yield Item(index, locate(path), extras)
+                locator = locate(where) if isinstance(where, str) else where
+                # a row known to be unopenable carries its reason as its error: it travels to other
+                # processes with the row (a locator of no bytes would be looked up again there)
+                reason = locator.reason if isinstance(locator, Unavailable) else None
+                yield Item(index, locator, extras, error=reason)
 
     def count(self) -> int | None:
         """The number of items when it is cheap to know (no stdin, no JSONL read); else None."""
@@ -283,11 +452,42 @@ class Sources:
         for kind, value in self._plan:
             if kind == "manifest" and value.format.suffix == ".parquet":
                 total += pq.ParquetFile(value.path).metadata.num_rows
-            elif kind in ("manifest", "dir", "list"):
-                return None
+            elif kind == "remote_file" or kind == "file":
+                total += 1
+            elif kind == "glob" and not any(shards.is_shard(p) for p in value):
+                total += len(value)
             else:
-                total += len(value) if kind == "glob" else 1
+                return None
         return total
+
+
+def _expanded(inputs: Sequence[str]) -> list[str]:
+    """Brace lists expanded (``shards/{00000..00099}.tar``), unless a local file has that very name."""
+    out: list[str] = []
+    for text in inputs:
+        if text in ("-",) or text.startswith("@") or os.path.lexists(text):
+            out.append(text)
+        else:
+            out.extend(shards.expand_braces(text))
+    return out
+
+
+def _joined(folder: str, path: str) -> str:
+    if remote.scheme(path) is not None or os.path.isabs(path):
+        return path
+    if remote.is_remote(folder):
+        return remote.join(folder, path)
+    return os.path.join(folder, path)
+
+
+def _failed_shards(old: _Manifest) -> set[str]:
+    """The shards of a scores file whose own row is an error (unreadable, or broke off)."""
+    failed: set[str] = set()
+    for batch in old.format.read_batches(old.path, [PATH, ERROR]):
+        for path, error in zip(batch.column(PATH).to_pylist(), batch.column(ERROR).to_pylist(), strict=True):
+            if error is not None and path and shards.is_shard(path) and not path.startswith("tar://"):
+                failed.add(path)
+    return failed
 
 
 def _listed(lines: Iterable[str]) -> Iterator[str]:

@@ -29,6 +29,7 @@ import pytest  # noqa: E402 - after the environment above, on purpose
 
 from photos import sample, write_photo_set  # noqa: E402
 from release_reference import ReleaseModel, make_release_checkpoint  # noqa: E402
+from servers import FaultyHTTPServer, MotoS3  # noqa: E402
 
 OUTPUTS = {"memorability": 1, "quality": 1, "emotion": 8}
 
@@ -147,3 +148,18 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         head.wait()
+
+
+@pytest.fixture(scope="session")
+def http_server() -> Iterator[FaultyHTTPServer]:
+    """One HTTP file server for the session (tests add files and faults, and ``reset()`` after)."""
+    with FaultyHTTPServer({}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    """One S3 API server (moto) for the session; tests use buckets of their own (moto's state is per
+    process)."""
+    with MotoS3() as s3:
+        yield s3

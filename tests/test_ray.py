@@ -257,3 +257,40 @@ def test_a_cluster_that_never_answers_or_never_starts_the_models_is_one_line(
     message = "error: no model actor could start within 1 s: the Ray cluster has no node with one CPU"
     assert message in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "b.csv").exists()
+
+
+def test_ray_engine_scores_urls_and_tar_members_as_the_local_engine(
+    ray_address: str, http_server, photo_dir: Path, checkpoint_args: list[str], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Remote objects are fetched in the decode tasks; tar members travel with their rows' bytes (the
+    shard is read once, by the driver). A missing object is an error row on Ray as locally."""
+    import tarfile
+
+    photos = sorted(photo_dir.iterdir())
+    for photo in photos:
+        http_server.files[f"/ray/{photo.name}"] = photo.read_bytes()
+    http_server.missing.add("/ray/missing.jpg")
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        for n, photo in enumerate(photos):
+            archive.add(photo, arcname=f"{n:05d}{photo.suffix}")
+    manifest = tmp_path / "urls.csv"
+    urls = [http_server.url(f"/ray/{p.name}") for p in photos] + [http_server.url("/ray/missing.jpg")]
+    manifest.write_text("path\n" + "\n".join(urls) + "\n")
+    try:
+        args = ["score", manifest, shard, "-t", "memorability", *checkpoint_args[:2], "--device", "cpu"]
+        local = run(*args, "-o", tmp_path / "local.csv")
+        ray = run(*args, "--engine", "ray", "--ray-address", ray_address, "-o", tmp_path / "ray.csv")
+    finally:
+        http_server.reset()
+    assert ray.returncode == local.returncode == 1, ray.stderr
+    a = pd.read_csv(tmp_path / "local.csv", keep_default_na=False)
+    b = pd.read_csv(tmp_path / "ray.csv", keep_default_na=False)
+    assert len(a) == 2 * len(photos) + 1
+    for column in ("path", "error", "file_size", "file_mtime_ns", "shard", "key"):
+        assert b[column].tolist() == a[column].tolist(), column
+    assert a["error"].tolist() == [""] * len(photos) + ["not found (HTTP 404)"] + [""] * len(photos)
+    ok = a["error"] == ""
+    np.testing.assert_allclose(
+        b.loc[ok, "memorability"].astype(float), a.loc[ok, "memorability"].astype(float), atol=1e-6, rtol=0
+    )

@@ -17,9 +17,10 @@ from typing import Any, TextIO
 import pandas as pd
 import pyarrow as pa
 
-from perceptscore import engines
+from perceptscore import engines, remote
 from perceptscore._text import shown
 from perceptscore.columns import ERROR, PATH
+from perceptscore.destinations import RemoteOutput
 from perceptscore.engines import Engine
 from perceptscore.errors import UsageError
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
@@ -48,11 +49,15 @@ def score(
     engine: str = "local",
     ray_address: str | None = None,
     report: str | None = None,
+    retry_errors: str | None = None,
 ) -> Outcome:
     """Score every input into ``out``. A file output is locked, written in resumable shards and appears
     only when complete; an interrupted run of the same plan is continued (``resume`` says so explicitly,
     ``restart`` discards it instead); ``incremental`` reuses the scores of an
-    earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout.
+    earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout; an
+    object-store URL (``s3://b/scores.parquet``) is written locally and uploaded once complete
+    (``destinations``). ``retry_errors``: an earlier scores file whose rows are kept, its error rows
+    scored again (no ``inputs``).
     ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
     CUDA, else one). ``engine``: "local" (this machine), or "ray" (a Ray cluster at ``ray_address``,
     ``$RAY_ADDRESS``, or a local Ray started for the run)."""
@@ -64,12 +69,26 @@ def score(
         raise UsageError("--ray-address needs --engine ray")
     if engine == "ray" and out == "-":  # Ray prints its cluster's messages on standard output
         raise UsageError("--engine ray needs a file output (-o scores.parquet), not standard output")
-    sources = options.sources(inputs)  # bad inputs and outputs fail before seconds of model loading
-    check_output(out)
-    refuse_overwriting_an_input(out, inputs, allowed=[incremental] if incremental else [])
-    if out == "-" and (resume or restart or incremental or (processes or 1) > 1):
+    remote.configure(options.storage)  # before any URL is looked at (an output, --retry-errors' file)
+    out = out if out == "-" else remote.local_path(out)  # file:// is a local path, checked as one
+    incremental = remote.local_path(incremental) if incremental else None
+    inputs = [_local(text) for text in inputs]
+    if retry_errors:
+        if inputs or incremental:
+            raise UsageError("--retry-errors takes its rows from the scores file it names: no inputs, no "
+                             "--incremental")  # fmt: skip
+        retry_errors = remote.local_path(retry_errors)
+    destination = RemoteOutput(out) if remote.is_remote(out) else None
+    allowed = [f for f in (incremental, retry_errors) if f]  # rewriting one of these is what was asked
+    if destination is None:
+        check_output(out)
+        refuse_overwriting_an_input(out, [*inputs, *allowed], allowed=allowed)
+    else:
+        refuse_writing_over_a_remote_input(out, inputs, allowed)
+    if out == "-" and (resume or restart or incremental or retry_errors or (processes or 1) > 1):
         raise UsageError(
-            "--resume, --restart, --incremental and --processes need a file output (-o scores.parquet)"
+            "--resume, --restart, --incremental, --retry-errors and --processes need a file output "
+            "(-o scores.parquet)"
         )
     if resume and restart:
         raise UsageError("choose one of --resume and --restart")
@@ -77,25 +96,72 @@ def score(
         _check_report(report, out, inputs)
     if (processes or 1) > 1 and "-" in inputs:
         raise UsageError("--processes needs inputs every process can read: not - (stdin)")
-    previous = Previous.read(incremental, options.task_specs()) if incremental else None
+    # bad inputs and outputs fail before seconds of model loading (and URLs are read with the storage
+    # options set: ``sources`` sets them)
+    if retry_errors:
+        old = remote.local_copy(retry_errors)
+        sources = options.sources([old], retry_errors=True)
+        previous: Previous | None = Previous.read(old, options.task_specs(), keep=True, named=retry_errors)
+    else:
+        sources = options.sources(inputs)
+        previous = Previous.read(remote.local_copy(incremental), options.task_specs(), named=incremental) \
+            if incremental else None  # fmt: skip
     weights = options.weights()  # a missing weights file is reported before torch loads
+    if destination is not None:
+        destination.prepare()  # a bucket that refuses writes fails now, not after the run
     with contextlib.ExitStack() as stack:
         target, stop = out, None
         if out != "-":
             # a symlinked output: its target is written and locked, the link kept
-            target = os.path.realpath(out)
+            target = str(destination.local) if destination else os.path.realpath(out)
             stack.enter_context(OutputLock(Path(target)))  # the lock before Ray, torch and the models load
             stop = stack.enter_context(StopOnSignal())
         cluster = stack.enter_context(engines.create("ray", address=ray_address)) if engine == "ray" else None
         device = cluster.device(options.device) if cluster is not None else None
-        plan = make_plan(options, inputs, target, incremental, weights, device)
+        plan_inputs = [retry_errors] if retry_errors else inputs
+        plan = make_plan(options, plan_inputs, target, incremental, weights, device, retry_errors)
         if stop is None:
             return _score_to_stream(plan, sources, make_reporter, cluster)
-        outcome = _score_to_file(
-            plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster
-        )
-    if report:  # the HTML report of the output, made once the output is complete
-        _write_report(out, report, outcome)
+        if destination is not None and destination.ready_for(plan.fingerprint()):
+            outcome = _already_scored(target)  # scored before; its upload failed
+        else:
+            outcome = _score_to_file(
+                plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster
+            )
+        if report:  # the HTML report of the output, made once the output is complete
+            _write_report(target, report, outcome)
+        if destination is not None:
+            destination.finished(plan.fingerprint())
+            destination.upload()
+    if destination is not None:
+        destination.tidy()
+    return outcome
+
+
+def _local(text: str) -> str:
+    """An input with ``file://`` URLs as the local paths they name (``@file://...`` too)."""
+    if text.startswith("@"):
+        return "@" + remote.local_path(text[1:])
+    return remote.local_path(text)
+
+
+def refuse_writing_over_a_remote_input(out: str, inputs: Sequence[str], allowed: Sequence[str]) -> None:
+    """A remote output that is one of the inputs (the same object, however spelled) is refused."""
+    target = remote.normalized(out)
+    if any(remote.is_remote(a) and remote.normalized(a) == target for a in allowed):
+        return
+    for text in inputs:
+        named = text.removeprefix("@")
+        if remote.is_remote(named) and remote.normalized(named) == target:
+            raise UsageError(
+                f"output {remote.without_secrets(out)!r} is the input {remote.without_secrets(named)!r}: "
+                "refusing to overwrite an input; choose another output"
+            )
+
+
+def _already_scored(path: str) -> Outcome:
+    outcome = Outcome()
+    outcome.count(read_scores(path))
     return outcome
 
 

@@ -18,6 +18,7 @@ from perceptscore.formats import format_of
 from perceptscore.images import is_image
 from perceptscore.locators import LocalFile
 from perceptscore.plan import ScoreOptions
+from perceptscore.remote import scheme
 from perceptscore.safety import check_list_output, refuse_overwriting_an_input
 from perceptscore.sinks import check_output
 from perceptscore.tasks import get_task
@@ -110,7 +111,9 @@ def _still_as_scored(rows: pd.DataFrame, scored: Scored) -> tuple[list[tuple[str
     for row, path, size, mtime in zip(rows.index, rows[PATH].tolist(), sizes, mtimes, strict=True):
         src = os.path.join(scored.root(row), path)  # an absolute path stays as it is
         recorded = None if pd.isna(size) or pd.isna(mtime) else (int(size), int(mtime))
-        if recorded is None:
+        if scheme(path) is not None:  # an object behind a URL, or a tar member
+            failed.append(f"{path}: not a local file (copied and linked files are local; -o lists any row)")
+        elif recorded is None:
             failed.append(f"{path}: no file size and mtime recorded, so it cannot be checked; score it again")
         elif LocalFile(src).stat() != recorded:
             failed.append(f"{path}: changed or gone since it was scored")

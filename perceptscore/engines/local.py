@@ -24,6 +24,7 @@ from perceptscore.batches import Batch, Decoded, collate, decode_item
 from perceptscore.images import draft_side
 from perceptscore.plan import ScoringPlan
 from perceptscore.predict import Predictor
+from perceptscore.prefetch import prefetched
 from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
 
@@ -117,7 +118,8 @@ class LocalEngine:
         dataset = _DecodeDataset(specs, draft, decode_timeout(), plan.max_pixels)
         pin = torch.device(plan.device).type == "cuda"
         with isolating_worker_deaths():
-            yield from _Run(dataset, predictor, plan.batch_size, plan.workers, pin).batches(iter(items))
+            run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin)
+            yield from run.batches(prefetched(items))  # remote objects fetched ahead, many at once
 
 
 class _Run:

@@ -12,6 +12,7 @@ manager's stop reaches the whole group): this process decides when to stop, and 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -25,13 +26,18 @@ from typing import IO, Any
 
 import pyarrow as pa
 
+from perceptscore import remote
 from perceptscore.columns import core_schema
 from perceptscore.errors import UsageError
-from perceptscore.locators import locate
+from perceptscore.locators import from_wire, to_wire
 from perceptscore.plan import ScoringPlan
 from perceptscore.sources import Item
 
-ITEM_SCHEMA = pa.schema([("index", pa.int64()), ("uri", pa.string()), ("error", pa.string())])
+# an item as a child rebuilds it: bytes already read (a tar member) travel with it (``locators.to_wire``)
+ITEM_SCHEMA = pa.schema(
+    [("index", pa.int64()), ("uri", pa.string()), ("error", pa.string()), ("data", pa.large_binary()),
+     ("size", pa.int64()), ("version", pa.int64())]
+)  # fmt: skip
 _DONE = object()
 
 
@@ -58,19 +64,27 @@ class ProcessEngine:
 
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
         schema = core_schema(plan.task_specs())
-        with contextlib.ExitStack() as stack:
-            children = [
-                stack.enter_context(_Child(p, i, self.processes, schema))
-                for i, p in enumerate(self.child_plans(plan))
-            ]
-            dealer = _Dealer(items, children, plan.batch_size * self.block_batches)
-            stack.callback(dealer.stop)
-            while (block := dealer.next_block()) is not None:
-                child, rows = block
-                while rows:
-                    batch = children[child].take(rows, dealer)
-                    rows -= batch.num_rows
-                    yield batch
+        dealer: _Dealer | None = None
+        try:
+            with contextlib.ExitStack() as stack:
+                children = [
+                    stack.enter_context(_Child(p, i, self.processes, schema))
+                    for i, p in enumerate(self.child_plans(plan))
+                ]
+                dealer = _Dealer(items, children, plan.batch_size * self.block_batches)
+                stack.callback(dealer.stop)
+                while (block := dealer.next_block()) is not None:
+                    child, rows = block
+                    while rows:
+                        batch = children[child].take(rows, dealer)
+                        rows -= batch.num_rows
+                        yield batch
+        finally:
+            # The children are gone (a write to one fails now): the dealer ends. It must end before this
+            # process does: a thread still inside pyarrow's writer when the interpreter finalizes aborts
+            # the process (PyGILState_Release), turning a clean stop into exit code 134.
+            if dealer is not None:
+                dealer.join(10.0)
 
 
 class _Dealer:
@@ -115,6 +129,9 @@ class _Dealer:
     def stop(self) -> None:
         self._stopped = True
 
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
 
 class _Child:
     def __init__(self, plan: ScoringPlan, number: int, of: int, schema: pa.Schema) -> None:
@@ -127,21 +144,35 @@ class _Child:
         )  # fmt: skip
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(plan.to_json().encode() + b"\n")
-        self._writer = pa.ipc.new_stream(self.proc.stdin, ITEM_SCHEMA)
+        # storage options (credentials, maybe) on the pipe, never in argv or the environment
+        self.proc.stdin.write(json.dumps(remote.current().options).encode() + b"\n")
+        self._writer: pa.RecordBatchStreamWriter | None = pa.ipc.new_stream(self.proc.stdin, ITEM_SCHEMA)
         self._results: queue.Queue[Any] = queue.Queue()
         self._held: pa.RecordBatch | None = None
         self._reader = threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
 
     def send(self, items: list[Item]) -> None:
-        columns = [[i.index for i in items], [i.path for i in items], [i.error for i in items]]
-        self._writer.write_batch(pa.record_batch(columns, schema=ITEM_SCHEMA))
+        wires = [to_wire(i.locator) for i in items]
+        columns = [[i.index for i in items], [w[0] for w in wires], [i.error for i in items],
+                   *([w[k] for w in wires] for k in (1, 2, 3))]  # fmt: skip
+        writer = self._writer
+        if writer is None:
+            raise BrokenPipeError("the child's input is closed")
+        writer.write_batch(pa.record_batch(columns, schema=ITEM_SCHEMA))
         assert self.proc.stdin is not None
         self.proc.stdin.flush()
 
     def finish(self) -> None:
-        with contextlib.suppress(OSError, ValueError, pa.ArrowException):  # gone already
-            self._writer.close()
+        """Close the child's input (from the dealer's thread or this one, once). The writer is dropped
+        here, not left to the interpreter's exit: a pyarrow writer over a Python file destroyed while the
+        interpreter finalizes aborts the process (PyGILState_Release), and an exception's traceback can
+        keep this object alive until then."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError, ValueError, pa.ArrowException):  # gone already
+                writer.close()
+            del writer
         with contextlib.suppress(OSError, ValueError):
             assert self.proc.stdin is not None
             self.proc.stdin.close()
@@ -179,11 +210,14 @@ class _Child:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        # The child's whole session (it leads one): its decode workers hold its stdout too, and the
+        # reader thread sees the end of that pipe only when they are gone. A reader still blocked in
+        # pyarrow when the interpreter finalizes aborts the process (PyGILState_Release).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.finish()
-        self._reader.join(timeout=5)
+        self._reader.join(timeout=10)
         self.log.close()
 
 
@@ -193,12 +227,15 @@ def _child_main() -> int:
 
     stdin = sys.stdin.buffer
     plan = ScoringPlan.from_json(stdin.readline().decode())
+    remote.configure(remote.Settings(json.loads(stdin.readline())))
 
     def items() -> Iterator[Item]:
         with pa.ipc.open_stream(stdin) as reader:
             for batch in reader:
-                for index, uri, error in zip(*(c.to_pylist() for c in batch.columns), strict=True):
-                    yield Item(index, locate(uri), {}, error)
+                for index, uri, error, data, size, version in zip(
+                    *(c.to_pylist() for c in batch.columns), strict=True
+                ):
+                    yield Item(index, from_wire(uri, data, size, version), {}, error)
 
     writer = pa.ipc.new_stream(sys.stdout.buffer, core_schema(plan.task_specs()))
     for batch in LocalEngine().run(plan, items()):

@@ -26,7 +26,6 @@ import signal
 import socket
 import threading
 from collections.abc import Iterable, Iterator
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -34,17 +33,24 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from perceptscore import remote
 from perceptscore._version import __version__
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH, core_schema
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.images import draft_side
 from perceptscore.isolated_decode import Decoded, IsolatedDecoder, settings_for
+from perceptscore.locators import InMemory, Unavailable, from_wire, to_wire
 from perceptscore.plan import ScoringPlan
+from perceptscore.prefetch import prefetched
 from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
 
 ROW_INDEX = "row_index"
-PLAN_SCHEMA = pa.schema([(ROW_INDEX, pa.int64()), (PATH, pa.string()), (ERROR, pa.string())])
+DATA, SIZE, VERSION = "data", "known_size", "known_version"  # bytes already read, and their stat
+PLAN_SCHEMA = pa.schema(
+    [(ROW_INDEX, pa.int64()), (PATH, pa.string()), (ERROR, pa.string()), (DATA, pa.large_binary()),
+     (SIZE, pa.int64()), (VERSION, pa.int64())]
+)  # fmt: skip
 
 
 def pixels_column(number: int) -> str:
@@ -72,14 +78,24 @@ def _decoder(settings: dict[str, Any]) -> IsolatedDecoder:
     return _decoders[key]
 
 
-def decode_block(table: pa.Table, settings: dict[str, Any]) -> pa.Table:
+def decode_block(
+    table: pa.Table, settings: dict[str, Any], storage: dict[str, Any] | None = None
+) -> pa.Table:
     """A block of the plan table -> its rows with the crops of each preprocessing (raw uint8 bytes; null
-    for a row with an error). Never raises for a file."""
+    for a row with an error). Remote objects are fetched here, many at once, then decoded in the isolated
+    decoder (which never waits on the network under its time limit). Never raises for a file."""
+    if storage is not None and storage != remote.current().options:
+        remote.configure(remote.Settings(storage))
     decoder = _decoder(settings)
     errors, sizes, mtimes = [], [], []
     pixels: list[list[bytes | None]] = [[] for _ in settings["specs"]]
-    for uri, error in zip(table[PATH].to_pylist(), table[ERROR].to_pylist(), strict=True):
-        decoded = decoder.decode(uri) if error is None else Decoded(error, None, [])
+    columns = (table[c].to_pylist() for c in (ROW_INDEX, PATH, ERROR, DATA, SIZE, VERSION))
+    items = (
+        Item(index, from_wire(uri, data, size, version), {}, error)
+        for index, uri, error, data, size, version in zip(*columns, strict=True)
+    )
+    for item in prefetched(items):
+        decoded = _decoded(decoder, item)
         errors.append(decoded.error)
         sizes.append(decoded.stat[0] if decoded.stat else None)
         mtimes.append(decoded.stat[1] if decoded.stat else None)
@@ -94,6 +110,16 @@ def decode_block(table: pa.Table, settings: dict[str, Any]) -> pa.Table:
     }
     columns |= {pixels_column(i): pa.array(p, pa.binary()) for i, p in enumerate(pixels)}
     return pa.table(columns)
+
+
+def _decoded(decoder: IsolatedDecoder, item: Item) -> Decoded:
+    if item.error is not None:
+        return Decoded(item.error, None, [])
+    if isinstance(item.locator, Unavailable):
+        return Decoded(item.locator.reason, None, [])
+    if isinstance(item.locator, InMemory):
+        return decoder.decode(item.path, item.locator.data, item.locator.known)
+    return decoder.decode(item.path)
 
 
 class PredictStage:
@@ -253,8 +279,7 @@ class RayEngine:
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)  # Ray Data logs a failed run's whole traceback
         try:
-            stream = iter(items)
-            while window := list(islice(stream, self.window_rows)):
+            for window in _windows(iter(items), self.window_rows, _window_bytes()):
                 yield from self._window(plan, window)
         except ray.exceptions.GetTimeoutError:
             needs = "one GPU" if plan.device.startswith("cuda") else "one CPU"
@@ -275,10 +300,12 @@ class RayEngine:
             quiet.setLevel(level)
 
     def _window(self, plan: ScoringPlan, window: list[Item]) -> Iterator[pa.RecordBatch]:
+        wires = [to_wire(i.locator) for i in window]
         table = pa.table(
-            [[i.index for i in window], [i.path for i in window], [i.error for i in window]],
+            [[i.index for i in window], [w[0] for w in wires], [i.error for i in window],
+             *([w[k] for w in wires] for k in (1, 2, 3))],
             schema=PLAN_SCHEMA,
-        )
+        )  # fmt: skip
         blocks = [table.slice(start, plan.batch_size) for start in range(0, len(table), plan.batch_size)]
         cluster, cuda = self.cluster(), plan.device.startswith("cuda")
         specs = list(dict.fromkeys(t.preprocess for t in plan.task_specs()))
@@ -291,7 +318,8 @@ class RayEngine:
         dataset = (
             ray.data.from_arrow(blocks)
             .map_batches(
-                decode_block, fn_kwargs={"settings": settings}, batch_format="pyarrow", batch_size=None,
+                decode_block, fn_kwargs={"settings": settings, "storage": dict(remote.current().options)},
+                batch_format="pyarrow", batch_size=None,
                 num_cpus=1,
             )
             .map_batches(
@@ -309,6 +337,25 @@ class RayEngine:
             yield from out.select(schema.names).cast(schema).combine_chunks().to_batches()
         if next(expected, None) is not None:
             raise RuntimeError("Ray returned fewer rows than it was given")
+
+
+def _window_bytes() -> int:
+    """Bytes of items held by the driver at once (tar members carry theirs): a window ends at this many
+    bytes or ``window_rows`` rows, whichever comes first."""
+    return int(os.environ.get("PERCEPTSCORE_RAY_WINDOW_BYTES", str(1 << 30)))
+
+
+def _windows(stream: Iterator[Item], rows: int, most: int) -> Iterator[list[Item]]:
+    window: list[Item] = []
+    held = 0
+    for item in stream:
+        window.append(item)
+        held += len(item.locator.data) if isinstance(item.locator, InMemory) else 0
+        if len(window) >= rows or held >= most:
+            yield window
+            window, held = [], 0
+    if window:
+        yield window
 
 
 def _ours(exc: BaseException) -> PerceptScoreError | None:
