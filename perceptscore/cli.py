@@ -152,6 +152,8 @@ def _summary(outcome, out: str, incremental: str | None, retry_errors: str | Non
     from perceptscore.remote import without_secrets
 
     notes = [f"{outcome.resumed} resumed from an interrupted run"] if outcome.resumed else []
+    if outcome.uploaded_earlier:
+        notes.append("nothing scored again: uploaded what an earlier run finished, whose upload had failed")
     if outcome.salvaged:
         notes.append(
             f"the inputs changed since an interrupted run: its {outcome.salvaged} rows were reused where "

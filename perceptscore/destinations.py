@@ -19,12 +19,15 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from perceptscore import remote
+from perceptscore.columns import PATH
 from perceptscore.errors import DecodeError, UsageError
-from perceptscore.formats import format_of, meta_path
+from perceptscore.formats import format_of, meta_path, read_columns
+from perceptscore.runs import paths_digest
 
 
 def work_root() -> Path:
@@ -51,10 +54,6 @@ class RemoteOutput:
 
     def prepare(self) -> None:
         """The work folder, and proof the destination takes writes (before anything is scored)."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the work folder {self.folder}: {exc.strerror or exc}") from None
         head, _, _ = self.url.partition("?")
         probe = f"{head.rsplit('/', 1)[0]}/.{head.rsplit('/', 1)[1]}.probe-{uuid.uuid4().hex[:12]}"
         fs, path = remote.split(probe)
@@ -64,17 +63,36 @@ class RemoteOutput:
             raise UsageError(f"cannot write to {self.shown}: {exc}") from None
         with contextlib.suppress(Exception):  # a store may allow writes but not deletes: harmless
             fs.rm_file(path)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the work folder {self.folder}: {exc.strerror or exc}") from None
 
-    def ready_for(self, fingerprint: dict[str, Any]) -> bool:
-        """A finished file of this very run is waiting to be uploaded (an earlier upload failed)."""
+    def ready_for(self, fingerprint: dict[str, Any], paths: Callable[[], Iterable[str]]) -> bool:
+        """A finished file of this very run is waiting to be uploaded (an earlier upload failed): the same
+        fingerprint, and the same rows (``paths``: the inputs' paths now, listed only when the rest
+        matches). Anything else discards it: stale scores are never uploaded."""
         try:
             recorded = json.loads(self._ready.read_text())
         except (OSError, ValueError):
+            recorded = None
+        if recorded is None or recorded.get("fingerprint") != fingerprint or not self.local.is_file():
+            self.discard()
             return False
-        return recorded == fingerprint and self.local.is_file()
+        if recorded.get("paths_sha256") != paths_digest(paths()):
+            self.discard()
+            return False
+        return True
 
     def finished(self, fingerprint: dict[str, Any]) -> None:
-        self._ready.write_text(json.dumps(fingerprint, sort_keys=True))
+        """Record which run the finished local file is (before its upload is tried)."""
+        paths = read_columns(str(self.local), lambda _: [PATH]).column(PATH).to_pylist()
+        record = {"fingerprint": fingerprint, "paths_sha256": paths_digest(paths)}
+        self._ready.write_text(json.dumps(record, sort_keys=True))
+
+    def discard(self) -> None:
+        for stale in (self.local, meta_path(self.local), self._ready):
+            stale.unlink(missing_ok=True)
 
     def upload(self) -> None:
         """Data, then sidecar; then the local copies go. A failure keeps them, to upload next time."""

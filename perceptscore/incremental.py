@@ -3,7 +3,7 @@ size and mtime), so only new and changed files are scored."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class Previous:
         self.rows: dict[str, dict[str, Any]] = {}
         self.skipped = 0
         self.keep = keep  # --retry-errors: every scored row is kept as it is, its file not looked at
+        self.occurrences: dict[str, list[dict[str, Any] | None]] = {}  # keeping: each path's rows, in order
+        self._kept: dict[int, dict[str, Any]] = {}  # keeping: item index -> its row of OLD (``tracked``)
 
     @classmethod
     def read(cls, path: str, tasks: Sequence[Task], keep: bool = False, named: str | None = None) -> Previous:
@@ -50,20 +52,40 @@ class Previous:
         return [PATH, ERROR, FILE_SIZE, FILE_MTIME, *self.columns]
 
     def absorb(self, table: pa.Table) -> None:
-        """Take ``table``'s scored rows (later ones win: they are newer)."""
+        """Take ``table``'s scored rows (later ones win: they are newer). Keeping (``--retry-errors``),
+        every row is taken in order, so a path that appears twice (a tar member name repeated in its
+        shard) is matched occurrence by occurrence, never to another occurrence's score."""
         for row in table.select(self._needed).to_pylist():
-            if row[ERROR] is None:
+            if self.keep:
+                self.occurrences.setdefault(row[PATH], []).append(row if row[ERROR] is None else None)
+            elif row[ERROR] is None:
                 self.rows[row[PATH]] = row
+
+    def tracked(self, items: Iterable[Item]) -> Iterator[Item]:
+        """Keeping: match every item, in input order, to its path's next row of OLD, before anything
+        filters the items (a resumed run skips the rows its shards hold): a path's n-th item gets the
+        n-th row, so repeated paths never trade scores."""
+        seen: dict[str, int] = {}  # per pass: a run started over matches from the start again
+        self._kept.clear()
+        for item in items:
+            rows = self.occurrences.get(item.path, [])
+            n = seen[item.path] = seen.get(item.path, -1) + 1
+            if n < len(rows) and rows[n] is not None:
+                self._kept[item.index] = rows[n]
+            yield item
 
     def reusable(self, item: Item) -> dict[str, Any] | None:
         """The old row for ``item`` (its core columns) if its file is unchanged, else None."""
-        old = self.rows.get(item.path)
-        if old is None or item.error:
-            return None
         if self.keep:
+            old = self._kept.pop(item.index, None)
+            if old is None or item.error:
+                return None
             self.skipped += 1
             return {PATH: item.path, **{c: old[c] for c in self.columns}, ERROR: None,
                     FILE_SIZE: old[FILE_SIZE], FILE_MTIME: old[FILE_MTIME]}  # fmt: skip
+        old = self.rows.get(item.path)
+        if old is None or item.error:
+            return None
         stat = item.locator.stat()
         if stat is None or stat != (old[FILE_SIZE], old[FILE_MTIME]):
             return None

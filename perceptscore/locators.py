@@ -138,7 +138,7 @@ class TarMember:
     uri: str
 
     def parts(self) -> tuple[str, str]:
-        name, _, shard = self.uri[len(TAR_SCHEME) :].partition("::")
+        name, _, shard = self.uri[len(TAR_SCHEME) :].rpartition("::")  # a shard's URL holds no "::"
         return name, shard
 
     def stat(self) -> tuple[int, int] | None:
@@ -148,16 +148,26 @@ class TarMember:
         from perceptscore import tars
 
         name, shard = self.parts()
-        with _open_shard(shard) as stream:
-            for member in tars.members(stream, remote.max_bytes()):
-                if member.name == name:
-                    if member.error:
-                        raise DecodeError(member.error)
-                    return io.BytesIO(member.data or b"")
-        raise DecodeError(f"no member {name!r} in {remote.without_secrets(shard)}")
+        found: list[tars.Member] = []
+        try:
+            with _open_shard(shard) as stream:
+                for member in tars.members(stream, remote.max_bytes()):
+                    if member.name == name or member.fatal:
+                        found.append(member)
+        except OSError as exc:  # a remote shard's connection failed past its retries
+            raise DecodeError(f"unreadable shard: {remote.read_failure(exc)}") from None
+        if found and found[-1].fatal:
+            raise DecodeError(found[-1].error or "unreadable shard")
+        if len(found) > 1:  # the name alone cannot say which member the row was
+            raise DecodeError("duplicate member name in this shard")
+        if not found:
+            raise DecodeError(f"no member {name!r} in {remote.without_secrets(shard)}")
+        if found[0].error:
+            raise DecodeError(found[0].error)
+        return io.BytesIO(found[0].data or b"")
 
 
-def _open_shard(shard: str) -> BinaryIO:
+def _open_shard(shard: str) -> Any:
     if remote.is_remote(shard):
         try:
             return remote.open_stream(shard)

@@ -23,9 +23,19 @@ from dataclasses import replace
 from typing import Any
 
 from perceptscore import remote
-from perceptscore.errors import DecodeError
+from perceptscore.errors import DecodeError, UsageError
 from perceptscore.locators import InMemory, RemoteFile, Unavailable
 from perceptscore.sources import Item
+
+
+class Stopped(UsageError):
+    """A stop was asked (SIGINT/SIGTERM) while waiting for an object: the run ends now, with the rows
+    scored so far saved, instead of waiting out the object's deadline. Nothing is recorded for it."""
+
+
+# Set by ``runs.StopOnSignal`` on the first SIGINT/SIGTERM: a wait for a fetch ends at once.
+stop_requested = threading.Event()
+_SLICE_SECONDS = 0.25
 
 
 def held_bytes() -> int:
@@ -105,8 +115,13 @@ def _room(ahead: deque[tuple[Item, Future[Any] | None, float]], in_flight: int, 
     """Whether to take another item: fewer fetches running than allowed, the fetched bytes waiting under
     the limit, and a bounded look-ahead (items behind a slow one wait in order)."""
     running = sum(1 for _, f, _ in ahead if f is not None and not f.done())
-    held = sum(_size(f) for _, f, _ in ahead)
+    held = sum(_size(f) if f is not None else _held(item) for item, f, _ in ahead)
     return running < in_flight and held < limit and len(ahead) < 4 * in_flight
+
+
+def _held(item: Item) -> int:
+    """Bytes an item holds already (a tar member): they count against the limit like fetched ones."""
+    return len(item.locator.data) if isinstance(item.locator, InMemory) else 0
 
 
 def _size(future: Future[Any] | None) -> int:
@@ -116,12 +131,19 @@ def _size(future: Future[Any] | None) -> int:
 
 
 def _fetched(item: Item, future: Future[Any], deadline: float) -> Item:
-    try:
-        data, stat = future.result(timeout=max(0.0, deadline - time.monotonic()))
-    except FutureTimeout:
-        future.cancel()
-        reason = f"timed out after {deadline_seconds():.0f} s"
-        return replace(item, locator=Unavailable(item.path, reason))
-    except DecodeError as exc:
-        return replace(item, locator=Unavailable(item.path, str(exc)))
+    while True:  # in slices: a stop asked meanwhile ends the wait
+        if stop_requested.is_set():
+            raise Stopped("stopped while waiting for a remote object")
+        left = deadline - time.monotonic()
+        try:
+            data, stat = future.result(timeout=max(0.0, min(left, _SLICE_SECONDS)))
+            break
+        except FutureTimeout:
+            if left > _SLICE_SECONDS:
+                continue
+            future.cancel()
+            reason = f"timed out after {deadline_seconds():.0f} s"
+            return replace(item, locator=Unavailable(item.path, reason))
+        except DecodeError as exc:
+            return replace(item, locator=Unavailable(item.path, str(exc)))
     return replace(item, locator=InMemory(item.path, data, stat))

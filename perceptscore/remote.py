@@ -17,6 +17,7 @@ Credentials and endpoints otherwise come from the backends' usual places (``AWS_
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import email.utils
 import hashlib
@@ -77,7 +78,9 @@ def normalized(url: str) -> str:
     if name is None or name == "file":
         return os.path.abspath(local_path(url))
     parsed = urllib.parse.urlsplit(url)
-    host = parsed.netloc.rsplit("@", 1)[-1].lower()
+    # user info is a credential over HTTP; in az:// and abfs:// "container@account" is the address
+    netloc = parsed.netloc.lower()
+    host = netloc if name in ("az", "abfs", "adl") else netloc.rsplit("@", 1)[-1]
     if name in _HTTP:
         return urllib.parse.urlunsplit((name, host, parsed.path or "/", parsed.query, ""))
     path = re.sub(r"/{2,}", "/", parsed.path)
@@ -367,11 +370,14 @@ def fetch(
             raise DecodeError(f"{size} bytes, over the limit of {limit}")
         if size == 0:
             raise DecodeError("empty file")
-        if isinstance(size, int):
-            data = fs.cat_file(path)
-        else:  # no size told: read at most one byte past the limit, never the whole of an endless body
+        # Never more than one byte past the limit, whatever the size said (a server may lie, an object
+        # may be replaced between the two requests): an HTTP body is streamed and cut there; an object
+        # store is asked for that range.
+        if scheme(url) in _HTTP:
             with fs.open(path, "rb", block_size=0) as stream:
                 data = _read_up_to(stream, limit + 1)
+        else:
+            data = fs.cat_file(path, start=0, end=limit + 1)
         if len(data) > limit:
             raise DecodeError(f"over the limit of {limit} bytes")
         if not data:
@@ -392,10 +398,52 @@ def _read_up_to(stream: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_stream(url: str) -> BinaryIO:
-    """A sequential read of a (large) object: a tar shard. Reads carry the file system's timeouts."""
+def open_stream(url: str) -> RetryingStream:
+    """A sequential read of a (large) object: a tar shard. Reads carry the file system's timeouts, and a
+    read that fails for a transient reason is tried again from where it was (``RetryingStream``)."""
     fs, path = split(url)
-    return with_retries(lambda: fs.open(path, "rb", block_size=8 << 20, cache_type="readahead"))
+    return RetryingStream(
+        with_retries(lambda: fs.open(path, "rb", block_size=8 << 20, cache_type="readahead"))
+    )
+
+
+def read_failure(exc: OSError) -> str:
+    """The reason a ``RetryingStream`` (or a local read) failed, in one line."""
+    return str(exc) if isinstance(exc.__cause__, Exception) else classify(exc)[0]
+
+
+class RetryingStream:
+    """A remote shard's stream that survives a dropped connection: a read that fails for a transient
+    reason is tried again from the same offset (a new range request), with backoff, up to
+    ``tries()`` times; then it fails as ``OSError`` with the reason, whatever the backend raised
+    (aiohttp's payload errors are not ``OSError``)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.position = stream, 0
+
+    def read(self, n: int = -1) -> bytes:
+        most = tries()
+        for attempt in range(1, most + 1):
+            try:
+                data = self.stream.read(n)
+                self.position += len(data)
+                return data
+            except Exception as exc:
+                reason, transient = classify(exc)
+                if not transient or attempt == most:
+                    after = f" after {attempt} tries" if attempt > 1 else ""
+                    raise OSError(f"{reason}{after}") from exc
+                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
+                with contextlib.suppress(Exception):
+                    self.stream.seek(self.position)
+        raise AssertionError("unreachable")
+
+    def __enter__(self) -> RetryingStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self.stream.close()
 
 
 def listing(url: str, recursive: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -449,4 +497,7 @@ def local_copy(url: str) -> str:
         download(url, local)
     except DecodeError as exc:
         raise UsageError(f"{without_secrets(url)}: {exc}") from None
+    if local.endswith((".csv", ".jsonl")):  # a scores file's provenance is its sidecar: it comes along
+        with contextlib.suppress(DecodeError):
+            download(url.split("?", 1)[0] + ".meta.json", local + ".meta.json")
     return local

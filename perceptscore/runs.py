@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from perceptscore._text import redacted_command
 from perceptscore.columns import PATH
 from perceptscore.errors import PerceptScoreError, UsageError
+from perceptscore.prefetch import stop_requested
 from perceptscore.sources import Item
 
 
@@ -144,14 +145,17 @@ class StopOnSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        stop_requested.set()  # a wait for a remote object ends now, not at its deadline
 
     def __enter__(self) -> StopOnSignal:
+        stop_requested.clear()
         with contextlib.suppress(ValueError):  # not the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        stop_requested.clear()
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 

@@ -34,6 +34,7 @@ class Outcome:
     ignored: list[str] = field(default_factory=list)  # files in input folders passed over (not images)
     report: str | None = None  # --report: one line on the page written, or on why it could not be
     report_failed: bool = False
+    uploaded_earlier: bool = False  # -o URL: the file an earlier run finished was uploaded, nothing scored
 
     @property
     def exit_code(self) -> int:

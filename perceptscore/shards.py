@@ -12,10 +12,8 @@ A shard that cannot be read (missing, truncated, not a tar) is one error row who
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -38,7 +36,19 @@ def is_shard(text: str) -> bool:
 
 def expand_braces(text: str) -> list[str]:
     """``shards/{00000..00099}.tar`` (zero padding kept) and ``{a,b}`` alternatives, as webdataset and
-    the shell spell shard lists; left to right, every combination."""
+    the shell spell shard lists; left to right, every combination (a million at most: counted first)."""
+    total = 1
+    for match in _BRACES.finditer(text):
+        if match.group(3) is not None:
+            total *= len(match.group(3).split(","))
+        else:
+            total *= abs(int(match.group(2)) - int(match.group(1))) + 1
+        if total > _MAX_EXPANSION:
+            raise UsageError(f"{text!r} names over {_MAX_EXPANSION} inputs")
+    return _expand(text)
+
+
+def _expand(text: str) -> list[str]:
     match = _BRACES.search(text)
     if match is None:
         return [text]
@@ -49,11 +59,9 @@ def expand_braces(text: str) -> list[str]:
         first, last = match.group(1), match.group(2)
         width = len(first) if first.startswith("0") or len(first) == len(last) else 0
         start, end = int(first), int(last)
-        if abs(end - start) >= _MAX_EXPANSION:
-            raise UsageError(f"{text!r}: a range of over {_MAX_EXPANSION} shards")
         step = 1 if end >= start else -1
         choices = [str(n).zfill(width) for n in range(start, end + step, step)]
-    return [f"{head}{choice}{rest}" for choice in choices for rest in expand_braces(tail)]
+    return [f"{head}{choice}{rest}" for choice in choices for rest in _expand(tail)]
 
 
 def parse_fields(text: str | None) -> tuple[str, ...]:
@@ -105,8 +113,7 @@ def members(shard: str, fields: Sequence[str]) -> Iterator[tuple[Locator, dict[s
                         stat = (len(member.data), member.mtime * 10**9)
                         yield InMemory(member_uri(member.name, shard), member.data, stat), extras
     except OSError as exc:  # the connection to a remote shard failed mid-read, past its retries
-        reason = str(exc) if isinstance(exc.__cause__, Exception) else remote.classify(exc)[0]
-        yield Unavailable(shard, f"unreadable shard: {reason}"), base
+        yield Unavailable(shard, f"unreadable shard: {remote.read_failure(exc)}"), base
     except DecodeError as exc:
         yield Unavailable(shard, f"unreadable shard: {exc}"), base
 
@@ -118,44 +125,10 @@ def _is_image(extension: str) -> bool:
 def _open(shard: str) -> BinaryIO:
     if remote.is_remote(shard):
         try:
-            return _Guarded(remote.open_stream(shard))
+            return remote.open_stream(shard)
         except UsageError as exc:
             raise DecodeError(str(exc)) from None
     return LocalFile(remote.local_path(shard)).open()
-
-
-class _Guarded:
-    """A remote shard's stream that survives a dropped connection: a read that fails for a transient
-    reason is tried again from the same offset (a new range request), with backoff, up to
-    ``remote.tries()`` times; then it fails as ``OSError`` with the reason, whatever the backend raised
-    (aiohttp's payload errors are not ``OSError``)."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream, self.position = stream, 0
-
-    def read(self, n: int = -1) -> bytes:
-        tries = remote.tries()
-        for attempt in range(1, tries + 1):
-            try:
-                data = self.stream.read(n)
-                self.position += len(data)
-                return data
-            except Exception as exc:
-                reason, transient = remote.classify(exc)
-                if not transient or attempt == tries:
-                    after = f" after {attempt} tries" if attempt > 1 else ""
-                    raise OSError(f"{reason}{after}") from exc
-                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-                with contextlib.suppress(Exception):
-                    self.stream.seek(self.position)
-        raise AssertionError("unreachable")
-
-    def __enter__(self) -> _Guarded:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            self.stream.close()
 
 
 def _fields(sample: Any, fields: Sequence[str]) -> dict[str, Any]:

@@ -139,12 +139,14 @@ class _Manifest:
         self, path: str, path_column: str, named: str | None = None, drop: Iterable[str] = ()
     ) -> None:
         self.path, self.path_column, self.named = path, path_column, named or path
+        # read as text in CSV: a tar key "00000" is no number (a scores file's own shard/key columns)
+        self._strings = [path_column, shards.SHARD, shards.KEY]
         self.format = format_of(path)
         shown_as = remote.without_secrets(self.named)
         assert self.format is not None, path
         try:
             self.is_scores = is_scores_file(path)
-            schema = self.format.read_schema(path, [path_column])
+            schema = self.format.read_schema(path, self._strings)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise UsageError(
                 f"manifest {shown_as}: unreadable ({' '.join(str(exc).split())[:200]})"
@@ -173,7 +175,7 @@ class _Manifest:
         return os.path.join(self.folder, path)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        batches = self.format.read_batches(self.path, [self.path_column])
+        batches = self.format.read_batches(self.path, self._strings)
         if not (self.is_scores and self.format.suffix == ".csv"):
             return batches
         # a CSV perceptscore wrote: its cells that would be formulas carry a quote to take off
@@ -332,7 +334,10 @@ class Sources:
                 name = self._rename.get(f.name, f.name)
                 if name in fields and fields[name].type != f.type:
                     if where == "tar shards":
-                        continue  # a manifest's own column of that name wins
+                        raise UsageError(
+                            f"manifest column {f.name!r} has type {fields[name].type}, but tar rows give "
+                            f"{f.name} as text: rename that column, or score the shards separately"
+                        )
                     raise UsageError(
                         f"manifest column {f.name!r} has type {f.type} in {where} "
                         f"but {fields[name].type} in an earlier manifest"
@@ -417,7 +422,7 @@ class Sources:
                         yield None, renamed
                         continue
                     for found, more in self._named(manifest.resolve(path)):
-                        yield found, {**renamed, **more}
+                        yield found, {**more, **renamed}  # the manifest's own columns win
 
     def _retry_rows(self, old: _Manifest) -> Iterator[tuple[str | Locator | None, dict[str, Any]]]:
         """The rows of a scores file again: each as it was (the scores are reused by ``Previous``), but a

@@ -248,17 +248,31 @@ def test_a_failed_upload_keeps_the_scores_and_the_same_command_uploads_them_with
 
     options = ScoreOptions(["mem"], {"mem": str(release_checkpoints["memorability"][0])}, device="cpu",
                            workers=0)  # fmt: skip
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in sorted(photo_dir.iterdir())[:5]:
+        (photos / photo.name).write_bytes(photo.read_bytes())
     out = f"s3://{bucket}/scores.parquet"
     with pytest.raises(UsageError) as failed:
-        run([str(photo_dir)], out, options, reporter(BucketGoesAway))
+        run([str(photos)], out, options, reporter(BucketGoesAway))
     assert "the scores are complete in" in str(failed.value) and "without scoring again" in str(failed.value)
-    assert sum(scored) == 6
+    assert sum(scored) == 5
+
+    # the inputs changed meanwhile: the finished file is stale, never uploaded; the run scores again
+    (photos / "z_new.jpg").write_bytes((photo_dir / "a_square.jpg").read_bytes())
     moto_s3.make_bucket(bucket)
     scored.clear()
-    outcome = run([str(photo_dir)], out, options, reporter(BucketGoesAway))
-    assert scored == [] and outcome.rows == 6  # uploaded as it was: nothing scored again
+    with pytest.raises(UsageError):
+        run([str(photos)], out, options, reporter(BucketGoesAway))  # and its upload fails again
+    assert sum(scored) == 6
+
+    moto_s3.make_bucket(bucket)
+    scored.clear()
+    outcome = run([str(photos)], out, options, reporter(BucketGoesAway))
+    assert scored == [] and outcome.rows == 6 and outcome.uploaded_earlier  # uploaded as it was
     table = pq.read_table(io.BytesIO(moto_s3.get(bucket, "scores.parquet")))
-    assert table.num_rows == 6 and not list((tmp_path / "work").rglob("*.parquet"))
+    assert table.column("path").to_pylist()[-1].endswith("z_new.jpg") and table.num_rows == 6
+    assert not list((tmp_path / "work").rglob("*.parquet"))
 
 
 def test_command_lines_in_lock_files_hide_storage_options_and_signed_queries() -> None:
@@ -268,3 +282,39 @@ def test_command_lines_in_lock_files_hide_storage_options_and_signed_queries() -
             '{"secret": "s"}', "--storage-options={\"key\": \"k\"}", "-o", "out.parquet"]  # fmt: skip
     shown = "perceptscore score https://***@h/a.jpg?*** --storage-options *** --storage-options=***"
     assert redacted_command(argv) == shown + " -o out.parquet"
+
+
+def test_a_stop_does_not_wait_for_a_stalled_object(
+    http: FaultyHTTPServer, photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    """SIGINT while objects stall: the run stops within seconds, rows scored so far saved, not after the
+    stalled objects' deadlines (minutes with the default timeouts)."""
+    import signal
+    import time
+
+    photos = sorted(photo_dir.iterdir())[:4]
+    for n in range(4):
+        http.stall.add(f"/stalled{n}.jpg")
+        http.files[f"/stalled{n}.jpg"] = photos[0].read_bytes()
+    urls = [http.url(f"/photos/{p.name}") for p in photos] + [http.url(f"/stalled{n}.jpg") for n in range(4)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "\n".join(urls) + "\n")
+    out = tmp_path / "out.parquet"
+    env = {**os.environ, "PERCEPTSCORE_SHARD_ROWS": "2"}  # the default timeouts: a stall costs minutes
+    checkpoint = str(release_checkpoints["memorability"][0])
+    command = [EXE, "score", str(manifest), "-t", "mem", "--checkpoint", checkpoint, "--workers", "0",
+               "--batch-size", "2", "-o", str(out)]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parts = out.with_name(f".{out.name}.parts")
+    deadline = time.monotonic() + 120
+    while (
+        len(list(parts.glob("shard-*.parquet"))) < 2 and time.monotonic() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    time.sleep(1)  # waiting on the stalled objects now
+    proc.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - stopped < 15, "the stop waited for the stalled fetches"
+    assert proc.returncode == 130 and "stopped by SIGINT: 4 rows saved" in stderr, stderr
+    assert not out.exists()

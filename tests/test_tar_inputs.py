@@ -168,3 +168,40 @@ def test_processes_receive_member_bytes_and_never_reopen_the_shard(
     np.testing.assert_allclose(
         pd.read_parquet(out)["memorability"], pd.read_parquet(loose)["memorability"], rtol=0, atol=1e-6
     )
+
+
+def test_retry_errors_from_a_csv_keeps_keys_as_text_and_a_repeated_name_never_takes_anothers_score(
+    photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    """A member name repeated in its shard is an error row; retried, it stays one (the name alone cannot
+    say which member it was), and the first member keeps its own score. Keys like "00000" survive a CSV."""
+    photos = sorted(photo_dir.iterdir())
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        add(archive, "00000.jpg", photos[0].read_bytes())
+        add(archive, "00000.jpg", photos[3].read_bytes())  # the same name again, another photo
+        add(archive, "00001.jpg", photos[5].read_bytes())
+    checkpoint = str(release_checkpoints["memorability"][0])
+    base = [EXE, "score", "-t", "mem", "--checkpoint", checkpoint, "--workers", "0"]
+    first, again = tmp_path / "first.csv", tmp_path / "again.csv"
+    done = subprocess.run([*base, str(shard), "-o", str(first)], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    done = subprocess.run(
+        [*base, "--retry-errors", str(first), "-o", str(again)], capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stderr
+    a = pd.read_csv(first, dtype={"key": str}, keep_default_na=False)
+    b = pd.read_csv(again, dtype={"key": str}, keep_default_na=False)
+    assert b["key"].tolist() == a["key"].tolist() == ["00000", "00000", "00001"]
+    assert b["error"].tolist() == a["error"].tolist() == ["", "duplicate member name in this shard", ""]
+    assert b["memorability"].tolist() == a["memorability"].tolist()  # kept as they were
+
+
+def test_brace_lists_expand_in_order_and_a_huge_product_is_refused_before_expanding() -> None:
+    from perceptscore.errors import UsageError
+    from perceptscore.shards import expand_braces
+
+    assert expand_braces("s/{00008..00011}.tar") == [f"s/{n:05d}.tar" for n in range(8, 12)]
+    assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
+    with pytest.raises(UsageError, match="names over 1000000 inputs"):
+        expand_braces("s3://b/{0000..2999}/{0000..2999}.tar")  # 9 million: refused at once, not built

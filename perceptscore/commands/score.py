@@ -100,8 +100,8 @@ def score(
     # options set: ``sources`` sets them)
     if retry_errors:
         old = remote.local_copy(retry_errors)
-        sources = options.sources([old], retry_errors=True)
         previous: Previous | None = Previous.read(old, options.task_specs(), keep=True, named=retry_errors)
+        sources = options.sources([old], retry_errors=True)
     else:
         sources = options.sources(inputs)
         previous = Previous.read(remote.local_copy(incremental), options.task_specs(), named=incremental) \
@@ -122,8 +122,12 @@ def score(
         plan = make_plan(options, plan_inputs, target, incremental, weights, device, retry_errors)
         if stop is None:
             return _score_to_stream(plan, sources, make_reporter, cluster)
-        if destination is not None and destination.ready_for(plan.fingerprint()):
-            outcome = _already_scored(target)  # scored before; its upload failed
+        ready = (
+            destination is not None and not restart and "-" not in plan_inputs
+            and destination.ready_for(plan.fingerprint(), lambda: (item.path for item in sources))
+        )  # fmt: skip
+        if ready:
+            outcome = _already_scored(target)  # scored before, by this very run; its upload failed
         else:
             outcome = _score_to_file(
                 plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster
@@ -160,7 +164,7 @@ def refuse_writing_over_a_remote_input(out: str, inputs: Sequence[str], allowed:
 
 
 def _already_scored(path: str) -> Outcome:
-    outcome = Outcome()
+    outcome = Outcome(uploaded_earlier=True)
     outcome.count(read_scores(path))
     return outcome
 
@@ -245,8 +249,9 @@ def _score_to_file(
                 outcome.salvaged += run.salvaged.num_rows
             outcome.discarded, outcome.resumed = outcome.discarded + run.discarded, run.saved_rows
             counted = _Counted(sources)
+            items = previous.tracked(counted) if previous is not None and previous.keep else counted
             try:
-                _fill(run, plan, engine, counted, sources.passthrough, previous, reporter, stop)
+                _fill(run, plan, engine, items, sources.passthrough, previous, reporter, stop)
                 break
             except InputsChanged:
                 if resume or "-" in plan.inputs:  # stdin cannot be read a second time
