@@ -150,7 +150,7 @@ class TarMember:
         name, shard = self.parts()
         found: list[tars.Member] = []
         try:
-            with _open_shard(shard) as stream:
+            with open_shard(shard) as stream:
                 for member in tars.members(stream, remote.max_bytes()):
                     if member.name == name or member.fatal:
                         found.append(member)
@@ -167,7 +167,9 @@ class TarMember:
         return io.BytesIO(found[0].data or b"")
 
 
-def _open_shard(shard: str) -> Any:
+def open_shard(shard: str) -> Any:
+    """A shard's bytes as a sequential stream (local, or remote with retried reads); ``DecodeError``
+    when it cannot be opened."""
     if remote.is_remote(shard):
         try:
             return remote.open_stream(shard)

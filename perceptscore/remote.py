@@ -374,7 +374,8 @@ def fetch(
         # may be replaced between the two requests): an HTTP body is streamed and cut there; an object
         # store is asked for that range.
         if scheme(url) in _HTTP:
-            with fs.open(path, "rb", block_size=0) as stream:
+            # size given: fsspec would otherwise send a second HEAD before the GET
+            with fs.open(path, "rb", block_size=0, size=size) as stream:
                 data = _read_up_to(stream, limit + 1)
         else:
             data = fs.cat_file(path, start=0, end=limit + 1)

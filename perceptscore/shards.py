@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 
 from perceptscore import remote
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.images import IMAGE_EXTENSIONS
-from perceptscore.locators import InMemory, LocalFile, Locator, Unavailable, member_uri
+from perceptscore.locators import InMemory, Locator, Unavailable, member_uri, open_shard
 
 SHARD_SUFFIX = ".tar"
 SHARD, KEY = "shard", "key"
@@ -90,7 +90,7 @@ def members(shard: str, fields: Sequence[str]) -> Iterator[tuple[Locator, dict[s
 
     base = {SHARD: shard}
     try:
-        stream = _open(shard)
+        stream = open_shard(shard)
     except DecodeError as exc:
         yield Unavailable(shard, f"unreadable shard: {exc}"), base
         return
@@ -120,15 +120,6 @@ def members(shard: str, fields: Sequence[str]) -> Iterator[tuple[Locator, dict[s
 
 def _is_image(extension: str) -> bool:
     return "." + extension.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
-
-
-def _open(shard: str) -> BinaryIO:
-    if remote.is_remote(shard):
-        try:
-            return remote.open_stream(shard)
-        except UsageError as exc:
-            raise DecodeError(str(exc)) from None
-    return LocalFile(remote.local_path(shard)).open()
 
 
 def _fields(sample: Any, fields: Sequence[str]) -> dict[str, Any]:
