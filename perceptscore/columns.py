@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from perceptscore._text import redact
 from perceptscore.tasks import Task
 
 PATH, ERROR, FILE_SIZE, FILE_MTIME = "path", "error", "file_size", "file_mtime_ns"
@@ -62,7 +63,8 @@ def scored_batch(
             continue
         column = values.get(field.name, [])
         arrays.append(pa.array([column[position[i]] if ok[i] else None for i in range(len(ok))], field.type))
-    arrays.append(pa.array(list(errors), pa.string()))
+    # the one way into an error cell: a backend's message may echo a credential (redact says which)
+    arrays.append(pa.array([e if e is None else redact(e) for e in errors], pa.string()))
     arrays.append(pa.array([s[0] if s else None for s in stats], pa.int64()))
     arrays.append(pa.array([s[1] if s else None for s in stats], pa.int64()))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

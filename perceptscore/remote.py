@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from perceptscore._text import redact
+from perceptscore._text import redact, remember_secrets
 from perceptscore.errors import DecodeError, UsageError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -165,6 +165,7 @@ _lock = threading.Lock()
 def configure(settings: Settings) -> None:
     """Set this process's storage options (before any URL is opened)."""
     global _settings
+    remember_secrets(settings.options)  # backends echo option values in errors: messages redact them
     with _lock:
         _settings = settings
         _filesystems.clear()
