@@ -73,6 +73,13 @@ Workers = Annotated[
     int | None, typer.Option(help="Decode worker processes.", show_default="by device and cores")
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        help="Replace an existing output that perceptscore did not write (or whose task columns this run "
+        "would lose). Re-running a command over its own output never needs it."
+    ),
+]
 
 
 def _count(n: int, noun: str) -> str:
@@ -131,17 +138,30 @@ def score(
             help="An earlier scores file (no inputs): keep its scored rows, score its error rows again."
         ),
     ] = None,
+    overwrite: Overwrite = False,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(help="Inputs with no image write an empty output (else: exit 2, nothing written)."),
+    ] = False,
+    max_delete: Annotated[
+        str,
+        typer.Option(
+            help="How many of the output's earlier rows may go because their files are gone: N, N% or all."
+        ),
+    ] = "50%",
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore.commands.score import score as run
+    from perceptscore.replacing import DeleteLimit, Safeguards
     from perceptscore.tasks import parse_tasks
 
     options = scoring.options(parse_tasks(task))
+    guards = Safeguards(overwrite, allow_empty, DeleteLimit.parse(max_delete))
     outcome = run(
         inputs or [], out, options, _reporter, resume, incremental, processes, restart, engine, ray_address,
-        report, retry_errors,
+        report, retry_errors, guards,
     )  # fmt: skip
-    err_console.print(_summary(outcome, out, incremental, retry_errors))
+    err_console.print(_summary(outcome, out, outcome.reused_from, retry_errors))
     if outcome.report:  # after the summary: a report that failed never hides what was scored
         err_console.print(Text.assemble(("error:", "red"), f" {outcome.report}") if outcome.report_failed
                           else outcome.report)  # fmt: skip
@@ -151,7 +171,9 @@ def score(
 def _summary(outcome, out: str, incremental: str | None, retry_errors: str | None = None) -> str:  # type: ignore[no-untyped-def]
     from perceptscore.remote import without_secrets
 
-    notes = [f"{outcome.resumed} resumed from an interrupted run"] if outcome.resumed else []
+    notes = list(outcome.notes)
+    if outcome.resumed:
+        notes.append(f"{outcome.resumed} resumed from an interrupted run")
     if outcome.uploaded_earlier:
         notes.append("nothing scored again: uploaded what an earlier run finished, whose upload had failed")
     if outcome.salvaged:
@@ -167,6 +189,8 @@ def _summary(outcome, out: str, incremental: str | None, retry_errors: str | Non
         notes.append(f"{outcome.skipped} unchanged, reused")
     if outcome.discarded:
         notes.append(f"discarded {outcome.discarded} rows of an interrupted run (--restart)")
+    if outcome.gone is not None:
+        notes.append(f"{outcome.gone} gone since the last run")
     if outcome.ignored:
         names = ", ".join(map(shown, outcome.ignored[:3])) + (", ..." if len(outcome.ignored) > 3 else "")
         n = len(outcome.ignored)
@@ -187,6 +211,7 @@ def rank(
     top: Annotated[int, typer.Option(help="How many rows to show and write (0: all).")] = 20,
     ascending: Annotated[bool, typer.Option(help="Lowest scores first.")] = False,
     out: Annotated[str | None, typer.Option("-o", "--out", help="Also write the ranked rows here.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Rank images (or a scores file) by one task's score; the top rows as a table, and to a file."""
     from perceptscore.commands.score import write_rows
@@ -194,7 +219,8 @@ def rank(
     from perceptscore.tasks import get_task
 
     spec = get_task(task)
-    rows, scored = ranked(inputs, spec.name, scoring.options([spec.name]), _reporter, top, ascending, out)
+    options = scoring.options([spec.name])
+    rows, scored = ranked(inputs, spec.name, options, _reporter, top, ascending, out, overwrite)
     if out:
         write_rows(rows, out, scored.provenance)
     if console.is_terminal:
@@ -246,6 +272,7 @@ def filter_(
             show_default="paths on stdout",
         ),
     ] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Keep the images that meet thresholds; list, copy or symlink them."""
     from perceptscore.commands.select import keep
@@ -264,7 +291,7 @@ def filter_(
     )
     options = scoring.options([t.name for t in criteria.tasks()])
     listing = out if out or copy_to or symlink_to else "-"  # by default, the kept paths on stdout
-    kept = keep(inputs, criteria, options, _reporter, copy_to, symlink_to, listing, print0)
+    kept = keep(inputs, criteria, options, _reporter, copy_to, symlink_to, listing, print0, overwrite)
     if copy_to or symlink_to:
         verb = "symlinked" if symlink_to else "copied"
         err_console.print(f"{verb} {kept.placed} files to {shown(str(copy_to or symlink_to))}")
@@ -536,12 +563,16 @@ def explain(
             show_default="16 on CUDA, 4 on CPU",
         ),
     ] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Show where each image's score came from: a heatmap PNG per image (and .npy with --raw)."""
     from perceptscore.commands.explain import explain as run
 
     errors = 0
-    for done in run(inputs, task, out, method, label, raw, checkpoint, device, precision, batch_size):
+    maps = run(
+        inputs, task, out, method, label, raw, checkpoint, device, precision, batch_size, overwrite=overwrite
+    )
+    for done in maps:
         if done.error:
             errors += 1
             err_console.print(Text.assemble(("failed:", "red"), f" {shown(done.path)}: {shown(done.error)}"))
@@ -569,13 +600,14 @@ def report(
     ] = None,
     device: Device = "auto",
     precision: MapPrecision = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """Write one self-contained HTML page: histograms, top and bottom images, classes, errors, provenance."""
     from perceptscore.commands.report import report as run
     from perceptscore.tasks import all_tasks, parse_checkpoint_options
 
     checkpoints = parse_checkpoint_options(checkpoint or [], list(all_tasks()))
-    written = run(scores, out, top, explain, checkpoints, device, precision)
+    written = run(scores, out, top, explain, checkpoints, device, precision, overwrite)
     err_console.print(
         f"report of {_count(written.data.rows, 'row')} ({_count(written.data.errors, 'error')}) -> "
         f"{shown(out)} ({written.size / 1e6:.1f} MB)"

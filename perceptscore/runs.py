@@ -10,6 +10,7 @@ the shards in order and renamed into place, then the folder is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -17,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -85,18 +87,31 @@ class OutputLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": redacted_command(sys.argv),
         }
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps(record).encode(), 0)
+        except OSError as exc:  # a full disk or quota: the run could not save anything either
+            self.__exit__()
+            raise UsageError(f"cannot write in {self.path.parent}: {_one_line(exc)}") from None
         return self
 
     def _open(self) -> int:
+        """The lock file, never through a link and never someone else's: in a folder others can write
+        in, a planted ``.<out>.lock`` symlink would otherwise make this run truncate and chmod its target."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # the record names a command line
-            with contextlib.suppress(OSError):
-                os.fchmod(fd, 0o600)  # left 0644 by an older version
-            return fd
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.path} is a symbolic link, not a lock file: remove it") from None
             raise UsageError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
+            raise UsageError(f"{self.path} is {what}, not this user's lock file: remove it") from None
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o600)  # the record names a command line (left 0644 by an older version)
+        return fd
 
     def _still_ours(self) -> bool:
         try:
@@ -219,17 +234,16 @@ class ShardedRun:
         self._batches: list[pa.RecordBatch] = []
         self._indices: list[int] = []
         self._opened = time.monotonic()
-        if self.folder.exists() and restart:
-            self.discarded = sum(s.last - s.first + 1 for s in self._scan())
-            shutil.rmtree(self.folder)
-        elif self.folder.exists():
-            self._adopt()
-        if not self.folder.exists():
-            try:
-                self.folder.mkdir()
-                _write_json(self.folder / "run.json", fingerprint)
-            except OSError as exc:
-                raise UsageError(f"cannot write in {self.folder.parent}: {exc.strerror or exc}") from None
+        self.not_a_run = False  # a folder under the run's name that held no run (cleaned up)
+        if os.path.lexists(self.folder):
+            _check_ours(self.folder)
+            if restart:
+                self.discarded = sum(s.last - s.first + 1 for s in self._scan())
+                shutil.rmtree(self.folder)
+            else:
+                self._adopt()
+        # The folder and run.json appear with the first shard, not before: a run stopped before it saved a
+        # row (weights refused, a full disk, no inputs) leaves nothing that could hold up the next one.
 
     @property
     def saved_rows(self) -> int:
@@ -254,23 +268,43 @@ class ShardedRun:
     def _adopt(self) -> None:
         try:
             previous = json.loads((self.folder / "run.json").read_text())
+            if not isinstance(previous, dict):
+                raise ValueError("not an object")
         except (OSError, ValueError):
-            previous = {}
+            # Not a run: run.json is written (atomically) before any shard, so a folder without a readable
+            # one was never more than begun (a full disk, a power loss). Its shards, if any, cannot be
+            # told apart from another run's: nothing in it is reused.
+            self.not_a_run = True
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        shards = self._scan()
+        if not shards:  # a run that saved no row holds nothing to continue: it never blocks a new one
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
         changed = [k for k in self.fingerprint if previous.get(k) != self.fingerprint[k]]
         if changed and not self.strict and set(changed) <= _INPUT_KEYS:
-            self.shards = self._scan()
+            self.shards = shards
             self.salvage()
             return
         if changed:
-            rows = sum(s.last - s.first + 1 for s in self._scan())
+            rows = sum(s.last - s.first + 1 for s in shards)
             raise UsageError(
                 f"an interrupted run of {self.out.name} that differs in {', '.join(changed)} holds {rows} "
                 f"rows in {self.folder}: run with the same inputs and options to continue it, or --restart "
                 "to discard it"
             )
-        self.shards = self._scan()
+        self.shards = shards
         for partial in self.folder.glob(".shard-*.partial"):  # a shard a killed run was writing
             partial.unlink(missing_ok=True)  # (this run holds the lock: no one else writes here)
+
+    def _create(self) -> None:
+        """The run's folder (this user's only) and its ``run.json``, whole or not at all (written, synced,
+        renamed, and the folder synced), before the first shard."""
+        if os.path.isdir(self.folder) and (self.folder / "run.json").is_file():
+            return
+        self.folder.mkdir(mode=0o700)
+        _write_json(self.folder / "run.json", self.fingerprint)
+        _sync_folder(self.folder)
 
     def pending(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items no shard holds yet. Every row a shard holds is checked against the inputs (a digest
@@ -333,6 +367,11 @@ class ShardedRun:
             self._opened = time.monotonic()
             return
         first, last = self._indices[0], self._indices[-1]
+        try:
+            self._create()
+        except OSError as exc:
+            shutil.rmtree(self.folder, ignore_errors=True)  # never a folder without a run.json
+            raise UsageError(f"cannot write in {self.folder.parent}: {_one_line(exc)}") from None
         table = pa.Table.from_batches(self._batches).cast(self.schema)
         paths = table.column(PATH).to_pylist()
         info = {"first": first, "last": last, "first_path": paths[0], "paths_sha256": paths_digest(paths)}
@@ -346,8 +385,9 @@ class ShardedRun:
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            reason = " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
-            raise UsageError(f"cannot write {self.out.name}'s shards in {self.folder}: {reason}") from None
+            raise UsageError(
+                f"cannot write {self.out.name}'s shards in {self.folder}: {_one_line(exc)}"
+            ) from None
         self.shards.append(Shard(first, last, paths[0], info["paths_sha256"], final))
         self._batches, self._indices = [], []
         self._opened = time.monotonic()
@@ -368,11 +408,52 @@ class ShardedRun:
         for shard in shards:
             yield pq.read_table(shard.path).replace_schema_metadata(None)
 
+    def paths(self) -> pa.ChunkedArray:
+        """The path column of every shard, in input order (what an earlier output is compared with)."""
+        self.flush()
+        shards = sorted(self.shards, key=lambda s: s.first)
+        columns = [pq.read_table(s.path, columns=[PATH]).column(PATH) for s in shards]
+        return pa.chunked_array([c for column in columns for c in column.chunks], type=pa.string())
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """``path`` holds ``data`` whole, or keeps what it held: a temporary file, synced, then renamed."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _sync_folder(folder: Path) -> None:
+    """A rename is durable once its folder is synced (a power loss keeps the new name)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _check_ours(folder: Path) -> None:
+    """A run folder is a real folder of this user's: never a link (``rmtree`` and shard writes would go
+    where it points) and never another user's (whose shards this run would publish as its own)."""
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{folder} is not a folder (a link or a file): remove it to run")
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"{folder} belongs to uid {st.st_uid}, not to this user: remove it to run")
+
+
+def _one_line(exc: OSError) -> str:
+    return " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it

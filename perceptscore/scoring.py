@@ -35,6 +35,9 @@ class Outcome:
     report: str | None = None  # --report: one line on the page written, or on why it could not be
     report_failed: bool = False
     uploaded_earlier: bool = False  # -o URL: the file an earlier run finished was uploaded, nothing scored
+    reused_from: str | None = None  # --incremental's file, when there was one to reuse
+    gone: int | None = None  # rows of the output's earlier version whose files are no longer inputs
+    notes: list[str] = field(default_factory=list)  # what else a person should know about the run
 
     @property
     def exit_code(self) -> int:

@@ -68,11 +68,23 @@ def write_atomic(path: Path, data: bytes) -> None:
     path = Path(os.path.realpath(path))  # a symlink stays one: its target is replaced
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def create_new(path: Path) -> int:
+    """A new file at ``path`` for writing, never opened through something planted there: in a folder
+    others can write in, a link at a temporary name would otherwise send this write into its target."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:  # our own leftover (same pid), or something planted: removed, never followed
+        path.unlink()
+        return os.open(path, flags, 0o666)
 
 
 def _one_line(exc: OSError) -> str:
@@ -98,7 +110,7 @@ class Sink:
             remove_orphaned_partials(self.path)
             self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
             try:
-                self._stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+                self._stream = os.fdopen(create_new(self.tmp), "wb")  # closed in close()/abort()
             except OSError as exc:
                 raise UsageError(f"cannot write {out!r}: {exc.strerror or exc}") from None
         self._writer = self.format.open_writer(self._stream, schema, provenance)

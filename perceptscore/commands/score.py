@@ -28,6 +28,14 @@ from perceptscore.incremental import Previous
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
 from perceptscore.progress import Reporter
 from perceptscore.provenance import provenance
+from perceptscore.replacing import (
+    Safeguards,
+    mark_list,
+    refuse_dropping,
+    refuse_losing_tasks,
+    refuse_replacing,
+    rows_gone,
+)
 from perceptscore.runs import InputsChanged, Interrupted, OutputLock, ShardedRun, StopOnSignal
 from perceptscore.safety import refuse_overwriting_an_input
 from perceptscore.scoring import Outcome, consume, scored
@@ -50,6 +58,7 @@ def score(
     ray_address: str | None = None,
     report: str | None = None,
     retry_errors: str | None = None,
+    guards: Safeguards | None = None,
 ) -> Outcome:
     """Score every input into ``out``. A file output is locked, written in resumable shards and appears
     only when complete; an interrupted run of the same plan is continued (``resume`` says so explicitly,
@@ -57,7 +66,7 @@ def score(
     earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout; an
     object-store URL (``s3://b/scores.parquet``) is written locally and uploaded once complete
     (``destinations``). ``retry_errors``: an earlier scores file whose rows are kept, its error rows
-    scored again (no ``inputs``).
+    scored again (no ``inputs``). ``guards``: what may happen to an existing output (``replacing``).
     ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
     CUDA, else one). ``engine``: "local" (this machine), or "ray" (a Ray cluster at ``ray_address``,
     ``$RAY_ADDRESS``, or a local Ray started for the run)."""
@@ -69,9 +78,14 @@ def score(
         raise UsageError("--ray-address needs --engine ray")
     if engine == "ray" and out == "-":  # Ray prints its cluster's messages on standard output
         raise UsageError("--engine ray needs a file output (-o scores.parquet), not standard output")
+    guards = guards or Safeguards()
+    notes: list[str] = []
     remote.configure(options.storage)  # before any URL is looked at (an output, --retry-errors' file)
     out = out if out == "-" else remote.local_path(out)  # file:// is a local path, checked as one
     incremental = remote.local_path(incremental) if incremental else None
+    if incremental and not _exists(incremental):  # the first night of a cron job: nothing to reuse yet
+        notes.append(f"nothing to reuse: {shown(remote.without_secrets(incremental))} does not exist yet")
+        incremental = None
     inputs = [_local(text) for text in inputs]
     if retry_errors:
         if inputs or incremental:
@@ -83,6 +97,8 @@ def score(
     if destination is None:
         check_output(out)
         refuse_overwriting_an_input(out, [*inputs, *allowed], allowed=allowed)
+        refuse_replacing(out, "scores", guards.overwrite)
+        refuse_losing_tasks(out, [t.name for t in options.task_specs()], guards.overwrite)
     else:
         refuse_writing_over_a_remote_input(out, inputs, allowed)
     if out == "-" and (resume or restart or incremental or retry_errors or (processes or 1) > 1):
@@ -93,7 +109,7 @@ def score(
     if resume and restart:
         raise UsageError("choose one of --resume and --restart")
     if report:
-        _check_report(report, out, inputs)
+        _check_report(report, out, inputs, guards.overwrite)
     if (processes or 1) > 1 and "-" in inputs:
         raise UsageError("--processes needs inputs every process can read: not - (stdin)")
     # bad inputs and outputs fail before seconds of model loading (and URLs are read with the storage
@@ -104,8 +120,8 @@ def score(
         sources = options.sources([old], retry_errors=True)
     else:
         sources = options.sources(inputs)
-        previous = Previous.read(remote.local_copy(incremental), options.task_specs(), named=incremental) \
-            if incremental else None  # fmt: skip
+        old = remote.local_copy(incremental) if incremental else None
+        previous = Previous.read(old, options.task_specs(), named=incremental) if old else None
     weights = options.weights()  # a missing weights file is reported before torch loads
     if destination is not None:
         destination.prepare()  # a bucket that refuses writes fails now, not after the run
@@ -121,7 +137,7 @@ def score(
         plan_inputs = [retry_errors] if retry_errors else inputs
         plan = make_plan(options, plan_inputs, target, incremental, weights, device, retry_errors)
         if stop is None:
-            return _score_to_stream(plan, sources, make_reporter, cluster)
+            return _score_to_stream(plan, sources, make_reporter, cluster, guards)
         ready = (
             destination is not None and not restart and "-" not in plan_inputs
             and destination.ready_for(plan.fingerprint(), lambda: (item.path for item in sources))
@@ -129,17 +145,30 @@ def score(
         if ready:
             outcome = _already_scored(target)  # scored before, by this very run; its upload failed
         else:
-            outcome = _score_to_file(
-                plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster
+            # what this run replaces: the output as it is, or (an object store's) the copy of it that
+            # --incremental brought
+            same = bool(
+                old and destination and remote.normalized(incremental or "") == remote.normalized(out)
             )
+            earlier = old if same else None
+            outcome = _score_to_file(
+                plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster,
+                guards, earlier,
+            )  # fmt: skip
         if report:  # the HTML report of the output, made once the output is complete
-            _write_report(target, report, outcome)
+            _write_report(target, report, outcome, guards.overwrite)
         if destination is not None:
             destination.finished(plan.fingerprint())
             destination.upload()
     if destination is not None:
         destination.tidy()
+    outcome.notes[:0] = notes
+    outcome.reused_from = incremental
     return outcome
+
+
+def _exists(path: str) -> bool:
+    return remote.exists(path) if remote.is_remote(path) else os.path.lexists(path)
 
 
 def _local(text: str) -> str:
@@ -169,14 +198,14 @@ def _already_scored(path: str) -> Outcome:
     return outcome
 
 
-def _write_report(out: str, report: str, outcome: Outcome) -> None:
+def _write_report(out: str, report: str, outcome: Outcome, overwrite: bool) -> None:
     """The page of a complete scores file. Its failure (a folder gone, a full disk) is kept in the outcome,
     not raised: the scoring summary is still printed, then the report's error, and the run exits 2."""
     from perceptscore.commands.report import report as write_report
     from perceptscore.errors import PerceptScoreError
 
     try:
-        written = write_report([out], report)
+        written = write_report([out], report, overwrite=overwrite)
     except (PerceptScoreError, OSError) as exc:
         reason = " ".join((exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).split())
         outcome.report, outcome.report_failed = f"report {shown(report)} not written: {reason}", True
@@ -184,12 +213,12 @@ def _write_report(out: str, report: str, outcome: Outcome) -> None:
     outcome.report = f"report -> {shown(report)} ({written.size / 1e6:.1f} MB)"
 
 
-def _check_report(report: str, out: str, inputs: Sequence[str]) -> None:
+def _check_report(report: str, out: str, inputs: Sequence[str], overwrite: bool) -> None:
     from perceptscore.commands.report import check_report_output
 
     if out == "-":
         raise UsageError("--report needs a file output (-o scores.parquet): it is made from that file")
-    check_report_output(report, [*inputs, out])
+    check_report_output(report, [*inputs, out], overwrite)
 
 
 def _engine(plan: ScoringPlan, processes: int | None, cluster: Engine | None = None) -> Engine:
@@ -209,8 +238,9 @@ def default_processes(device: str) -> int:
 
 
 def _score_to_stream(
-    plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter, cluster: Engine | None
-) -> Outcome:
+    plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter, cluster: Engine | None,
+    guards: Safeguards,
+) -> Outcome:  # fmt: skip
     engine, outcome = _engine(plan, 1, cluster), Outcome()
     schema = plan.schema(sources.passthrough)
     with (
@@ -220,7 +250,19 @@ def _score_to_stream(
     ):
         consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
     outcome.ignored = sources.ignored
+    if outcome.rows == 0 and not guards.allow_empty:
+        raise UsageError(no_images(plan.inputs, sources.ignored))
     return outcome
+
+
+def no_images(inputs: Sequence[str], ignored: Sequence[str]) -> str:
+    """The one line for inputs that resolved to no images (an empty or unmounted folder, a glob matching
+    nothing, an empty manifest): a cron job must not replace its scores with nothing."""
+    named = ", ".join(shown(remote.without_secrets(i)) for i in inputs[:3]) + (
+        ", ..." if len(inputs) > 3 else ""
+    )
+    skipped = f" ({len(ignored)} files that are not images)" if ignored else ""
+    return f"no images found in {named}{skipped}: nothing written (--allow-empty writes an empty output)"
 
 
 def _score_to_file(
@@ -233,16 +275,24 @@ def _score_to_file(
     processes: int | None,
     stop: StopOnSignal,
     cluster: Engine | None,
+    guards: Safeguards,
+    earlier: str | None = None,
 ) -> Outcome:
     """Score into the run's shards (continuing an interrupted run of the same plan), then assemble the
     output. An interrupted run whose inputs changed is not continued but salvaged: its rows are reused
-    where a file is unchanged, as ``--incremental`` does (``--resume`` insists on continuing: refused)."""
+    where a file is unchanged, as ``--incremental`` does (``--resume`` insists on continuing: refused).
+    Nothing is replaced when the inputs held no image, or when more of the output's rows (or of
+    ``earlier``'s) would go than ``guards`` allow: the scored rows stay in the run's shards."""
     out, engine, outcome = Path(plan.output), _engine(plan, processes, cluster), Outcome()
     started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
     schema, tasks = plan.schema(sources.passthrough), plan.task_specs()
     with make_reporter(sources.count()) as reporter:
         while True:
             run = ShardedRun(out, schema, plan.fingerprint(), restart, strict=resume)
+            if run.not_a_run:
+                outcome.notes.append(
+                    f"removed {run.folder.name}: an unfinished run's folder without run.json"
+                )
             if run.salvaged is not None:
                 previous = previous or Previous(tasks)
                 previous.absorb(run.salvaged)
@@ -261,6 +311,12 @@ def _score_to_file(
                 previous.absorb(run.salvaged)
                 outcome.salvaged += run.salvaged.num_rows
     outcome.skipped = previous.skipped if previous else 0
+    if counted.count == 0 and not guards.allow_empty:
+        raise UsageError(no_images(plan.inputs, sources.ignored))
+    earlier = plan.output if os.path.isfile(plan.output) and is_scores_file(plan.output) else earlier
+    if earlier is not None:
+        outcome.gone, total = rows_gone(earlier, run.paths())
+        refuse_dropping(earlier, outcome.gone, total, guards.max_delete)
     about = provenance(plan, engine.describe(plan)) | {
         "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
         "seconds": round(time.monotonic() - started, 3),
@@ -436,3 +492,4 @@ def write_list(paths: Sequence[str], out: str, end: str = "\n") -> None:
         sys.stdout.flush()
     else:
         write_atomic(Path(out), "".join(f"{p}{end}" for p in paths).encode("utf-8", "surrogateescape"))
+        mark_list(Path(out))  # so the same command may replace it tomorrow (``replacing``)

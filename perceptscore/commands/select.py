@@ -19,6 +19,7 @@ from perceptscore.images import is_image
 from perceptscore.locators import LocalFile
 from perceptscore.plan import ScoreOptions
 from perceptscore.remote import scheme
+from perceptscore.replacing import refuse_replacing
 from perceptscore.safety import check_list_output, refuse_overwriting_an_input
 from perceptscore.sinks import check_output
 from perceptscore.tasks import get_task
@@ -32,12 +33,14 @@ def ranked(
     top: int,
     ascending: bool,
     out: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[pd.DataFrame, Scored]:
     """The top rows by one task's score, and the rows they were taken from."""
     spec = get_task(task)
     if out is not None:
         check_output(out)
         refuse_overwriting_an_input(out, inputs or [])
+        refuse_replacing(out, "scores", overwrite)
     scored = scored_rows(inputs, options, make_reporter)
     select.require_columns(scored.frame, [spec], "input")
     return select.rank(scored.frame, spec, top, ascending), scored
@@ -65,6 +68,7 @@ def keep(
     symlink_to: Path | None = None,
     out: str | None = None,
     print0: bool = False,
+    overwrite: bool = False,
 ) -> Kept:
     """The rows meeting ``criteria``; their files placed into ``copy_to``/``symlink_to`` (each checked to
     be the very file scored, and an image); the rows (table formats) or their paths (a list file, or - for
@@ -78,6 +82,7 @@ def keep(
         else:
             check_list_output(out)
         refuse_overwriting_an_input(out, inputs or [])
+        refuse_replacing(out, "scores" if format_of(out) is not None else "list", overwrite)
     scored = scored_rows(inputs, options, make_reporter)
     select.require_columns(scored.frame, criteria.tasks(), "input")
     kept = Kept(select.select(scored.frame, criteria), scored)

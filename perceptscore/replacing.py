@@ -1,0 +1,185 @@
+"""What an output may replace without ``--overwrite``: perceptscore's own earlier output of the same kind,
+and nothing else. A cron job re-running its command over its own output never needs the flag; a typo that
+names the user's ``mydata.csv``, or a run that would drop the memorability column an earlier run wrote,
+stops with one line before any work starts.
+
+How a file is known to be ours, by kind:
+- scores (.csv/.parquet/.jsonl): its provenance (parquet metadata or the ``.meta.json`` sidecar);
+- report (.html): the ``<meta name="generator" content="perceptscore ...">`` the template writes;
+- heatmap (.png): the ``Software: perceptscore`` text chunk explain writes (its ``.npy`` goes with it);
+- list (.txt/.lst, a plain list that cannot carry a mark): a hidden ``.<name>.perceptscore`` record of
+  the sha256 of what was written, so a list the user has since edited is not ours any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+
+from perceptscore._text import shown
+from perceptscore.columns import PATH
+from perceptscore.errors import UsageError
+from perceptscore.formats import format_of, is_scores_file, read_columns, read_provenance
+
+Kind = Literal["scores", "report", "heatmap", "list"]
+PNG_SOFTWARE = "perceptscore"  # the PNG text chunk ``Software`` explain writes into its heatmaps
+_HEAD_BYTES = 64 * 1024
+
+
+def refuse_replacing(out: str | os.PathLike[str], kind: Kind, overwrite: bool, option: str = "-o") -> None:
+    """Refuse (one line) to replace an existing ``out`` that perceptscore did not write as a ``kind``."""
+    path = Path(out)
+    if overwrite or str(out) == "-" or not os.path.lexists(path):
+        return
+    if path.is_file() and written_by_us(path, kind):
+        return
+    what = "is a folder" if path.is_dir() else "was not written by perceptscore"
+    raise UsageError(
+        f"{option} {shown(str(out))} exists and {what}: pass --overwrite to replace it, or choose "
+        "another output"
+    )
+
+
+def refuse_losing_tasks(out: str, tasks: Sequence[str], overwrite: bool) -> None:
+    """A scores file holding tasks this run would not write (``-t quality`` over a file that also has
+    memorability) is replaced only with ``--overwrite``: the columns would be lost."""
+    if overwrite or out == "-" or not os.path.isfile(out) or not is_scores_file(out):
+        return
+    earlier = read_provenance(out).get("tasks")
+    lost = [t for t in earlier if t not in tasks] if isinstance(earlier, dict) else []
+    if lost:
+        keep = ",".join([*tasks, *lost])
+        raise UsageError(
+            f"-o {shown(out)} holds {', '.join(lost)} scores that this run would not write: score "
+            f"-t {keep} to keep them, or pass --overwrite to replace the file"
+        )
+
+
+def written_by_us(path: Path, kind: Kind) -> bool:
+    try:
+        if kind == "scores":
+            return format_of(path) is not None and is_scores_file(path)
+        if kind == "report":
+            with open(path, "rb") as f:
+                return b'<meta name="generator" content="perceptscore' in f.read(_HEAD_BYTES)
+        if kind == "heatmap":
+            return _heatmap_is_ours(path)
+        return _list_is_ours(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _heatmap_is_ours(path: Path) -> bool:
+    if path.suffix.lower() == ".npy":  # the raw map of a heatmap: ours when its picture is
+        png = path.with_suffix(".png")
+        return png.is_file() and _heatmap_is_ours(png)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return str(image.info.get("Software", "")).startswith(PNG_SOFTWARE)
+
+
+def _record(path: Path) -> Path:
+    return path.with_name(f".{path.name}.perceptscore")
+
+
+def _list_is_ours(path: Path) -> bool:
+    record = _record(path)
+    if not record.is_file() or record.is_symlink():
+        return False
+    return record.read_text().strip() == _sha256(path)
+
+
+def mark_list(path: Path) -> None:
+    """Record that the list at ``path`` is ours, as written (best effort: without the record, the next run
+    asks for ``--overwrite``, nothing worse)."""
+    with contextlib.suppress(OSError):
+        record = _record(Path(os.path.realpath(path)))
+        tmp = record.with_name(f"{record.name}.partial-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(_sha256(Path(os.path.realpath(path))) + "\n")
+        os.replace(tmp, record)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- rows dropped because their files are gone ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeleteLimit:
+    """``--max-delete``: how many of an existing output's rows a run may drop because their files are no
+    longer among the inputs (a disk not mounted, a folder moved), as rsync's ``--max-delete`` bounds
+    deletions: a count (``100``), a share of the earlier rows (``50%``, the default) or ``all``."""
+
+    rows: int | None = None
+    fraction: float = 0.5
+
+    @classmethod
+    def parse(cls, text: str) -> DeleteLimit:
+        value = text.strip().lower()
+        try:
+            if value == "all":
+                return cls(fraction=1.0)
+            if value.endswith("%"):
+                fraction = float(value[:-1]) / 100
+                if 0 <= fraction <= 1:
+                    return cls(fraction=fraction)
+            elif int(value) >= 0:
+                return cls(rows=int(value))
+        except ValueError:
+            pass
+        raise UsageError(f"--max-delete {text!r}: give a number of rows (100), a share (50%) or all")
+
+    def allows(self, gone: int, total: int) -> bool:
+        if self.rows is not None:
+            return gone <= self.rows
+        return gone <= self.fraction * total
+
+    def __str__(self) -> str:
+        return str(self.rows) if self.rows is not None else f"{self.fraction * 100:g}%"
+
+
+@dataclass(frozen=True)
+class Safeguards:
+    """What a ``score`` run may do to an existing output (the defaults protect it)."""
+
+    overwrite: bool = False  # replace a file perceptscore did not write, or lose its task columns
+    allow_empty: bool = False  # inputs that resolve to no images write an empty output (else: exit 2)
+    max_delete: DeleteLimit = DeleteLimit()  # rows of the earlier output a run may drop (files gone)
+
+
+def rows_gone(earlier: str, paths: pa.ChunkedArray | pa.Array) -> tuple[int, int]:
+    """How many of the scores file ``earlier``'s rows name a path that is not in ``paths`` (this run's
+    rows), and how many rows it has."""
+    import pyarrow.compute as pc
+
+    old = read_columns(earlier, lambda schema: [PATH]).column(PATH)
+    if len(old) == 0:
+        return 0, 0
+    present = pc.is_in(old, value_set=pa.chunked_array(paths).combine_chunks().cast(old.type))
+    return int(pc.sum(pc.invert(present)).as_py() or 0), len(old)
+
+
+def refuse_dropping(earlier: str, gone: int, total: int, limit: DeleteLimit) -> None:
+    if limit.allows(gone, total):
+        return
+    raise UsageError(
+        f"this run would drop {gone} of the {total} rows of {shown(earlier)}: their files are no longer "
+        f"among the inputs (a disk not mounted, a folder moved?); nothing was replaced (the scored rows are "
+        f"kept for the next run); pass --max-delete all (or a count or share above {limit}) to allow it"
+    )
