@@ -25,8 +25,10 @@ _CONTROL = re.compile(
 # Storage-option values shorter than this are left alone: they are not credentials (a credential is long),
 # and redacting every short value ("s3", "true") would make messages unreadable.
 _MIN_SECRET = 8
-# Storage options that are addresses or settings, not credentials: kept readable in messages.
-_NOT_SECRET = frozenset({"endpoint_url", "region_name", "region", "profile", "account_name", "project"})
+# The one storage option kept readable in messages: where the store is (a message about a store that
+# cannot be reached must say which). Its user info and query are credentials and go as in any URL. Any
+# other value may be one (a botocore message echoes even a signature_version or region_name given).
+_NOT_SECRET = frozenset({"endpoint_url"})
 _secrets: re.Pattern[str] | None = None
 _lock = threading.Lock()
 

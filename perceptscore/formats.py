@@ -75,6 +75,22 @@ def defuse_cell(text: str) -> str:
     return "'" + text if re.match(_FORMULA, text) else text
 
 
+def restore_cell(text: str) -> str:
+    """The inverse of ``defuse_cell``."""
+    return text[1:] if re.match("^'" + _FORMULA[1:], text) else text
+
+
+def defused_schema(schema: pa.Schema) -> pa.Schema:
+    """A CSV header's column names as cells are written: a passthrough column named ``=HYPERLINK(...)``
+    is a formula in the header row as much as in any other."""
+    return pa.schema([f.with_name(defuse_cell(f.name)) for f in schema], schema.metadata)
+
+
+def restore_names(table: pa.Table) -> pa.Table:
+    """The inverse of ``defused_schema``, on a table read back."""
+    return table.rename_columns([restore_cell(name) for name in table.column_names])
+
+
 def defuse_formulas(table: pa.Table) -> pa.Table:
     """Every string cell that a spreadsheet would run as a formula, prefixed with a quote."""
     import pyarrow.compute as pc
@@ -99,10 +115,11 @@ def restore_formulas(table: pa.Table) -> pa.Table:
 
 class _Csv:
     def __init__(self, stream: BinaryIO, schema: pa.Schema, provenance: dict[str, Any]) -> None:
-        self._writer = pacsv.CSVWriter(stream, schema)
+        self._schema = defused_schema(schema)
+        self._writer = pacsv.CSVWriter(stream, self._schema)
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(defuse_formulas(table))
+        self._writer.write_table(defuse_formulas(table).rename_columns(self._schema.names))
 
     def close(self) -> None:
         self._writer.close()
@@ -161,7 +178,7 @@ def read_csv_scores(source: str | BinaryIO) -> pa.Table:
         strings_can_be_null=True,
         quoted_strings_can_be_null=False,
     )
-    return restore_formulas(pacsv.read_csv(source, convert_options=convert))
+    return restore_names(restore_formulas(pacsv.read_csv(source, convert_options=convert)))
 
 
 def _read_jsonl(path: str) -> pa.Table:
@@ -176,6 +193,28 @@ def _csv_reader(path: str, strings: Strings) -> pacsv.CSVStreamingReader:
     )
 
 
+def _written_by_us(path: str) -> bool:
+    """A CSV with a provenance sidecar: its header's formula-like names carry a quote to take off."""
+    return meta_path(path).is_file()
+
+
+def _restored_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_name(restore_cell(f.name)) for f in schema], schema.metadata)
+
+
+def _csv_schema(path: str, strings: Strings) -> pa.Schema:
+    schema = _csv_reader(path, strings).schema
+    return _restored_schema(schema) if _written_by_us(path) else schema
+
+
+def _csv_batches(path: str, strings: Strings) -> Iterator[pa.RecordBatch]:
+    reader = _csv_reader(path, strings)
+    if not _written_by_us(path):
+        return reader
+    schema = _restored_schema(reader.schema)
+    return (pa.RecordBatch.from_arrays(batch.columns, schema=schema) for batch in reader)
+
+
 def _parquet_batches(path: str, strings: Strings) -> Iterator[pa.RecordBatch]:
     return pq.ParquetFile(path).iter_batches(batch_size=_ROWS_PER_READ)
 
@@ -185,7 +224,7 @@ def _jsonl_batches(path: str, strings: Strings) -> Iterator[pa.RecordBatch]:
 
 
 FORMATS: dict[str, Format] = {
-    ".csv": Format(".csv", _Csv, read_csv_scores, True, lambda p, s: _csv_reader(p, s).schema, _csv_reader),
+    ".csv": Format(".csv", _Csv, read_csv_scores, True, _csv_schema, _csv_batches),
     ".parquet": Format(
         ".parquet", _Parquet, pq.read_table, False, lambda p, s: pq.read_schema(p), _parquet_batches
     ),
@@ -243,7 +282,7 @@ def read_columns(path: str, wanted: Callable[[pa.Schema], Sequence[str]]) -> pa.
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
             )
-            return restore_formulas(pacsv.read_csv(path, convert_options=convert))
+            return restore_names(restore_formulas(pacsv.read_csv(path, convert_options=convert)))
         table = fmt.read(path)
         return table.select(list(wanted(table.schema)))
     except (pa.ArrowException, OSError) as exc:

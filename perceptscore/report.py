@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from perceptscore.columns import ERROR, PATH
+from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import UsageError
 from perceptscore.formats import format_of, is_scores_file, read_columns, read_provenance
 from perceptscore.tasks import Task, all_tasks
@@ -25,12 +25,14 @@ MAX_ERRORS_SHOWN = 1000  # a run where everything failed must not make a 100 MB 
 
 @dataclass
 class Row:
-    """One image shown: where it was scored from (``root``), its score, its label (emotion)."""
+    """One image shown: where it was scored from (``root``), its score, its label (emotion), and the file's
+    (size, mtime_ns) when scored: a picture is drawn only from the very file scored."""
 
     path: str
     root: str
     score: float
     label: str | None = None
+    stat: tuple[int, int] | None = None
 
 
 @dataclass
@@ -61,8 +63,10 @@ class ReportData:
 
 
 def _wanted(schema: pa.Schema) -> list[str]:
-    """The columns a report reads: path, error, and each task's label and shown score."""
-    wanted = [PATH, ERROR, *(c for t in all_tasks().values() for c in (t.name, t.sort_column))]
+    """The columns a report reads: path, error, the file's size and mtime, and each task's label and shown
+    score."""
+    tasks = (c for t in all_tasks().values() for c in (t.name, t.sort_column))
+    wanted = [PATH, ERROR, FILE_SIZE, FILE_MTIME, *tasks]
     return [c for c in dict.fromkeys(wanted) if c in schema.names]
 
 
@@ -133,13 +137,27 @@ def histogram(values: np.ndarray, bins: int = BINS) -> Histogram:
     return Histogram(edges.tolist(), counts.tolist())
 
 
+def _taken(table: pa.Table, name: str, order: np.ndarray) -> list[Any]:
+    """The values of a column at ``order``; all None when the file has no such column."""
+    if name not in table.column_names:
+        return [None] * len(order)
+    return table.column(name).take(pa.array(order)).to_pylist()
+
+
+def _stat(size: Any, mtime: Any) -> tuple[int, int] | None:
+    """(size, mtime_ns) as recorded; None when either is missing or not a whole number (a forged file)."""
+    if type(size) is int and type(mtime) is int:  # not a bool, a float or a string
+        return size, mtime
+    return None
+
+
 def _rows(table: pa.Table, roots: Roots, order: np.ndarray, column: str, task: Task) -> list[Row]:
-    paths = table.column(PATH).take(pa.array(order)).to_pylist()
-    scores = table.column(column).take(pa.array(order)).to_pylist()
-    labels = table.column(task.name).take(pa.array(order)).to_pylist() if task.labels else [None] * len(order)
+    paths, scores = _taken(table, PATH, order), _taken(table, column, order)
+    labels = _taken(table, task.name, order) if task.labels else [None] * len(order)
+    stats = map(_stat, _taken(table, FILE_SIZE, order), _taken(table, FILE_MTIME, order))
     return [
-        Row(p, roots(i), float(s), label)
-        for i, p, s, label in zip(order.tolist(), paths, scores, labels, strict=True)
+        Row(p, roots(i), float(s), label, stat)
+        for i, p, s, label, stat in zip(order.tolist(), paths, scores, labels, stats, strict=True)
     ]
 
 

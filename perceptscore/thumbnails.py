@@ -1,6 +1,6 @@
 """Images as ``data:`` URIs for a self-contained page: small JPEG thumbnails of scored files (upright, as
-scored), and one placeholder for a file that cannot be shown (remote, missing, unreadable): a report is
-never refused for a picture it cannot draw."""
+scored), and one placeholder for a file that cannot be shown (remote, missing, unreadable, or not the file
+that was scored): a report is never refused for a picture it cannot draw."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import base64
 import functools
 import io
 import os
+from typing import BinaryIO
 
 from PIL import Image
 
 from perceptscore.errors import DecodeError
 from perceptscore.images import decode
+from perceptscore.locators import LocalFile
 
 SIDE = 256  # a thumbnail's longest side, in pixels
 
@@ -38,13 +40,41 @@ def local_path(path: str, root: str) -> str | None:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def open_upright(path: str, root: str) -> tuple[Image.Image | None, str]:
-    """The image, upright RGB, drafted down near thumbnail size; or None and why not."""
+def open_as_scored(path: str, root: str, recorded: tuple[int, int] | None) -> tuple[BinaryIO | None, str]:
+    """The scored file, open, when it is still the very file scored: its (size, mtime_ns) as ``recorded``
+    in the scores file, as ``filter --copy-to`` checks. Else None and why not. A forged or stale scores file
+    cannot make a report embed, or run the model on, any other file of this machine. The open file is
+    checked (``fstat``), not the name: the file read is the file checked."""
     local = local_path(path, root)
     if local is None:
         return None, "remote file: not fetched"
     try:
-        return decode(local, draft=SIDE), ""
+        f = LocalFile(local).open()
+    except DecodeError as exc:
+        return None, str(exc)
+    st = os.fstat(f.fileno())
+    why = ""
+    if recorded is None:
+        why = "no file size and mtime recorded, so it cannot be checked; score it again"
+    elif (st.st_size, st.st_mtime_ns) != recorded:
+        why = "changed since it was scored"
+    if why:
+        f.close()
+        return None, why
+    return f, ""
+
+
+def open_upright(
+    path: str, root: str, recorded: tuple[int, int] | None, draft: int | None = SIDE
+) -> tuple[Image.Image | None, str]:
+    """The image, upright RGB (drafted down near ``draft`` pixels), when it is the file scored
+    (``open_as_scored``); or None and why not."""
+    f, why = open_as_scored(path, root, recorded)
+    if f is None:
+        return None, why
+    try:
+        with f:
+            return decode(f, draft=draft), ""
     except DecodeError as exc:
         return None, str(exc)
 

@@ -90,12 +90,29 @@ def plan_outputs(items: Sequence[Item], out_dir: Path, suffix: str) -> list[Plan
         if item.error:
             planned.append(Planned(item, None))
             continue
-        stem, n = Path(item.path).stem, 0
+        stem, n = output_stem(item.path), 0
         while (name := f"{stem}{suffix}{f'-{n}' if n else ''}") in used:
             n += 1
         used.add(name)
         planned.append(Planned(item, out_dir / f"{name}.png"))
     return planned
+
+
+def output_stem(path: str) -> str:
+    """The name a heatmap is named after: a local file's stem; for a URL, the last part of its path only
+    (never its query, a presigned signature, nor its user info); for a tar member, the member's."""
+    import posixpath
+    import urllib.parse
+
+    from perceptscore.locators import TAR_SCHEME
+    from perceptscore.remote import scheme
+
+    if path.startswith(TAR_SCHEME) and "::" in path:
+        return output_stem(path[len(TAR_SCHEME) :].rpartition("::")[0])
+    if scheme(path) is None:
+        return Path(path).stem
+    name = posixpath.basename(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
+    return Path(name).stem or "image"  # "https://host/" names no file
 
 
 def refuse_writing_over_inputs(planned: Sequence[Planned], inputs: Sequence[str], raw: bool) -> None:

@@ -64,12 +64,30 @@ def report(
     return Written(out, data, len(html.encode("utf-8")))
 
 
+def displayed(value: Any) -> Any:
+    """Every value the page prints, on its way in (jinja's ``finalize``): text is redacted and its control,
+    bidi and zero-width characters escaped (``_text.shown``: paths and errors are user data and may hold
+    credentials). The pictures' ``data:`` URIs are ours and go as they are, and so does a macro's output
+    (``Markup``): its values passed here when the macro was rendered."""
+    from markupsafe import Markup
+
+    from perceptscore._text import shown
+
+    if isinstance(value, str) and not isinstance(value, Markup) and not value.startswith("data:image/"):
+        return shown(value)
+    return value
+
+
 def render(data: ReportData, shown: Any) -> str:
-    """The page, from the package's template; every value is escaped (paths are user data)."""
+    """The page, from the package's template; every value is escaped (paths are user data) and passes
+    ``displayed``."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(
-        loader=PackageLoader("perceptscore", "templates"), autoescape=True, undefined=StrictUndefined
+        loader=PackageLoader("perceptscore", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        finalize=displayed,
     )
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     template = env.get_template("report.html.j2")
@@ -83,8 +101,9 @@ class _Pictures:
         self, data: ReportData, explain: bool, checkpoints: dict[str, str], device: str, precision: str
     ) -> None:
         self.explain, self.checkpoints, self.device, self.precision = explain, checkpoints, device, precision
-        self.recorded = {t: w.get("checkpoint") for _, about in data.provenance for t, w in
-                         (about.get("tasks") or {}).items()}  # fmt: skip
+        self.recorded: dict[str, dict[str, str]] = {
+            t: w for _, about in data.provenance for t, w in (about.get("tasks") or {}).items()
+        }
         self.thumbnails: dict[tuple[str, str], tuple[str, str]] = {}
         self.heatmaps: dict[tuple[str, str, str, str | None], str | None] = {}
         self.explainers: dict[str, Any] = {}
@@ -94,23 +113,21 @@ class _Pictures:
 
         key = (row.path, row.root)
         if key not in self.thumbnails:
-            image, why = open_upright(row.path, row.root)
+            image, why = open_upright(row.path, row.root, row.stat)
             self.thumbnails[key] = (thumbnail(image), "") if image is not None else (placeholder(), why)
         src, note = self.thumbnails[key]
         heatmap = self._heatmap(section, row) if self.explain and not note else None
         return Shown(src, note, heatmap)
 
     def _heatmap(self, section: TaskSection, row: Row) -> str | None:
-        from perceptscore.errors import DecodeError
         from perceptscore.heatmap import overlay
-        from perceptscore.images import decode
-        from perceptscore.thumbnails import SIDE, data_uri, local_path
+        from perceptscore.thumbnails import SIDE, data_uri, open_upright
 
         key = (section.task.name, row.path, row.root, row.label)
         if key not in self.heatmaps:
-            try:
-                image = decode(local_path(row.path, row.root) or row.path)  # as scored: no draft decoding
-            except DecodeError:
+            # as scored: no draft decoding; and checked again, as the thumbnail was: the very file scored
+            image, _ = open_upright(row.path, row.root, row.stat, draft=None)
+            if image is None:
                 self.heatmaps[key] = None
                 return None
             explained = self._explainer(section.task.name).explain(image, row.label)
@@ -123,9 +140,21 @@ class _Pictures:
         if task not in self.explainers:
             from perceptscore.explain import Explainer
 
-            recorded = self.recorded.get(task)
-            checkpoint = self.checkpoints.get(task) or (
-                recorded if recorded and os.path.isfile(recorded) else None
-            )
+            checkpoint = self.checkpoints.get(task) or _verified(self.recorded.get(task) or {})
             self.explainers[task] = Explainer(task, checkpoint, self.device, self.precision)
         return self.explainers[task]
+
+
+def _verified(weights: Mapping[str, str]) -> str | None:
+    """The checkpoint a provenance names, when it is still there and its sha256 is the one recorded; else
+    None (the task's weights as ``score`` resolves them). A scores file is data: one forged or gone stale
+    must not choose which file the model is loaded from."""
+    from perceptscore.hub import file_sha256
+
+    path, sha256 = weights.get("checkpoint"), weights.get("sha256")
+    if not path or not sha256 or not os.path.isfile(path):
+        return None
+    try:
+        return path if file_sha256(path) == sha256 else None
+    except OSError:
+        return None
