@@ -3,36 +3,285 @@
 The run itself is local: the lock, the resumable shards and the finished file live in a work folder of
 their own (``$PERCEPTSCORE_WORK``, else ``~/.cache/perceptscore/outputs``), one sub-folder per output URL
 (a digest of its normalised spelling, so two URLs never share a lock and two spellings of one URL always
-do). The finished file is uploaded once, whole: an object store shows an object only when its upload
-completes, so nothing half-written ever appears under the name. The data goes first, then the CSV/JSONL
-provenance sidecar.
+do). The work folder is private: created 0700, refused when it is a link or another user's (its files are
+uploaded with the user's credentials and removed by the run), its files opened without following links.
+
+Two hosts with different work folders are kept apart by a lock object in the store, ``.<name>.lock``
+beside the output, created only if absent (S3's ``If-None-Match: *``) and renewed while the run lives; a
+lock not renewed for ``PERCEPTSCORE_REMOTE_LOCK_STALE`` seconds (or whose process on this host is gone)
+is taken over. Other stores (gs://, az://) get no such lock: there only the local lock holds.
+
+The finished file is uploaded once, whole: an object store shows an object only when its upload completes,
+so nothing half-written ever appears under the name. The CSV/JSONL provenance sidecar goes first, as the
+local rule writes it (``sinks.Sink``); if the data then fails, the earlier sidecar is put back, so data and
+provenance never disagree.
 
 Before any scoring, a small probe object is written and removed beside the output: a bucket that does not
 exist or refuses writes fails in a second, not after the run. A failed upload keeps the finished file and
-says so; the same command uploads it without scoring again (a ``ready.json`` records which run it is).
+says so; the same command uploads it without scoring again when every row's file is unchanged, and
+otherwise reuses its rows as ``--incremental`` does (a ``ready.json`` records which run it is).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
+import socket
+import stat
+import sys
+import threading
+import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from perceptscore import remote
-from perceptscore.columns import PATH
+from perceptscore._text import redacted_command
+from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import DecodeError, UsageError
-from perceptscore.formats import format_of, meta_path, read_columns
-from perceptscore.runs import paths_digest
+from perceptscore.formats import format_of, meta_path, read_scores
+
+if TYPE_CHECKING:
+    from perceptscore.sources import Item
+
+_PRIVATE_FILE = 0o600
 
 
 def work_root() -> Path:
     default = Path.home() / ".cache" / "perceptscore" / "outputs"
     return Path(os.environ.get("PERCEPTSCORE_WORK", default))
+
+
+def lock_stale_seconds() -> float:
+    """How long a remote lock may go unrenewed before another run takes it over (a crashed host's)."""
+    return float(os.environ.get("PERCEPTSCORE_REMOTE_LOCK_STALE", "600"))
+
+
+# ---- the private work folder -------------------------------------------------------------------------
+
+
+def private_folder(path: Path) -> None:
+    """``path`` as a folder only this user can enter: created 0700, or refused when it is a link or not
+    owned by this user (someone else could plant a finished file for us to upload, or point the run's
+    deletions at other files). One of ours with looser modes is made private."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"cannot create the work folder {path}: {exc.strerror or exc}") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"work folder {path} is a symbolic link: refusing it; set PERCEPTSCORE_WORK to a "
+                         "folder of your own")  # fmt: skip
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"work folder {path} is not a folder")
+    if st.st_uid != os.getuid():
+        raise UsageError(f"work folder {path} belongs to another user (uid {st.st_uid}): refusing it; set "
+                         "PERCEPTSCORE_WORK to a folder of your own")  # fmt: skip
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _owned_file(path: Path) -> bool:
+    """A regular file of this user's (not a link, not planted by someone else)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+
+
+def _read_private(path: Path) -> bytes | None:
+    """A small file of ours, never read through a link; None when absent or not ours."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        return f.read(1 << 20)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``, 0600, never writing through a link planted at the name."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _PRIVATE_FILE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _make_private(path: Path) -> None:
+    """A file the run wrote (the finished scores, their sidecar) made 0600, never through a link."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, _PRIVATE_FILE)
+        finally:
+            os.close(fd)
+
+
+# ---- transfers ---------------------------------------------------------------------------------------
+
+
+def _put_file(local: Path, url: str) -> None:
+    """Upload ``local`` to ``url``, each try bounded in time: a store that accepts the connection and
+    never answers would otherwise hold the run forever (the backend's read timeout does not cover it)."""
+    fs, path = remote.split(url)
+    seconds = 2 * remote.timeout() + local.stat().st_size / (1 << 20)  # at least 1 MB/s
+    remote.with_retries(lambda: fs.put_file(str(local), path, timeout=seconds))
+
+
+def _conditional_put(url: str, body: bytes, **condition: str) -> str | None:
+    """Write ``body`` at ``url`` if ``condition`` holds (``IfNoneMatch="*"``, ``IfMatch=etag``): the new
+    ETag, or None when it did not hold (another run's lock is there, or took ours over)."""
+    fs, path = remote.split(url)
+
+    def attempt() -> dict[str, Any] | None:
+        try:
+            return fs.pipe_file(path, body, timeout=2 * remote.timeout(), **condition)
+        except Exception as exc:
+            if remote.classify(exc)[0] in ("HTTP 412", "HTTP 409"):  # 409: a concurrent conditional write
+                return None
+            raise
+
+    written = remote.with_retries(attempt)
+    return None if written is None else str(written.get("ETag", ""))
+
+
+# ---- the lock other hosts see ------------------------------------------------------------------------
+
+
+class RemoteLock:
+    """``.<name>.lock`` beside an S3 output: created only if absent, renewed every quarter of the stale
+    time by a thread (conditionally on its own ETag, so a run whose lock was taken over learns it), removed
+    at the end if still ours. ``lost`` is set when another run took it over."""
+
+    def __init__(self, url: str, shown: str) -> None:
+        head = url.split("?", 1)[0]
+        folder, name = head.rsplit("/", 1)
+        self.url, self.shown = f"{folder}/.{name}.lock", shown
+        self.etag: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> RemoteLock:
+        record = {
+            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": redacted_command(sys.argv),
+        }  # fmt: skip
+        try:
+            self.etag = self._acquire(_body(record))
+        except DecodeError as exc:
+            raise UsageError(f"cannot lock {self.shown}: {exc}") from None
+        self._beat = threading.Thread(target=self._renew, args=(record,), daemon=True, name="remote-lock")
+        self._beat.start()
+        return self
+
+    def _acquire(self, record: bytes) -> str:
+        for _ in range(3):  # a lock removed or taken over between our looks: look again
+            etag = _conditional_put(self.url, record, IfNoneMatch="*")
+            if etag is not None:
+                return etag
+            holder = self._holder()
+            if holder is None:
+                continue
+            about, info = holder
+            if not _stale(about, info):
+                raise UsageError(self._held_by(about))
+            etag = _conditional_put(self.url, record, IfMatch=str(info.get("ETag")))
+            if etag is not None:
+                return etag
+        raise UsageError(f"cannot lock {self.shown}: its lock keeps changing hands")
+
+    def _holder(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The lock object's record and its info (ETag, LastModified); None when it is gone."""
+        fs, path = remote.split(self.url)
+        try:
+            info = remote.with_retries(lambda: fs.info(path))
+            body = remote.with_retries(lambda: fs.cat_file(path, start=0, end=1 << 16))
+        except DecodeError as exc:
+            if str(exc).startswith("not found"):
+                return None
+            raise
+        try:
+            about = json.loads(body)
+        except ValueError:
+            about = {}
+        return (about if isinstance(about, dict) else {}), info
+
+    def _held_by(self, holder: dict[str, Any]) -> str:
+        who = f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+        return (
+            f"{self.shown} is being written by another run ({who}: {holder.get('command', '')}); wait for "
+            f"it or choose another output (a lock not renewed for {lock_stale_seconds():g} s is taken over)"
+        )
+
+    def _renew(self, record: dict[str, Any]) -> None:
+        while not self._stop.wait(lock_stale_seconds() / 4):
+            try:
+                etag = _conditional_put(self.url, _body(record), IfMatch=str(self.etag))
+            except (DecodeError, UsageError):
+                continue  # a missed renewal is not yet a lost lock: the next one may get through
+            if etag is None:
+                self.lost = True
+                return
+            self.etag = etag
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        if self.lost:
+            return
+        fs, path = remote.split(self.url)
+        with contextlib.suppress(Exception):  # left behind, it goes stale and is taken over
+            if remote.with_retries(lambda: fs.info(path)).get("ETag") == self.etag:
+                remote.with_retries(lambda: fs.rm_file(path))
+
+
+def _body(record: dict[str, Any]) -> bytes:
+    """The lock object's content; the renewal time in it makes each renewal a new ETag."""
+    return json.dumps({**record, "renewed": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+
+
+def _stale(holder: dict[str, Any], info: dict[str, Any]) -> bool:
+    """A lock nobody renews: its process on this host is gone, or it was not renewed for the stale time
+    (by the store's clock, as far as this host's clock agrees with it)."""
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        return True
+    modified = info.get("LastModified")
+    if not isinstance(modified, dt.datetime):
+        return False
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=dt.timezone.utc)
+    age = (dt.datetime.now(dt.timezone.utc) - modified).total_seconds()
+    return age > lock_stale_seconds()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
+# ---- the output --------------------------------------------------------------------------------------
 
 
 class RemoteOutput:
@@ -46,14 +295,22 @@ class RemoteOutput:
         basename = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         if format_of(basename) is None or basename.startswith("."):
             raise UsageError(f"-o {shown_as}: name the object to write, ending in .csv, .parquet or .jsonl")
-        self.url, self.shown = url, shown_as
+        self.url, self.shown, self.store = url, shown_as, name
         digest = hashlib.sha256(remote.normalized(url).encode()).hexdigest()[:20]
         self.folder = work_root() / digest
         self.local = self.folder / basename
         self._ready = self.folder / "ready.json"
+        self._lock: RemoteLock | None = None
 
     def prepare(self) -> None:
-        """The work folder, and proof the destination takes writes (before anything is scored)."""
+        """The private work folder, and proof the destination takes writes (before anything is scored)."""
+        root = self.folder.parent
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the work folder {root}: {exc.strerror or exc}") from None
+        private_folder(root)
+        private_folder(self.folder)
         head, _, _ = self.url.partition("?")
         probe = f"{head.rsplit('/', 1)[0]}/.{head.rsplit('/', 1)[1]}.probe-{uuid.uuid4().hex[:12]}"
         fs, path = remote.split(probe)
@@ -63,44 +320,81 @@ class RemoteOutput:
             raise UsageError(f"cannot write to {self.shown}: {exc}") from None
         with contextlib.suppress(Exception):  # a store may allow writes but not deletes: harmless
             fs.rm_file(path)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the work folder {self.folder}: {exc.strerror or exc}") from None
 
-    def ready_for(self, fingerprint: dict[str, Any], paths: Callable[[], Iterable[str]]) -> bool:
-        """A finished file of this very run is waiting to be uploaded (an earlier upload failed): the same
-        fingerprint, and the same rows (``paths``: the inputs' paths now, listed only when the rest
-        matches). Anything else discards it: stale scores are never uploaded."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while the run scores and uploads: other hosts writing this output are refused (S3 only:
+        the one store here whose conditional writes this uses)."""
+        if self.store != "s3":
+            yield
+            return
+        with RemoteLock(self.url, self.shown) as self._lock:
+            yield
+        self._lock = None
+
+    def finished_rows(self, fingerprint: dict[str, Any]) -> pa.Table | None:
+        """The rows of a finished file of this plan waiting to be uploaded (an earlier upload failed), if
+        it and its record are ours; anything else is discarded."""
         try:
-            recorded = json.loads(self._ready.read_text())
-        except (OSError, ValueError):
+            recorded = json.loads(_read_private(self._ready) or b"null")
+        except ValueError:
             recorded = None
-        if recorded is None or recorded.get("fingerprint") != fingerprint or not self.local.is_file():
+        if not isinstance(recorded, dict) or recorded.get("fingerprint") != fingerprint:
             self.discard()
-            return False
-        if recorded.get("paths_sha256") != paths_digest(paths()):
+            return None
+        if not _owned_file(self.local):
             self.discard()
-            return False
-        return True
+            return None
+        try:
+            return read_scores(str(self.local))
+        except Exception:  # unreadable: as good as absent
+            self.discard()
+            return None
+
+    @staticmethod
+    def unchanged(rows: pa.Table, items: Iterable[Item]) -> bool:
+        """Every row is the item's at its position, and that item's file is as it was scored (a fresh
+        stat, as ``--incremental`` compares; an item without one is never taken as unchanged)."""
+        paths = rows.column(PATH).to_pylist()
+        sizes = rows.column(FILE_SIZE).to_pylist()
+        mtimes = rows.column(FILE_MTIME).to_pylist()
+        count = 0
+        for item in items:
+            if count >= len(paths) or item.path != paths[count]:
+                return False
+            now = item.locator.stat()
+            if now is None or now != (sizes[count], mtimes[count]):
+                return False
+            count += 1
+        return count == len(paths)
 
     def finished(self, fingerprint: dict[str, Any]) -> None:
-        """Record which run the finished local file is (before its upload is tried)."""
-        paths = read_columns(str(self.local), lambda _: [PATH]).column(PATH).to_pylist()
-        record = {"fingerprint": fingerprint, "paths_sha256": paths_digest(paths)}
-        self._ready.write_text(json.dumps(record, sort_keys=True))
+        """Record which run the finished local file is (before its upload is tried); its files private."""
+        for path in (self.local, meta_path(self.local)):
+            _make_private(path)
+        _write_private(self._ready, json.dumps({"fingerprint": fingerprint}, sort_keys=True).encode())
 
     def discard(self) -> None:
         for stale in (self.local, meta_path(self.local), self._ready):
             stale.unlink(missing_ok=True)
 
     def upload(self) -> None:
-        """Data, then sidecar; then the local copies go. A failure keeps them, to upload next time."""
+        """Sidecar, then data (the local rule's order); a failed data upload puts the earlier sidecar
+        back. Then the local copies go. A failure keeps them, to upload next time."""
+        if self._lock is not None and self._lock.lost:
+            raise UsageError(
+                f"the scores are complete in {self.local} but not uploaded: another run took over the lock "
+                f"of {self.shown} (not renewed for {lock_stale_seconds():g} s)"
+            )
         sidecar = meta_path(self.local)
+        sidecar_url = self.url.split("?", 1)[0] + ".meta.json"
         try:
-            remote.upload(str(self.local), self.url)
             if sidecar.is_file():
-                remote.upload(str(sidecar), self.url.split("?", 1)[0] + ".meta.json")
+                earlier = self._earlier_sidecar(sidecar_url)
+                _put_file(sidecar, sidecar_url)
+                self._put_data_or_restore(sidecar_url, earlier)
+            else:
+                _put_file(self.local, self.url)
         except (DecodeError, OSError) as exc:
             reason = str(exc) if isinstance(exc, DecodeError) else (exc.strerror or str(exc))
             raise UsageError(
@@ -109,6 +403,30 @@ class RemoteOutput:
             ) from None
         for done in (self.local, sidecar, self._ready):
             done.unlink(missing_ok=True)
+
+    @staticmethod
+    def _earlier_sidecar(url: str) -> bytes | None:
+        """The provenance now beside the output (None: there is none), to put back if the data fails."""
+        fs, path = remote.split(url)
+        try:
+            return bytes(remote.with_retries(lambda: fs.cat_file(path)))
+        except DecodeError as exc:
+            if str(exc).startswith("not found"):
+                return None
+            raise
+
+    def _put_data_or_restore(self, sidecar_url: str, earlier: bytes | None) -> None:
+        try:
+            _put_file(self.local, self.url)
+        except (DecodeError, OSError) as exc:
+            fs, path = remote.split(sidecar_url)
+            restore = (lambda: fs.rm_file(path)) if earlier is None else (lambda: fs.pipe_file(path, earlier))
+            try:
+                remote.with_retries(restore)
+            except DecodeError:
+                raise DecodeError(f"{exc}; the provenance beside it is this run's, its data the earlier "
+                                  "run's") from None  # fmt: skip
+            raise
 
     def tidy(self) -> None:
         """Once the lock is given up: the work folder goes if nothing is left in it."""

@@ -131,6 +131,8 @@ def score(
             # a symlinked output: its target is written and locked, the link kept
             target = str(destination.local) if destination else os.path.realpath(out)
             stack.enter_context(OutputLock(Path(target)))  # the lock before Ray, torch and the models load
+            if destination is not None:
+                stack.enter_context(destination.locked())  # other hosts too: a lock object in the store
             stop = stack.enter_context(StopOnSignal())
         cluster = stack.enter_context(engines.create("ray", address=ray_address)) if engine == "ray" else None
         device = cluster.device(options.device) if cluster is not None else None
@@ -138,13 +140,19 @@ def score(
         plan = make_plan(options, plan_inputs, target, incremental, weights, device, retry_errors)
         if stop is None:
             return _score_to_stream(plan, sources, make_reporter, cluster, guards)
-        ready = (
-            destination is not None and not restart and "-" not in plan_inputs
-            and destination.ready_for(plan.fingerprint(), lambda: (item.path for item in sources))
+        # the file an earlier run of this plan finished, whose upload failed
+        finished = (
+            destination.finished_rows(plan.fingerprint())
+            if destination is not None and not restart and "-" not in plan_inputs else None
         )  # fmt: skip
-        if ready:
-            outcome = _already_scored(target)  # scored before, by this very run; its upload failed
+        if destination is not None and finished is not None and destination.unchanged(finished, sources):
+            outcome = _already_scored(target)  # every row's file is as it was scored: uploaded as it is
         else:
+            if destination is not None and finished is not None and not (previous and previous.keep):
+                # files changed or came new since: its rows are reused where a file is unchanged
+                previous = previous or Previous(plan.task_specs())
+                previous.absorb(finished)
+                destination.discard()  # held in memory now; on disk it would pass for the output it replaces
             # what this run replaces: the output as it is, or (an object store's) the copy of it that
             # --incremental brought
             same = bool(
