@@ -91,9 +91,12 @@ class RemoteFile:
     def open(self) -> BinaryIO:
         return io.BytesIO(self.fetch()[0])
 
-    def fetch(self, deadline: float | None = None) -> tuple[bytes, tuple[int, int] | None]:
+    def fetch(
+        self, deadline: float | None = None, reserve: remote.Reserve | None = None
+    ) -> tuple[bytes, tuple[int, int] | None]:
+        """The bytes and stat; ``reserve`` is told the bytes they will take before they are read."""
         try:
-            return remote.fetch(self.url, deadline=deadline)
+            return remote.fetch(self.url, deadline=deadline, reserve=reserve)
         except UsageError as exc:  # a backend not installed: this row's error, not the run's
             raise DecodeError(str(exc)) from None
 

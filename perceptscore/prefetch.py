@@ -2,15 +2,19 @@
 run (50 ms a request is 20 files a second). Items keep their order; a ``RemoteFile`` becomes an
 ``InMemory`` holding its bytes, or an error row saying why it could not be fetched.
 
-Bounded three ways: objects in flight (``remote.concurrency()``), bytes fetched and not yet handed on
-(``PERCEPTSCORE_PREFETCH_BYTES``, 256 MiB: at most that plus the objects in flight are held), and time: an
-object not fetched by its deadline (every try's timeout, and the pauses between) is an error row, and the run
-goes on without waiting for it. The fetching threads are daemons: stopping a run (Ctrl-C) never waits for a
-fetch in flight.
+Bounded three ways: objects in flight (``remote.concurrency()``); bytes (``PERCEPTSCORE_PREFETCH_BYTES``,
+256 MiB), counting what is fetched and not yet handed on *and* what fetches in flight will hold: a fetch
+reserves an object's size before reading it, or a chunk ahead of what it has read when the server sends no
+length, and waits for room (``_Budget``); only the object the run waits for next may go past the bound (by
+one object, at most ``PERCEPTSCORE_MAX_FILE_BYTES``), so it never waits on the objects behind it. And time:
+an object not fetched by its deadline (``remote.deadline_seconds()``: tries and the pauses between) is an
+error row, and the run goes on without waiting for it. The fetching threads are daemons: stopping a run
+(Ctrl-C) never waits for a fetch in flight.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -23,18 +27,12 @@ from dataclasses import replace
 from typing import Any
 
 from perceptscore import remote
-from perceptscore.errors import DecodeError, UsageError
+from perceptscore.errors import DecodeError
 from perceptscore.locators import InMemory, RemoteFile, Unavailable
+from perceptscore.remote import Stopped, stop_requested
 from perceptscore.sources import Item
 
-
-class Stopped(UsageError):
-    """A stop was asked (SIGINT/SIGTERM) while waiting for an object: the run ends now, with the rows
-    scored so far saved, instead of waiting out the object's deadline. Nothing is recorded for it."""
-
-
-# Set by ``runs.StopOnSignal`` on the first SIGINT/SIGTERM: a wait for a fetch ends at once.
-stop_requested = threading.Event()
+__all__ = ["Stopped", "prefetched", "stop_requested"]  # the stop flag lives in ``remote`` (streams use it)
 _SLICE_SECONDS = 0.25
 
 
@@ -44,7 +42,77 @@ def held_bytes() -> int:
 
 def deadline_seconds() -> float:
     """How long one object may take, all tries together (with the backoff pauses between them)."""
-    return remote.timeout() * remote.tries() + 15.0
+    return remote.deadline_seconds()
+
+
+class _Ticket:
+    """One item's share of the budget."""
+
+    __slots__ = ("closed", "held")
+
+    def __init__(self) -> None:
+        self.held, self.closed = 0, False
+
+
+class _Budget:
+    """Bytes held by the items ahead, reserved before they are read. A fetch waits while the total would
+    pass the limit, unless its item is the one the run waits for (``head``): that one always goes on,
+    so the bytes behind it (which wait for it to be handed on) can never hold it up."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.head: _Ticket | None = None
+        self._changed = threading.Condition()
+
+    def reserve(self, ticket: _Ticket, total: int, deadline: float) -> None:
+        """Make ``ticket`` hold ``total`` bytes, waiting for room (a stop or the deadline ends the wait)."""
+        with self._changed:
+            while ticket.held < total:
+                if ticket.closed:  # its item was given up on (its deadline): no more bytes for it
+                    raise DecodeError("given up on")
+                more = total - ticket.held
+                if ticket is self.head or self.used + more <= self.limit:
+                    self.used += more
+                    ticket.held = total
+                    return
+                if stop_requested.is_set():
+                    raise Stopped("stopped while waiting for a remote object")
+                if time.monotonic() > deadline:
+                    raise DecodeError("timed out waiting for room under PERCEPTSCORE_PREFETCH_BYTES")
+                self._changed.wait(_SLICE_SECONDS)
+
+    def settle(self, ticket: _Ticket, total: int) -> None:
+        """``ticket`` holds ``total`` bytes from now on (what was fetched)."""
+        with self._changed:
+            if ticket.closed:
+                return
+            self.used += total - ticket.held
+            ticket.held = total
+            self._changed.notify_all()
+
+    def close(self, ticket: _Ticket) -> None:
+        """The item is handed on (the consumer holds its bytes now), or given up on: its share is free,
+        and a fetch still running for it cannot take any more."""
+        self.settle(ticket, 0)
+        with self._changed:
+            ticket.closed = True
+
+    def wait_for(self, ticket: _Ticket) -> None:
+        with self._changed:
+            self.head = ticket
+            self._changed.notify_all()
+
+
+def _fetch(locator: RemoteFile, budget: _Budget, ticket: _Ticket, deadline: float) -> Any:
+    """The object's bytes, reserved in ``budget`` as they are read; the reservation shrinks to what was
+    fetched (nothing, when it failed)."""
+    try:
+        data, stat = locator.fetch(deadline, lambda total: budget.reserve(ticket, total, deadline))
+    except BaseException:
+        budget.settle(ticket, 0)
+        raise
+    budget.settle(ticket, len(data))
+    return data, stat
 
 
 class _DaemonPool:
@@ -66,6 +134,9 @@ class _DaemonPool:
                 future.set_result(call())
             except BaseException as exc:
                 future.set_exception(exc)
+            # an idle thread must not keep the last object's bytes alive (through its future) after the
+            # consumer let go of them: one copy, held by whoever holds the item
+            del job, call, future
 
     def submit(self, call: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
@@ -77,57 +148,60 @@ class _DaemonPool:
             self.jobs.put(None)
 
 
+Ahead = deque[tuple[Item, Future[Any] | None, float, _Ticket]]
+
+
 def prefetched(items: Iterable[Item]) -> Iterator[Item]:
     """``items`` in order, remote ones fetched ahead (see the module's docstring). No thread is started
     until a remote item comes."""
     pool: _DaemonPool | None = None
-    ahead: deque[tuple[Item, Future[Any] | None, float]] = deque()
-    limit, in_flight = held_bytes(), remote.concurrency()
+    ahead: Ahead = deque()
+    budget, in_flight = _Budget(held_bytes()), remote.concurrency()
     source = iter(items)
     exhausted = False
     try:
         while True:
-            while not exhausted and _room(ahead, in_flight, limit):
+            while not exhausted and _room(ahead, in_flight, budget):
                 item = next(source, None)
                 if item is None:
                     exhausted = True
                     break
+                ticket = _Ticket()
                 if isinstance(item.locator, RemoteFile) and not item.error:
                     pool = pool or _DaemonPool(in_flight)
                     deadline = time.monotonic() + deadline_seconds()
-                    locator = item.locator
-                    ahead.append((item, pool.submit(lambda loc=locator, d=deadline: loc.fetch(d)), deadline))
+                    call = functools.partial(_fetch, item.locator, budget, ticket, deadline)
+                    ahead.append((item, pool.submit(call), deadline, ticket))
                 else:
-                    ahead.append((item, None, 0.0))
+                    budget.settle(ticket, _held(item))  # bytes already in memory (a tar member) count too
+                    ahead.append((item, None, 0.0, ticket))
             if not ahead:
                 return
-            item, future, deadline = ahead.popleft()
-            yield _fetched(item, future, deadline) if future is not None else item
+            item, future, deadline, ticket = ahead.popleft()
+            budget.wait_for(ticket)
+            try:
+                yield _fetched(item, future, deadline) if future is not None else item
+            finally:
+                budget.close(ticket)  # handed on: the consumer holds it now
     finally:
-        for _, future, _ in ahead:
+        for _, future, _, ticket in ahead:
+            budget.close(ticket)
             if future is not None:
                 future.cancel()
         if pool is not None:
             pool.close()
 
 
-def _room(ahead: deque[tuple[Item, Future[Any] | None, float]], in_flight: int, limit: int) -> bool:
-    """Whether to take another item: fewer fetches running than allowed, the fetched bytes waiting under
-    the limit, and a bounded look-ahead (items behind a slow one wait in order)."""
-    running = sum(1 for _, f, _ in ahead if f is not None and not f.done())
-    held = sum(_size(f) if f is not None else _held(item) for item, f, _ in ahead)
-    return running < in_flight and held < limit and len(ahead) < 4 * in_flight
+def _room(ahead: Ahead, in_flight: int, budget: _Budget) -> bool:
+    """Whether to take another item: fewer fetches running than allowed, room in the byte budget, and a
+    bounded look-ahead (items behind a slow one wait in order)."""
+    running = sum(1 for _, f, _, _ in ahead if f is not None and not f.done())
+    return running < in_flight and budget.used < budget.limit and len(ahead) < 4 * in_flight
 
 
 def _held(item: Item) -> int:
     """Bytes an item holds already (a tar member): they count against the limit like fetched ones."""
     return len(item.locator.data) if isinstance(item.locator, InMemory) else 0
-
-
-def _size(future: Future[Any] | None) -> int:
-    if future is None or not future.done() or future.cancelled() or future.exception() is not None:
-        return 0
-    return len(future.result()[0])
 
 
 def _fetched(item: Item, future: Future[Any], deadline: float) -> Item:

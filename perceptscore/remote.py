@@ -5,10 +5,16 @@
   ``gs://``.
 - ``filesystem``: one fsspec file system per scheme and process, built with bounded timeouts and without
   the backend's own retry loop (s3fs retries 5 times with its own backoff: a dead object would cost
-  minutes). Retries are ours, in ``fetch``: a few tries with backoff for transient failures (5xx, 429,
-  resets, timeouts), then an error row that says what happened.
+  minutes). Retries are ours (``with_retries``): transient failures (5xx, 429, resets, refused
+  connections, timeouts) are tried again with exponential backoff and full jitter until the object's
+  deadline (``PERCEPTSCORE_REMOTE_DEADLINE``), then an error row says what happened.
 - Storage options (``--storage-options JSON``) are held in this process's memory only (never in the
-  environment, a plan, provenance or a log), and given to child processes by ``Settings``.
+  environment, a plan, provenance or a log), and given to child processes by ``Settings``. HTTP(S) options
+  (an ``Authorization`` header, say) go only to the origins named on the command line (``trust``): a
+  manifest cannot send them to a host of its choosing.
+- Streams (tar shards, downloaded manifests) are read in chunks by a helper thread, so a stop (SIGINT/
+  SIGTERM) or a connection slower than ``PERCEPTSCORE_REMOTE_MIN_RATE`` ends a read however the server
+  trickles; HTTP bodies are streamed (a server need not support ranges), a range only resumes one.
 
 Credentials and endpoints otherwise come from the backends' usual places (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL``, profiles, instance roles, ``GOOGLE_APPLICATION_CREDENTIALS`` ...).
@@ -21,17 +27,21 @@ import contextlib
 import datetime as dt
 import email.utils
 import hashlib
+import io
 import json
 import os
-import posixpath
+import queue
 import random
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -73,18 +83,33 @@ def local_path(text: str) -> str:
 def normalized(url: str) -> str:
     """One spelling per object, to compare URLs: scheme lower-cased and de-aliased, host lower-cased,
     repeated slashes in the key collapsed, the query dropped for object stores (it carries no identity
-    there). HTTP URLs keep their path and query as given (a server may tell them apart)."""
+    there). HTTP URLs keep their path and query as given (a server may tell them apart). ``az://`` and
+    ``abfs://`` are one store (adlfs serves both): ``container``, ``container@account`` and
+    ``container@account.dfs.core.windows.net`` name one container when the account is known."""
     name = scheme(url)
     if name is None or name == "file":
         return os.path.abspath(local_path(url))
     parsed = urllib.parse.urlsplit(url)
     # user info is a credential over HTTP; in az:// and abfs:// "container@account" is the address
     netloc = parsed.netloc.lower()
-    host = netloc if name in ("az", "abfs", "adl") else netloc.rsplit("@", 1)[-1]
+    if name in ("az", "abfs"):
+        return f"abfs://{_azure_container(netloc)}{re.sub(r'/{2,}', '/', parsed.path)}"
+    host = netloc if name == "adl" else netloc.rsplit("@", 1)[-1]
     if name in _HTTP:
         return urllib.parse.urlunsplit((name, host, parsed.path or "/", parsed.query, ""))
     path = re.sub(r"/{2,}", "/", parsed.path)
     return f"{name}://{host}{path}"
+
+
+def _azure_container(netloc: str) -> str:
+    """``container@account`` of an az:// or abfs:// address: the account from the host name, else from the
+    storage options or ``AZURE_STORAGE_ACCOUNT_NAME`` (adlfs's own order), else the container alone."""
+    container, _, account = netloc.partition("@")
+    account = account.split(".", 1)[0]  # account.dfs.core.windows.net, account.blob.core.windows.net
+    if not account:
+        options = {**_settings.for_scheme("az"), **_settings.for_scheme("abfs")}
+        account = str(options.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME", "")).lower()
+    return f"{container}@{account}" if account else container
 
 
 def without_secrets(url: str) -> str:
@@ -102,9 +127,36 @@ def parent(url: str) -> str:
     return head.rsplit("/", 1)[0] if "/" in head.split("://", 1)[1] else head
 
 
-def join(folder: str, relative: str) -> str:
+def join(folder: str, relative: str) -> str | None:
+    """``relative`` (a manifest's row) resolved against the URL ``folder``; None when it climbs out of the
+    folder's origin (its host, or its bucket): ``../`` past the root is refused, never clamped or allowed
+    to rename the host."""
     scheme_part, rest = folder.split("://", 1)
-    return f"{scheme_part}://{posixpath.normpath(posixpath.join(rest, relative))}"
+    host, _, base = rest.partition("/")
+    relative, mark, query = relative.partition("?")
+    parts: list[str] = [p for p in base.split("/") if p]
+    for part in relative.split("/"):
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return f"{scheme_part}://{host}/{'/'.join(parts)}{mark}{query}"
+
+
+def origin(url: str) -> str | None:
+    """``scheme://host:port`` of an HTTP(S) URL (the port spelled out), None for anything else or a URL
+    whose port is not a number."""
+    name = scheme(url)
+    if name not in _HTTP:
+        return None
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = parsed.port or (443 if name == "https" else 80)
+    except ValueError:
+        return None
+    return f"{name}://{(parsed.hostname or '').lower()}:{port}"
 
 
 # ---- settings ---------------------------------------------------------------------------------------
@@ -116,7 +168,27 @@ def timeout() -> float:
 
 
 def tries() -> int:
+    """Tries that each time out which the default deadline leaves room for (a refused connection or a 503
+    is tried again for as long as the deadline allows, not this many times)."""
     return max(1, int(os.environ.get("PERCEPTSCORE_REMOTE_TRIES", "4")))
+
+
+def deadline_seconds() -> float:
+    """How long one object (or one stretch of failures of a stream) may take, all tries and pauses
+    together: long enough to ride out a short outage (135 s by default)."""
+    given = os.environ.get("PERCEPTSCORE_REMOTE_DEADLINE")
+    return float(given) if given else timeout() * tries() + 15.0
+
+
+def min_rate() -> float:
+    """Bytes a second a stream must keep up, measured over ``timeout()`` seconds: a server that trickles a
+    byte now and then never times out, and would hold a shard (and a stop) for good."""
+    return float(os.environ.get("PERCEPTSCORE_REMOTE_MIN_RATE", str(16 << 10)))
+
+
+def max_input_bytes() -> int:
+    """The largest remote manifest, list or scores file downloaded (they are read from a local copy)."""
+    return int(os.environ.get("PERCEPTSCORE_MAX_INPUT_BYTES", str(2 << 30)))
 
 
 def concurrency() -> int:
@@ -156,9 +228,24 @@ class Settings:
     def for_scheme(self, name: str) -> dict[str, Any]:
         return dict(self.options.get(name, {}))
 
+    def trusts(self, url: str) -> bool:
+        """Whether ``url``'s HTTP origin was named on the command line (its requests carry the options)."""
+        return origin(url) in self.options.get(_TRUSTED, ())
+
+    def trusting(self, url: str) -> Settings:
+        found = origin(url)
+        if found is None or self.trusts(url):
+            return self
+        return Settings({**self.options, _TRUSTED: sorted({*self.options.get(_TRUSTED, ()), found})})
+
+
+# The HTTP origins whose requests carry the HTTP storage options, kept among the options (a list, so it
+# travels to child processes and Ray workers with them): the origins of the URLs named on the command line.
+_TRUSTED = "@trusted_origins"
+
 
 _settings = Settings()
-_filesystems: dict[tuple[int, str], Any] = {}
+_filesystems: dict[tuple[int, str, bool], Any] = {}
 _lock = threading.Lock()
 
 
@@ -175,14 +262,24 @@ def current() -> Settings:
     return _settings
 
 
-def filesystem(name: str) -> Any:
+def trust(url: str) -> None:
+    """``url`` was named on the command line (an input, a list, ``--incremental``, ``--retry-errors``):
+    requests to its HTTP origin carry the HTTP storage options. Nothing else ever gets them."""
+    global _settings
+    with _lock:
+        _settings = _settings.trusting(url)
+
+
+def filesystem(name: str, with_options: bool = True) -> Any:
     """This process's fsspec file system for scheme ``name``; a missing backend is a usage error that
-    names the extra to install."""
-    key = (os.getpid(), name)  # an fsspec file system holds an event loop: never shared across a fork
+    names the extra to install. ``with_options=False``: one without the storage options (for HTTP hosts
+    nobody named)."""
+    # an fsspec file system holds an event loop: never shared across a fork
+    key = (os.getpid(), name, with_options)
     with _lock:
         if key in _filesystems:
             return _filesystems[key]
-        fs = _make(name, _settings.for_scheme(name))
+        fs = _make(name, _settings.for_scheme(name) if with_options else {})
         _filesystems[key] = fs
         return fs
 
@@ -226,10 +323,9 @@ def split(url: str) -> tuple[Any, str]:
     """(file system, the path it takes) for ``url``."""
     name = scheme(url)
     assert name is not None and name != "file", url
-    fs = filesystem(name)
     if name in _HTTP:
-        return fs, url
-    return fs, url.split("://", 1)[1]
+        return filesystem(name, _settings.trusts(url)), url
+    return filesystem(name), url.split("://", 1)[1]
 
 
 # ---- errors -----------------------------------------------------------------------------------------
@@ -289,27 +385,58 @@ def classify(exc: BaseException) -> tuple[str, bool]:
     return redact(text), isinstance(exc, OSError)
 
 
+class Stopped(UsageError):
+    """A stop was asked (SIGINT/SIGTERM) while waiting on a remote object or stream: the run ends now,
+    with the rows scored so far saved, instead of waiting out a deadline. Nothing is recorded for it."""
+
+
+# Set by ``runs.StopOnSignal`` on the first SIGINT/SIGTERM: waits and reads on remote objects end at once.
+stop_requested = threading.Event()
+_MAX_PAUSE = 8.0
+
+
+def pause(seconds: float) -> None:
+    """Sleep between tries; a stop asked meanwhile ends the run instead."""
+    if stop_requested.wait(max(0.0, seconds)):
+        raise Stopped("stopped while waiting for a remote object")
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter (0.5 s, 1 s, 2 s ... up to 8 s, times a random fraction):
+    many fetches failing together do not come back together."""
+    return random.uniform(0.0, min(_MAX_PAUSE, 0.5 * 2 ** (attempt - 1)))
+
+
+def latest_start(deadline: float, start: float) -> float:
+    """The last moment a try may start: one request's timeout before the deadline (a try that hangs is
+    cut off by that timeout, so it ends by the deadline), or half-way for a deadline shorter than that."""
+    return deadline - min(timeout(), (deadline - start) / 2)
+
+
 def with_retries(what: Any, deadline: float | None = None) -> Any:
-    """``what()``, tried again after transient failures with exponential backoff (0.5 s, 1 s, 2 s ... with
-    jitter), ``tries()`` times at most and never past ``deadline`` (a monotonic time). Raises
-    ``DecodeError`` with the reason (and the number of tries) when it gives up."""
-    attempts = tries()
-    for attempt in range(1, attempts + 1):
+    """``what()``, tried again after transient failures (refused, reset, 5xx, 429, timeouts) with
+    ``backoff`` until ``deadline`` (a monotonic time; ``deadline_seconds()`` from now by default): no try
+    starts that could not end before it. Raises ``DecodeError`` with the reason (and the number of tries)
+    when it gives up."""
+    start = time.monotonic()
+    deadline = start + deadline_seconds() if deadline is None else deadline
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return what()
-        except DecodeError:
-            raise
-        except UsageError:
+        except (DecodeError, UsageError):
             raise
         except Exception as exc:
             reason, transient = classify(exc)
-            pause = min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            late = deadline is not None and time.monotonic() + pause >= deadline
-            if not transient or attempt == attempts or late:
-                after = f" after {attempt} tries" if attempt > 1 else ""
-                raise DecodeError(f"{reason}{after}") from None
-            time.sleep(pause)
-    raise AssertionError("unreachable")
+            left = latest_start(deadline, start) - time.monotonic()
+            if not transient or left <= 0:
+                raise DecodeError(f"{reason}{_after(attempt)}") from None
+            pause(min(backoff(attempt), left))
+
+
+def _after(attempt: int) -> str:
+    return f" after {attempt} tries" if attempt > 1 else ""
 
 
 # ---- objects ----------------------------------------------------------------------------------------
@@ -356,96 +483,272 @@ def info(url: str) -> dict[str, Any]:
     return with_retries(lambda: fs.info(path))
 
 
+Reserve = Callable[[int], None]  # "hold this many bytes for the object": may wait for room (``prefetch``)
+_CHUNK = 1 << 20  # what one read of a stream asks for: a stop or a slow server is noticed between reads
+# what an open HTTP connection holds of a body, read or not: aiohttp's buffer and the chunk being read
+_IN_FLIGHT = 2 * _CHUNK
+
+
 def fetch(
-    url: str, limit: int | None = None, deadline: float | None = None
+    url: str, limit: int | None = None, deadline: float | None = None, reserve: Reserve | None = None
 ) -> tuple[bytes, tuple[int, int] | None]:
     """An object's bytes and stat, whole. Refused (``DecodeError``) when larger than ``limit`` (whether
-    or not the server says its size first), empty, missing, or failing after the retries."""
+    or not the server says its size first), empty, missing, or failing by ``deadline``. ``reserve`` is
+    told the bytes the object will hold before they are read: its size when known, else as they come."""
     limit = max_bytes() if limit is None else limit
+    deadline = time.monotonic() + deadline_seconds() if deadline is None else deadline
     fs, path = split(url)
 
     def attempt() -> tuple[bytes, tuple[int, int] | None]:
-        about = fs.info(path)
-        size = about.get("size")
-        if isinstance(size, int) and size > limit:
-            raise DecodeError(f"{size} bytes, over the limit of {limit}")
-        if size == 0:
-            raise DecodeError("empty file")
-        # Never more than one byte past the limit, whatever the size said (a server may lie, an object
-        # may be replaced between the two requests): an HTTP body is streamed and cut there; an object
-        # store is asked for that range.
         if scheme(url) in _HTTP:
-            # size given: fsspec would otherwise send a second HEAD before the GET
-            with fs.open(path, "rb", block_size=0, size=size) as stream:
-                data = _read_up_to(stream, limit + 1)
-        else:
-            data = fs.cat_file(path, start=0, end=limit + 1)
-        if len(data) > limit:
-            raise DecodeError(f"over the limit of {limit} bytes")
-        if not data:
-            raise DecodeError("empty file")
-        if isinstance(size, int) and len(data) != size:
-            raise ConnectionResetError(f"got {len(data)} of {size} bytes")
-        return bytes(data), stat_of(about, len(data))
+            return _fetch_http(fs, path, limit, deadline, reserve)
+        about = fs.info(path)
+        size = _checked_size(about.get("size"), limit)
+        if reserve is not None and size is not None:
+            reserve(size)
+        # Never more than one byte past the limit, whatever the size said (an object may be replaced
+        # between the two requests): the store is asked for that range.
+        data = fs.cat_file(path, start=0, end=limit + 1)
+        return _whole(data, size, limit), stat_of(about, len(data))
 
     return with_retries(attempt, deadline)
 
 
-def _read_up_to(stream: BinaryIO, n: int) -> bytes:
-    """``n`` bytes, or fewer at the end: a streamed body's ``read`` returns a chunk at a time."""
-    chunks, got = [], 0
-    while got < n and (chunk := stream.read(min(n - got, 8 << 20))):
-        chunks.append(chunk)
+def _fetch_http(
+    fs: Any, url: str, limit: int, deadline: float, reserve: Reserve | None
+) -> tuple[bytes, tuple[int, int] | None]:
+    """One GET, streamed: its headers give the size (when sent) and the version; the body is cut one byte
+    past the limit, whatever the size said (a server may lie, or send none)."""
+    if reserve is not None:  # an open connection buffers part of the body whether it is read or not
+        reserve(_IN_FLIGHT)
+    try:
+        stream = fs.open(url, "rb", **_STREAMED)
+    except FileNotFoundError:
+        raise DecodeError("not found (HTTP 404)") from None
+    with stream:
+        headers = getattr(getattr(stream, "r", None), "headers", None) or {}
+        length = headers.get("Content-Length")
+        size = _checked_size(int(length) if length and length.isdigit() else None, limit)
+        if reserve is not None and size is not None:
+            reserve(size)
+        data = _read_up_to(stream, limit + 1, deadline, reserve if size is None else None)
+    return _whole(data, size, limit), stat_of(headers, len(data))
+
+
+# fsspec asks for an HTTP object's size (a HEAD, and a GET when that has none) before opening it, unless
+# told one; a streamed body needs none (its GET's own headers say it).
+_STREAMED: dict[str, Any] = {"block_size": 0, "size": -1}
+
+
+def _checked_size(size: Any, limit: int) -> int | None:
+    if not isinstance(size, int):
+        return None
+    if size > limit:
+        raise DecodeError(f"{size} bytes, over the limit of {limit}")
+    if size == 0:
+        raise DecodeError("empty file")
+    return size
+
+
+def _whole(data: bytes, size: int | None, limit: int) -> bytes:
+    """``data``, checked: under the limit, not empty, as long as its size said."""
+    if len(data) > limit:
+        raise DecodeError(f"over the limit of {limit} bytes")
+    if not data:
+        raise DecodeError("empty file")
+    if size is not None and len(data) != size:
+        raise ConnectionResetError(f"got {len(data)} of {size} bytes")
+    return data
+
+
+def _read_up_to(stream: BinaryIO, n: int, deadline: float, reserve: Reserve | None) -> bytes:
+    """``n`` bytes, or fewer at the end, as one copy: chunks go into a ``BytesIO`` whose buffer becomes
+    the result without another copy. A body still coming at ``deadline`` (a server that trickles) is a
+    timeout; bytes of unknown total are reserved a chunk ahead."""
+    buffer, got = io.BytesIO(), 0
+    while got < n:
+        if stop_requested.is_set():
+            raise Stopped("stopped while waiting for a remote object")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still sending after {got} bytes at the deadline")
+        if reserve is not None:
+            reserve(min(n, got + _CHUNK))
+        chunk = stream.read(min(n - got, _CHUNK))
+        if not chunk:
+            break
+        buffer.write(chunk)
         got += len(chunk)
-    return b"".join(chunks)
+    return buffer.getvalue()
 
 
-def open_stream(url: str) -> RetryingStream:
-    """A sequential read of a (large) object: a tar shard. Reads carry the file system's timeouts, and a
-    read that fails for a transient reason is tried again from where it was (``RetryingStream``)."""
-    fs, path = split(url)
-    return RetryingStream(
-        with_retries(lambda: fs.open(path, "rb", block_size=8 << 20, cache_type="readahead"))
-    )
+def open_stream(url: str) -> RemoteStream:
+    """A sequential read of a (large) object: a tar shard, a downloaded manifest (``RemoteStream``);
+    ``DecodeError`` when it cannot be opened by its deadline."""
+    return RemoteStream(url)
 
 
 def read_failure(exc: OSError) -> str:
-    """The reason a ``RetryingStream`` (or a local read) failed, in one line."""
+    """The reason a ``RemoteStream`` (or a local read) failed, in one line."""
     return str(exc) if isinstance(exc.__cause__, Exception) else classify(exc)[0]
 
 
-class RetryingStream:
-    """A remote shard's stream that survives a dropped connection: a read that fails for a transient
-    reason is tried again from the same offset (a new range request), with backoff, up to
-    ``tries()`` times; then it fails as ``OSError`` with the reason, whatever the backend raised
-    (aiohttp's payload errors are not ``OSError``)."""
+class TooSlow(OSError):
+    """A stream that kept under ``min_rate()`` for a whole ``timeout()`` of reading: tried again (another
+    connection may be faster), then an error."""
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream, self.position = stream, 0
+
+class _ReadThread:
+    """One daemon thread doing a stream's blocking reads, so the reading thread waits in slices (a stop, a
+    trickle) and never holds up the interpreter's exit on a read that will not return."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._work, daemon=True, name="perceptscore-stream").start()
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            call, future = job
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def submit(self, call: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.jobs.put((call, future))
+        return future
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+
+_SLICE = 0.25  # seconds between looks at a stop and at the stream's rate while a read is pending
+
+
+class RemoteStream:
+    """A remote object read front to back. HTTP bodies are streamed in one GET (a server without range
+    support serves any size); a read that fails for a transient reason, or a connection slower than
+    ``min_rate()`` over ``timeout()`` seconds of waiting, is resumed where it broke off (a range request;
+    a server that ignores the range sends it all, and the bytes had are skipped), with ``backoff``, until
+    ``deadline_seconds()`` after the first of a run of failures; then ``OSError`` with the reason. A stop
+    (``stop_requested``) ends a read within a quarter of a second (``Stopped``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._fs, self._path = split(url)
+        self._http = scheme(url) in _HTTP
+        self._taken = 0  # bytes taken from the object: where a resumed read starts
+        self._buffer, self._at = b"", 0  # read ahead of what was asked, and how much of it is given out
+        self._backend: Any = None
+        self._reader: _ReadThread | None = None
+        self._window = (0.0, 0)  # seconds spent waiting on reads, bytes they brought
+        self._discard = 0  # bytes had already that a resumed body sends again (its range was ignored)
+        # a run of failures: (tries, when it began, its deadline); ends with a window read at a good rate
+        self._trouble: tuple[int, float, float] | None = None
+        self._backend = with_retries(lambda: self._opened(0))
+
+    def _opened(self, start: int) -> Any:
+        if not self._http:
+            stream = self._fs.open(self._path, "rb", block_size=8 << 20, cache_type="readahead")
+            stream.seek(start)
+            return stream
+        if not start:
+            return self._fs.open(self._path, "rb", **_STREAMED)
+        # the file system's own headers (an Authorization) stay: a request's headers replace them
+        headers = {**self._fs.kwargs.get("headers", {}), "Range": f"bytes={start}-"}
+        stream = self._fs.open(self._path, "rb", headers=headers, **_STREAMED)
+        if getattr(getattr(stream, "r", None), "status", 206) != 206:
+            self._discard = start  # the range was ignored: the body starts at 0 again
+        return stream
 
     def read(self, n: int = -1) -> bytes:
-        most = tries()
-        for attempt in range(1, most + 1):
-            try:
-                data = self.stream.read(n)
-                self.position += len(data)
-                return data
-            except Exception as exc:
-                reason, transient = classify(exc)
-                if not transient or attempt == most:
-                    after = f" after {attempt} tries" if attempt > 1 else ""
-                    raise OSError(f"{reason}{after}") from exc
-                time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
-                with contextlib.suppress(Exception):
-                    self.stream.seek(self.position)
-        raise AssertionError("unreachable")
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(_CHUNK), b""))
+        if self._at >= len(self._buffer):
+            self._buffer, self._at = self._fetch(max(n, _CHUNK)), 0
+        data = self._buffer[self._at : self._at + n]
+        self._at += len(data)
+        return data
 
-    def __enter__(self) -> RetryingStream:
+    def _fetch(self, want: int) -> bytes:
+        while True:
+            try:
+                if self._backend is None:
+                    self._backend = self._opened(self._taken)
+                data = self._timed(lambda: self._backend.read(want))
+                if self._discard:
+                    if not data:
+                        raise ConnectionResetError("the object ended before the point to resume from")
+                    data, self._discard = data[self._discard :], max(0, self._discard - len(data))
+                    if not data:
+                        continue
+                self._taken += len(data)
+                return data
+            except (Stopped, DecodeError, UsageError):
+                raise
+            except Exception as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """Drop the connection, and pause before the next (or raise ``OSError`` when it is no use: the
+        failure is final, or the run of failures is past its deadline)."""
+        reason, transient = classify(exc)
+        tries, start, deadline = self._trouble or (0, time.monotonic(), time.monotonic() + deadline_seconds())
+        self._trouble = (tries + 1, start, deadline)
+        self._drop()
+        left = latest_start(deadline, start) - time.monotonic()
+        if not transient or left <= 0:
+            raise OSError(f"{reason}{_after(tries + 1)}") from exc
+        pause(min(backoff(tries + 1), left))
+
+    def _timed(self, read: Callable[[], bytes]) -> bytes:
+        """``read()`` on the read thread, waited for in slices: a stop or a trickle ends the wait."""
+        self._reader = self._reader or _ReadThread()
+        future = self._reader.submit(read)
+        while True:
+            if stop_requested.is_set():
+                raise Stopped("stopped while reading a remote stream")
+            began = time.monotonic()
+            try:
+                data = future.result(timeout=_SLICE)
+            except FutureTimeout:
+                self._count(time.monotonic() - began, 0)
+                continue
+            self._count(time.monotonic() - began, len(data))
+            return data
+
+    def _count(self, waited: float, got: int) -> None:
+        """Only time spent waiting for the server counts (not the time the caller spends between reads
+        scoring what it read): under ``min_rate()`` for ``timeout()`` seconds of it is too slow."""
+        seconds, total = self._window[0] + waited, self._window[1] + got
+        span = timeout()
+        if seconds < span:
+            self._window = (seconds, total)
+            return
+        self._window = (0.0, 0)
+        if total >= min_rate() * span:
+            self._trouble = None  # a good stretch: the next failure starts a run of its own
+        else:
+            raise TooSlow(f"too slow: {total} bytes in {seconds:.0f} s (under {min_rate():.0f} bytes/s)")
+
+    def _drop(self) -> None:
+        """Let go of the connection (and its read thread, which may be stuck in a read)."""
+        backend, reader, self._backend, self._reader = self._backend, self._reader, None, None
+        self._window = (0.0, 0)
+        if reader is not None:
+            reader.close()
+        if backend is not None:
+            with contextlib.suppress(Exception):
+                backend.close()
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> RemoteStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            self.stream.close()
+        self.close()
 
 
 def listing(url: str, recursive: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -481,25 +784,76 @@ def upload(local: str, url: str) -> None:
     with_retries(lambda: fs.put_file(local, path))
 
 
-def download(url: str, local: str) -> None:
-    fs, path = split(url)
-    with_retries(lambda: fs.get_file(path, local))
+def download(url: str, local: str, limit: int | None = None) -> None:
+    """``url`` streamed to the file ``local``: at most ``limit`` bytes (``max_input_bytes()``), resumed
+    and given up like any stream (``RemoteStream``). ``DecodeError`` with the reason when it fails."""
+    limit = max_input_bytes() if limit is None else limit
+    try:
+        with open_stream(url) as stream, open(local, "wb") as out:
+            got = 0
+            while chunk := stream.read(_CHUNK):
+                got += len(chunk)
+                if got > limit:
+                    raise DecodeError(f"over the limit of {limit} bytes (PERCEPTSCORE_MAX_INPUT_BYTES)")
+                out.write(chunk)
+    except OSError as exc:
+        raise DecodeError(read_failure(exc)) from None
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP during a download: unwinds it so its partial file is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
+def _catch_termination() -> dict[int, Any]:
+    """Route SIGTERM/SIGHUP to ``_Terminated`` (main thread only; an ignored signal stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    caught = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            caught[sig] = signal.signal(sig, _raise_terminated)
+    return caught
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def local_copy(url: str) -> str:
     """A remote file (a manifest, a list, ``--incremental``'s or ``--retry-errors``'s scores file)
-    downloaded to a temporary folder of its own, removed at exit: read locally, as a seekable file.
-    Local paths are returned as they are."""
+    downloaded to a temporary folder of its own, removed at exit, on failure and on SIGTERM/SIGHUP (then
+    the signal does what it would have done: end the process, by default): read locally, as a seekable
+    file. Its HTTP origin is trusted with the storage options (it was named on the command line). Local
+    paths are returned as they are."""
     if not is_remote(url):
         return local_path(url)
+    trust(url)
     folder = tempfile.mkdtemp(prefix="perceptscore-input-")
     atexit.register(shutil.rmtree, folder, True)
     local = os.path.join(folder, "input" + os.path.splitext(url.split("?", 1)[0])[1].lower())
+    handlers = _catch_termination()
     try:
         download(url, local)
-    except DecodeError as exc:
-        raise UsageError(f"{without_secrets(url)}: {exc}") from None
-    if local.endswith((".csv", ".jsonl")):  # a scores file's provenance is its sidecar: it comes along
-        with contextlib.suppress(DecodeError):
-            download(url.split("?", 1)[0] + ".meta.json", local + ".meta.json")
+        if local.endswith((".csv", ".jsonl")):  # a scores file's provenance is its sidecar: it comes along
+            with contextlib.suppress(DecodeError):
+                download(url.split("?", 1)[0] + ".meta.json", local + ".meta.json")
+    except BaseException as exc:
+        shutil.rmtree(folder, True)
+        _restore(handlers)
+        if isinstance(exc, _Terminated):
+            signal.raise_signal(exc.signum)  # what it did before: ends the process, by default
+            raise Stopped(f"stopped while downloading {without_secrets(url)}") from None
+        if isinstance(exc, DecodeError):
+            raise UsageError(f"{without_secrets(url)}: {exc}") from None
+        raise
+    _restore(handlers)
     return local

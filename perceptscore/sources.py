@@ -30,7 +30,7 @@ from perceptscore.columns import ERROR, PATH
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import FORMATS, format_of, is_scores_file, restore_formulas
 from perceptscore.images import IMAGE_EXTENSIONS, looks_like_image
-from perceptscore.locators import Locator, RemoteFile, Unavailable, locate
+from perceptscore.locators import TAR_SCHEME, Locator, RemoteFile, Unavailable, locate, member_uri
 
 MANIFEST_SUFFIXES = tuple(FORMATS)  # every table format is also read as a manifest
 
@@ -166,12 +166,13 @@ class _Manifest:
         dropped = {PATH, *drop}
         self.extras = pa.schema([f for f in schema if f.name not in dropped])
 
-    def resolve(self, path: str) -> str:
-        """A row's path as it is opened: relative ones joined to the manifest's folder."""
+    def resolve(self, path: str) -> str | Locator:
+        """A row's path as it is opened: relative ones joined to the manifest's folder. A remote
+        manifest's rows are URLs only (``_remote_row``)."""
+        if remote.is_remote(self.named):
+            return _remote_row(self.folder, path)
         if remote.scheme(path) is not None or os.path.isabs(path):
             return path
-        if remote.is_remote(self.folder):
-            return remote.join(self.folder, path)
         return os.path.join(self.folder, path)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
@@ -288,6 +289,7 @@ class Sources:
             known = ", ".join(f"{s}://" for s in remote.READABLE)
             shown_as = remote.without_secrets(url)
             raise UsageError(f"{shown_as}: unsupported URL scheme {name}:// (known: {known})")
+        remote.trust(url)  # named on the command line: its HTTP origin gets the storage options
         remote.filesystem(name)  # a missing backend: the extra to install, now
         shown_as = remote.without_secrets(url)
         path = url.split("?", 1)[0]
@@ -361,9 +363,10 @@ class Sources:
     def _shard(self, shard: str) -> Iterator[tuple[Locator, dict[str, Any]]]:
         return shards.members(shard, self.tar_fields)
 
-    def _named(self, path: str) -> Iterator[tuple[str | Locator, dict[str, Any]]]:
-        """A path or URL named by a list, stdin or a manifest row: a shard gives its members."""
-        if shards.is_shard(path) and not path.startswith("tar://"):
+    def _named(self, path: str | Locator) -> Iterator[tuple[str | Locator, dict[str, Any]]]:
+        """A path or URL named by a list, stdin or a manifest row: a shard gives its members (a row
+        refused already is a locator that says why)."""
+        if isinstance(path, str) and shards.is_shard(path) and not path.startswith("tar://"):
             yield from self._shard(path)
         else:
             yield path, {}
@@ -477,12 +480,37 @@ def _expanded(inputs: Sequence[str]) -> list[str]:
     return out
 
 
-def _joined(folder: str, path: str) -> str:
+def _joined(folder: str, path: str) -> str | Locator:
+    """A list's line as it is opened: relative to the list's folder; a remote list's lines are URLs only."""
+    if remote.is_remote(folder):
+        return _remote_row(folder, path)
     if remote.scheme(path) is not None or os.path.isabs(path):
         return path
-    if remote.is_remote(folder):
-        return remote.join(folder, path)
     return os.path.join(folder, path)
+
+
+_NOT_A_URL = "not a URL: a remote manifest or list names URLs, or paths relative to itself"
+
+
+def _remote_row(folder: str, path: str) -> str | Locator:
+    """A row of a remote manifest or list: an object-store or HTTP URL, or a path relative to the
+    table's folder that stays within its origin (host or bucket). Anything naming this machine (``/etc/x``,
+    ``file://``, ``~``, a local shard's members) is refused as an error row: whoever wrote the table could
+    otherwise have local files read, stat'ed into the output or copied by ``filter --copy-to``. A scores
+    file's relative rows were local paths where it was written: refused too (``folder`` is empty)."""
+    if path.startswith(TAR_SCHEME) and "::" in path:  # a member: its shard must pass as a row itself
+        name, _, shard = path[len("tar://") :].rpartition("::")
+        found = _remote_row(folder, shard)
+        return member_uri(name, found) if isinstance(found, str) else Unavailable(path, found.reason)
+    name = remote.scheme(path)
+    if name is not None and name != "file":
+        return path  # another host gets no storage options unless it was named on the command line
+    if name == "file" or not folder or os.path.isabs(path) or path.startswith(("~", "\\")):
+        return Unavailable(path, _NOT_A_URL)
+    joined = remote.join(folder, path)
+    if joined is None:
+        return Unavailable(path, "climbs out of the manifest's host or bucket (../ past its root)")
+    return joined
 
 
 def _failed_shards(old: _Manifest) -> set[str]:

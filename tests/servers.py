@@ -399,3 +399,76 @@ class MotoS3:
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+# -- harsher HTTP (appended for test_remote_faults) ----------------------------------------------------
+
+
+class HarshHTTPServer(FaultyHTTPServer):
+    """``FaultyHTTPServer`` plus what public servers do to long reads:
+
+    - ``port``: listen on this port (a test holds it refusing first, then lets the server come up there).
+    - ``seen``: every request's (path, headers), to tell which host was sent which credentials.
+    - ``trickle`` (path -> bytes a second): 200 with the whole length, then the body a few bytes at a time.
+    - ``no_ranges``: Content-Length but Range ignored and no Accept-Ranges, like ``python3 -m http.server``.
+    - ``drop_once``: the first GET of the path is dropped half-way (as ``drop``), the later ones served.
+    """
+
+    def __init__(self, files: dict[str, bytes] | None = None, *, port: int = 0, **kwargs: Any) -> None:
+        super().__init__(files, **kwargs)
+        self.fixed_port = port
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.trickle: dict[str, float] = {}
+        self.no_ranges: set[str] = set()
+        self.drop_once: set[str] = set()
+
+    def __enter__(self) -> HarshHTTPServer:
+        self._stopping.clear()
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.fixed_port), _harsh_handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="HarshHTTPServer", daemon=True
+        )
+        self._thread.start()
+        return self
+
+
+def _harsh_handler_for(server: HarshHTTPServer) -> type[BaseHTTPRequestHandler]:
+    base: Any = _handler_for(server)
+
+    class Handler(base):  # type: ignore[misc, valid-type]
+        def _respond(self, head: bool) -> None:
+            server.seen.append((self.path.split("?", 1)[0], dict(self.headers)))
+            super()._respond(head)
+
+        def _serve(self, path: str, head: bool) -> None:
+            data = server.files.get(path)
+            if data is None or not (path in server.trickle or path in server.no_ranges):
+                if not head and path in server.drop_once:
+                    server.drop_once.discard(path)
+                    server.drop.add(path)
+                    try:
+                        super()._serve(path, head)
+                    finally:
+                        server.drop.discard(path)
+                    return
+                super()._serve(path, head)
+                return
+            self.send_response(200)
+            self._file_headers(path)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if head:
+                return
+            rate = server.trickle.get(path)
+            if rate is None:
+                self.wfile.write(data)
+                return
+            step = max(1, int(rate / 20))
+            for at in range(0, len(data), step):  # ends when the client goes away (or the server stops)
+                self.wfile.write(data[at : at + step])
+                self.wfile.flush()
+                if server._stopping.wait(0.05):
+                    return
+
+    return Handler
