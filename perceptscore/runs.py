@@ -385,6 +385,8 @@ class ShardedRun:
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            if not self.shards:  # a run folder holding no row is no use to anyone: not left behind
+                shutil.rmtree(self.folder, ignore_errors=True)
             raise UsageError(
                 f"cannot write {self.out.name}'s shards in {self.folder}: {_one_line(exc)}"
             ) from None

@@ -227,6 +227,8 @@ def test_a_symlinked_output_stays_a_link_to_the_file_written(photo_dir: Path, re
     link = tmp_path / "scores.csv"
     link.symlink_to(target)
     done = run("score", photo_dir, *mem(release_checkpoints), "-o", link)
+    assert done.returncode == 2 and "was not written by perceptscore" in done.stderr  # "old" is the user's
+    done = run("score", photo_dir, *mem(release_checkpoints), "-o", link, "--overwrite")
     assert done.returncode == 0, done.stderr
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert len(pd.read_csv(link)) == 6 and (tmp_path / "real" / "scores.csv.meta.json").exists()
