@@ -240,7 +240,9 @@ def test_a_failed_upload_keeps_the_scores_and_the_same_command_uploads_them_with
         def advance(self, files: int, errors: int) -> None:
             scored.append(files)
             if len(scored) == 1:
-                moto_s3.client().delete_bucket(Bucket=bucket)  # empty: the probe was removed
+                client = moto_s3.client()
+                client.delete_object(Bucket=bucket, Key=".scores.parquet.lock")  # the run's lock object
+                client.delete_bucket(Bucket=bucket)  # empty now: the probe was removed
             super().advance(files, errors)
 
     def reporter(kind: type[Reporter]):  # type: ignore[no-untyped-def]
@@ -258,7 +260,8 @@ def test_a_failed_upload_keeps_the_scores_and_the_same_command_uploads_them_with
     assert "the scores are complete in" in str(failed.value) and "without scoring again" in str(failed.value)
     assert sum(scored) == 5
 
-    # the inputs changed meanwhile: the finished file is stale, never uploaded; the run scores again
+    # the inputs changed meanwhile: the finished file is not uploaded as it is; its rows are reused
+    # where a file is unchanged
     (photos / "z_new.jpg").write_bytes((photo_dir / "a_square.jpg").read_bytes())
     moto_s3.make_bucket(bucket)
     scored.clear()

@@ -223,23 +223,33 @@ def test_after_a_failed_upload_changed_files_are_scored_and_the_rest_reused(
 ) -> None:  # fmt: skip
     out = f"s3://{bucket}/scores.parquet"
     fail = failing_puts(monkeypatch, f"missing-{bucket}")
-    fail("scores.parquet")
-    code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)
-    assert code == 2 and "could not be uploaded" in one_line(err)
-    finished = pq.read_table(next((tmp_path / "work").rglob("scores.parquet"))).to_pandas()
 
-    # edited in place: same path, other bytes; and one new file
-    (photos / PHOTOS[1]).write_bytes((photos / PHOTOS[0]).read_bytes())
-    (photos / "d_new.jpg").write_bytes((photos / PHOTOS[0]).read_bytes())
-    fail(None)
+    def failed_run() -> pd.DataFrame:
+        """The run's upload fails: what it finished stays in the work folder."""
+        fail("scores.parquet")
+        code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)
+        assert code == 2 and "could not be uploaded" in one_line(err)
+        fail(None)
+        return pq.read_table(next((tmp_path / "work").rglob("scores.parquet"))).to_pandas()
+
+    def uploaded() -> pd.DataFrame:
+        return pq.read_table(io.BytesIO(moto_s3.get(bucket, "scores.parquet"))).to_pandas()
+
+    finished = failed_run()
+    (photos / PHOTOS[1]).write_bytes((photos / PHOTOS[0]).read_bytes())  # edited in place: same path
     code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)
-    assert code == 0, err
-    assert "2 unchanged, reused" in err  # the edited file and the new one are scored, not the others
-    rows = pq.read_table(io.BytesIO(moto_s3.get(bucket, "scores.parquet"))).to_pandas()
-    assert rows["path"].map(lambda p: Path(p).name).tolist() == [*PHOTOS, "d_new.jpg"]
-    first = rows["memorability"][0]
-    assert rows["memorability"][1] == pytest.approx(first, abs=1e-6)  # the edited file's fresh score
-    assert rows["memorability"][3] == pytest.approx(first, abs=1e-6)
-    assert rows["memorability"][0] == finished["memorability"][0]  # reused as it was
-    assert rows["memorability"][2] == finished["memorability"][2]
+    assert code == 0 and "2 unchanged, reused" in err, err  # only the edited file is scored
+    rows = uploaded()
+    assert rows["memorability"][1] == pytest.approx(rows["memorability"][0], abs=1e-6)  # its fresh score
     assert rows["file_size"][1] == (photos / PHOTOS[1]).stat().st_size
+    assert rows["memorability"].tolist()[::2] == finished["memorability"].tolist()[::2]  # reused as they were
+
+    finished = failed_run()
+    (photos / "d_new.jpg").write_bytes((photos / PHOTOS[2]).read_bytes())  # one new file
+    code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)
+    assert code == 0 and "3 unchanged, reused" in err, err  # the finished copy is not thrown away
+    rows = uploaded()
+    assert rows["path"].map(lambda p: Path(p).name).tolist() == [*PHOTOS, "d_new.jpg"]
+    assert rows["memorability"].tolist()[:3] == finished["memorability"].tolist()
+    assert rows["memorability"][3] == pytest.approx(rows["memorability"][2], abs=1e-6)
+    assert not list((tmp_path / "work").rglob("*.parquet"))
