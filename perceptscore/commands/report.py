@@ -67,13 +67,13 @@ def report(
 def displayed(value: Any) -> Any:
     """Every value the page prints, on its way in (jinja's ``finalize``): text is redacted and its control,
     bidi and zero-width characters escaped (``_text.shown``: paths and errors are user data and may hold
-    credentials). The pictures' ``data:`` URIs are ours and go as they are, and so does a macro's output
-    (``Markup``): its values passed here when the macro was rendered."""
+    credentials). ``Markup`` goes as it is: the pictures' ``data:`` URIs (``Shown``: ours, base64) and a
+    macro's output (its values passed here when the macro was rendered)."""
     from markupsafe import Markup
 
     from perceptscore._text import shown
 
-    if isinstance(value, str) and not isinstance(value, Markup) and not value.startswith("data:image/"):
+    if isinstance(value, str) and not isinstance(value, Markup):
         return shown(value)
     return value
 
@@ -115,9 +115,12 @@ class _Pictures:
         if key not in self.thumbnails:
             image, why = open_upright(row.path, row.root, row.stat)
             self.thumbnails[key] = (thumbnail(image), "") if image is not None else (placeholder(), why)
+        from markupsafe import Markup
+
         src, note = self.thumbnails[key]
         heatmap = self._heatmap(section, row) if self.explain and not note else None
-        return Shown(src, note, heatmap)
+        # our own data: URIs, marked so that ``displayed`` leaves them whole (a path never is Markup)
+        return Shown(Markup(src), note, Markup(heatmap) if heatmap else None)
 
     def _heatmap(self, section: TaskSection, row: Row) -> str | None:
         from perceptscore.heatmap import overlay
