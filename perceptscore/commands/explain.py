@@ -7,11 +7,13 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from perceptscore._version import __version__
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.heatmap import METHODS
 from perceptscore.plan import ScoreOptions
+from perceptscore.replacing import PNG_SOFTWARE, refuse_replacing
 from perceptscore.sinks import write_atomic
 from perceptscore.sources import Item
 from perceptscore.tasks import get_task
@@ -45,6 +47,7 @@ def explain(
     precision: str = "auto",
     batch_size: int | None = None,
     recursive: bool = True,
+    overwrite: bool = False,
 ) -> Iterator[Explained]:
     """Explain every image the inputs name (files, folders, globs, lists, manifests: as ``score`` reads
     them) into ``out_dir``: ``<name>.<task>.<method>.png`` (a name used twice gets ``-1``, ``-2``), and
@@ -70,6 +73,9 @@ def explain(
     sources = ScoreOptions([spec.name], recursive=recursive).sources(inputs, skip_folders=[str(out_dir)])
     planned = plan_outputs(list(sources), out_dir, f".{spec.name}.{method}")
     refuse_writing_over_inputs(planned, inputs, raw)
+    for png in (entry.png for entry in planned if entry.png is not None):  # an earlier run's maps: replaced
+        for path in (png, png.with_suffix(".npy")) if raw else (png,):
+            refuse_replacing(path, "heatmap", overwrite)
     return _explain_all(planned, spec.name, out_dir, method, label, raw, checkpoint, device, precision,
                         batch_size)  # fmt: skip
 
@@ -181,6 +187,15 @@ def _explain_all(
     yield from _write(group, explainer, method, label, raw)
 
 
+def _signed() -> Any:
+    """The PNG text chunk that tells a later run this heatmap is perceptscore's to replace."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", f"{PNG_SOFTWARE} {__version__}")
+    return info
+
+
 def _write(
     group: Sequence[tuple[Planned, Image.Image | str]], explainer: Explainer, method: str,
     label: str | None, raw: bool,
@@ -199,7 +214,7 @@ def _write(
         result = next(results)
         image = overlay(picture, result.map, signed=METHODS[method], caption=result.caption())
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", pnginfo=_signed())
         write_atomic(png, buffer.getvalue())
         npy = None
         if raw:

@@ -11,6 +11,7 @@ from typing import Any
 
 from perceptscore._version import __version__
 from perceptscore.errors import UsageError
+from perceptscore.replacing import refuse_replacing
 from perceptscore.report import ReportData, Row, TaskSection, gather
 from perceptscore.safety import refuse_overwriting_an_input
 from perceptscore.sinks import write_atomic
@@ -34,8 +35,9 @@ class Written:
     size: int  # bytes
 
 
-def check_report_output(out: str, inputs: Sequence[str]) -> None:
-    """Fail before any work on a report name that is not an .html file we may write."""
+def check_report_output(out: str, inputs: Sequence[str], overwrite: bool = False) -> None:
+    """Fail before any work on a report name that is not an .html file we may write (an existing file
+    only if it is an earlier report, or with ``overwrite``)."""
     if Path(out).suffix.lower() not in SUFFIXES:
         raise UsageError(f"report {out!r}: name an .html file")
     if os.path.isdir(out):
@@ -43,6 +45,7 @@ def check_report_output(out: str, inputs: Sequence[str]) -> None:
     if not Path(out).parent.is_dir():
         raise UsageError(f"report folder {str(Path(out).parent)!r} does not exist")
     refuse_overwriting_an_input(out, inputs)
+    refuse_replacing(out, "report", overwrite, option="report")
 
 
 def report(
@@ -53,10 +56,11 @@ def report(
     checkpoints: Mapping[str, str] | None = None,
     device: str = "auto",
     precision: str = "auto",
+    overwrite: bool = False,
 ) -> Written:
     """Write the report of ``scores`` (files written by ``perceptscore score``) to ``out``, atomically.
     ``explain``: a heatmap beside each image shown (the model runs on those images only)."""
-    check_report_output(out, scores)
+    check_report_output(out, scores, overwrite)
     data = gather(scores, top)
     pictures = _Pictures(data, explain, dict(checkpoints or {}), device, precision)
     html = render(data, pictures.shown)
