@@ -29,3 +29,11 @@ class WeightsNotFoundError(PerceptScoreError):
 class DecodeError(Exception):
     """One input that cannot be scored (unreadable, not an image, ...): the message becomes its row's
     ``error`` and the run goes on. Not a ``PerceptScoreError``: it never ends a run."""
+
+
+class EngineFailed(PerceptScoreError):
+    """The engine lost what it ran on mid-run (a Ray cluster's head, this node's raylet): the rows it had
+    returned are saved in the run's shards and the same command continues after them (exit code 4, so a
+    cron wrapper tells it from 1, "finished with error rows")."""
+
+    exit_code = 4

@@ -22,7 +22,7 @@ from perceptscore._text import shown
 from perceptscore.columns import ERROR, PATH
 from perceptscore.destinations import RemoteOutput
 from perceptscore.engines import Engine
-from perceptscore.errors import UsageError
+from perceptscore.errors import EngineFailed, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
@@ -363,6 +363,10 @@ def _fill(
     with contextlib.closing(scored(engine, plan, run.pending(items), passthrough, previous)) as rows:
         try:
             consume(rows, reporter, run.add, stop=interrupted)
+        except EngineFailed as exc:
+            run.flush()  # the rows the engine returned before it failed: the rerun continues after them
+            saved = f"{run.saved_rows} rows saved in {run.folder}; run the same command again to continue"
+            raise EngineFailed(f"{exc}; {saved}") from None
         except UsageError as exc:
             # a signal to the whole process group also ends --processes children: that is the stop
             stopped = interrupted() if not isinstance(exc, InputsChanged) else None

@@ -7,6 +7,10 @@ stdout; this process takes block k's rows back from child k mod n, so the output
 hands each batch on as it arrives. A thread per child drains its results, so a child never waits on this
 process's reading order. The children ignore SIGINT and SIGTERM (a terminal's Ctrl-C or a service
 manager's stop reaches the whole group): this process decides when to stop, and ends them.
+
+A child ends itself, with its decode workers, within a second of this process's death however it died
+(SIGKILL, OOM killer): it holds the read end of a pipe whose only write end is this process's, and reads
+its EOF; on Linux the kernel also signals it (PR_SET_PDEATHSIG). Else it would finish all it was dealt.
 """
 
 from __future__ import annotations
@@ -137,11 +141,23 @@ class _Child:
     def __init__(self, plan: ScoringPlan, number: int, of: int, schema: pa.Schema) -> None:
         self.number, self.of, self.schema = number, of, schema
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "perceptscore.engines.process"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-            start_new_session=True,  # a terminal's Ctrl-C is the parent's to handle
-        )  # fmt: skip
+        # The child's lifeline: it gets the read end; the write end stays here only (not inheritable), so
+        # the child reads EOF the moment this process is gone. A parent-death signal fires when the
+        # *thread* that started the child ends: armed only when that is the main thread.
+        lifeline, self._lifeline = os.pipe()
+        main = threading.current_thread() is threading.main_thread()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "perceptscore.engines.process", str(lifeline), str(os.getpid()),
+                 str(int(main))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, pass_fds=(lifeline,),
+                start_new_session=True,  # a terminal's Ctrl-C is the parent's to handle
+            )  # fmt: skip
+        except BaseException:
+            os.close(self._lifeline)
+            raise
+        finally:
+            os.close(lifeline)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(plan.to_json().encode() + b"\n")
         # storage options (credentials, maybe) on the pipe, never in argv or the environment
@@ -216,9 +232,41 @@ class _Child:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        os.close(self._lifeline)
         self.finish()
         self._reader.join(timeout=10)
         self.log.close()
+
+
+def _end_with_parent(lifeline: int, parent: int, signal_too: bool) -> None:
+    """End this child and its decode workers (its process group: it leads its session) as soon as the
+    parent is gone: when the lifeline reads EOF (a thread waits on it), or on the parent-death signal
+    (Linux), whichever comes first."""
+
+    def end(*_: object) -> None:
+        os.killpg(0, signal.SIGKILL)
+
+    def wait_for_eof() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(lifeline, 64):  # nothing is ever written: only the end of the parent ends it
+                pass
+        end()
+
+    threading.Thread(target=wait_for_eof, name="perceptscore-lifeline", daemon=True).start()
+    if signal_too and sys.platform.startswith("linux"):
+        signal.signal(signal.SIGUSR1, end)
+        _parent_death_signal(signal.SIGUSR1)
+        if os.getppid() != parent:  # it died before the signal was armed
+            end()
+
+
+def _parent_death_signal(signum: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends ``signum`` to this process when its parent thread ends."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
 def _child_main() -> int:
@@ -248,6 +296,8 @@ def _child_main() -> int:
 if __name__ == "__main__":
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the parent decides when to stop, and ends its children
+    if len(sys.argv) == 4:  # lifeline fd, parent pid, whether the parent's signal can be armed
+        _end_with_parent(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1")
     from perceptscore.errors import PerceptScoreError
 
     try:

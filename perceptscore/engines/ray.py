@@ -13,6 +13,11 @@ driver, in ``scoring`` and ``runs``, as for every engine.
 The items are taken ``window_rows`` at a time (one Ray Data run each), so the driver holds a bounded part
 of a huge input; each window starts its actor pool afresh (a few seconds of weight loading per million
 rows by default).
+
+A cluster lost mid-run (its head's GCS, or the raylet this driver is attached to, killed) ends the run
+with ``EngineFailed`` once it has not answered for ``PERCEPTSCORE_RAY_LOST_S`` seconds, the rows Ray had
+returned handed on first: left to itself, Ray waits 60 s for a dead GCS and then ends the whole process
+from C++ (exit code 1, no message, no shard saved).
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import socket
+import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -36,7 +44,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from perceptscore import remote
 from perceptscore._version import __version__
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH, core_schema
-from perceptscore.errors import PerceptScoreError, UsageError
+from perceptscore.errors import EngineFailed, PerceptScoreError, UsageError
 from perceptscore.images import draft_side
 from perceptscore.isolated_decode import Decoded, IsolatedDecoder, settings_for
 from perceptscore.locators import InMemory, Unavailable, from_wire, to_wire
@@ -215,11 +223,16 @@ class RayEngine:
         options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
         try:
             if self.address:
-                _init_within(_connect_timeout(), address=self.address, **options)
+                # Ray's C++ client logs each refusal of a missing token on standard error: the one
+                # line that says what to do replaces them
+                with _stderr_without(b"InvalidAuthToken"):
+                    _init_within(_connect_timeout(), address=self.address, **options)
             else:
                 # "local": a new Ray, never the last `ray start` cluster Ray would otherwise look for
                 # (after that cluster died, ray.init would wait on its address for ever)
                 ray.init(address="local", **options)
+        except ray.exceptions.AuthenticationError:
+            raise UsageError(_token_wanted(self.address or "a local Ray")) from None
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray"
             raise UsageError(f"cannot connect to Ray at {where}: {_first_line(exc)}") from None
@@ -265,6 +278,14 @@ class RayEngine:
 
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
         self.connect()
+        watch = _ClusterWatch.of_this_driver(self.address or "the local Ray", _lost_after())
+        try:
+            yield from _watched(self._run(plan, items), watch)
+        finally:
+            if watch is not None:
+                watch.stop()
+
+    def _run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
         context = DataContext.get_current()
         saved = (
             context.execution_options.preserve_order, context.enable_progress_bars,
@@ -287,6 +308,9 @@ class RayEngine:
                 f"no model actor could start within {_actor_wait()} s: the Ray cluster has no node with "
                 f"{needs} and the models' memory free (PERCEPTSCORE_RAY_ACTOR_WAIT sets the wait)"
             ) from None
+        except ray.exceptions.LocalRayletDiedError as exc:  # Ray noticed before the watch did
+            where = self.address or "the local Ray"
+            raise EngineFailed(f"the Ray cluster at {where} was lost mid-run ({_first_line(exc)})") from None
         except Exception as exc:
             ours = _ours(exc)
             if ours is None:
@@ -385,6 +409,201 @@ def _ours(exc: BaseException) -> PerceptScoreError | None:
 _OUR_ERROR = re.compile(r"perceptscore\.errors\.(\w+): ([^\n]+)")
 
 
+def _lost_after() -> float:
+    """Seconds the cluster's GCS or this driver's raylet may not answer before the run ends (a restarting
+    GCS comes back within them). Under 60: Ray itself ends a driver whose GCS has been gone that long."""
+    return float(os.environ.get("PERCEPTSCORE_RAY_LOST_S", "30"))
+
+
+class _ClusterWatch:
+    """A thread that checks every second that the cluster's GCS and the raylet this driver is attached to
+    still accept connections (a busy process still does: only a dead one, or a lost host, refuses).
+    ``check`` raises ``EngineFailed`` once one of them has not answered for ``grace`` seconds."""
+
+    def __init__(self, where: str, ends: dict[str, tuple[str, int]], grace: float) -> None:
+        self.where, self.ends, self.grace = where, ends, grace
+        self._down: dict[str, float] = {}  # what does not answer, since when
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="perceptscore-ray-watch", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def of_this_driver(cls, where: str, grace: float) -> _ClusterWatch | None:
+        """None for a ``ray://`` client: it has neither (its server is the one attached to the cluster)."""
+        from ray.util.client import ray as client
+
+        if client.is_connected():
+            return None
+        context = ray.get_runtime_context()
+        host, _, port = context.gcs_address.rpartition(":")
+        ends = {"its GCS": (host, int(port))}
+        node = context.get_node_id()
+        for n in ray.nodes():
+            if n.get("NodeID") == node and n.get("Alive"):
+                ends["this node's raylet"] = (n["NodeManagerAddress"], int(n["NodeManagerPort"]))
+        return cls(where, ends, grace)
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(1.0):
+            for name, end in self.ends.items():
+                if _answers(end):
+                    self._down.pop(name, None)
+                else:
+                    self._down.setdefault(name, time.monotonic())
+
+    def lost(self) -> str | None:
+        """What has not answered for ``grace`` seconds, if anything."""
+        now = time.monotonic()
+        return next((name for name, since in list(self._down.items()) if now - since >= self.grace), None)
+
+    def check(self) -> None:
+        if (name := self.lost()) is not None:
+            raise EngineFailed(
+                f"the Ray cluster at {self.where} was lost mid-run: {name} has not answered for "
+                f"{self.grace:g} s"
+            )
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _answers(end: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(end, timeout=2.0).close()
+    except OSError:
+        return False
+    return True
+
+
+_END = object()
+_READER_JOIN_S = 30.0  # a batch in flight, then Ray Data's shutdown
+
+
+def _watched(batches: Iterator[pa.RecordBatch], watch: _ClusterWatch | None) -> Iterator[pa.RecordBatch]:
+    """The run's batches, made by a thread of their own (every call into Ray, the items read too) so that
+    this one checks ``watch`` while it waits: a thread blocked inside Ray on a dead cluster never returns.
+    Batches already returned are handed on before the failure. When this generator is closed, the reader
+    closes the run in its own thread and is waited for; one stuck in Ray on a lost cluster is left."""
+    if watch is None:
+        yield from batches
+        return
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=2)
+    closed = threading.Event()
+
+    def offer(thing: Any) -> bool:
+        while not closed.is_set():
+            with contextlib.suppress(queue.Full):
+                handoff.put(thing, timeout=0.5)
+                return True
+        return False
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                if not offer(batch):
+                    break
+            else:
+                offer(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(exc)
+        finally:
+            with contextlib.suppress(Exception):
+                batches.close()  # type: ignore[attr-defined]
+
+    reader = threading.Thread(target=read, name="perceptscore-ray-batches", daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                thing = handoff.get(timeout=0.5)
+            except queue.Empty:
+                watch.check()
+                continue
+            if thing is _END:
+                return
+            if isinstance(thing, BaseException):
+                raise thing
+            yield thing
+            watch.check()  # tasks on running workers go on returning rows for a while after the GCS died
+    finally:
+        closed.set()
+        if watch.lost() is None:  # the run's own clean-up (Ray Data's executor) before the command's
+            reader.join(_READER_JOIN_S)
+
+
+def _token_wanted(where: str) -> str:
+    """What to do about a cluster that refused this driver: it wants a token, or another one."""
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+
+    give = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        return (
+            f"the Ray cluster at {where} wants its authentication token: set RAY_AUTH_MODE=token and give "
+            f"the token `ray get-auth-token` prints on its head ({give})"
+        )
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        return f"RAY_AUTH_MODE=token but no token was found for the Ray cluster at {where}: give it ({give})"
+    return (
+        f"the Ray cluster at {where} refused this driver's token: give the token `ray get-auth-token` prints "
+        f"on its head ({give})"
+    )
+
+
+def _check_token(address: str) -> None:
+    """Ask the cluster's GCS for its id, once, before ray.init: a cluster that wants a token this driver
+    does not send refuses at once (``ray.exceptions.AuthenticationError``), where ray.init would retry 20
+    times, logging each refusal, then fail with "cannot connect". Anything else is left to ray.init."""
+    try:  # not public API: a Ray without these skips the check
+        from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, GcsClient
+        from ray._raylet import get_authentication_mode as mode
+    except ImportError:
+        return
+    if mode() == AuthenticationMode.TOKEN and not AuthenticationTokenLoader.instance().has_token(True):
+        # Ray's client would abort the whole process (a failed check in C++) on its first call
+        raise ray.exceptions.AuthenticationError("no token")
+    try:
+        GcsClient(address=address, cluster_id=None)
+    except ray.exceptions.AuthenticationError:
+        raise
+    except Exception:  # not answering, not a Ray head: ray.init says so in its own way
+        return
+
+
+@contextlib.contextmanager
+def _stderr_without(marker: bytes) -> Iterator[None]:
+    """Standard error, the file descriptor Ray's C++ logs write to, without the lines that contain
+    ``marker`` for the length of the block; every other line passes through as it comes."""
+    try:
+        saved = os.dup(2)
+        read, write = os.pipe()
+    except OSError:
+        yield
+        return
+
+    def forward() -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if marker not in line:
+                    with contextlib.suppress(OSError):
+                        os.write(saved, line)
+
+    thread = threading.Thread(target=forward, name="perceptscore-stderr", daemon=True)
+    thread.start()
+    with contextlib.suppress(ValueError, OSError):
+        sys.stderr.flush()
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the thread forwards what is left, and ends
+        thread.join(2.0)
+        if not thread.is_alive():
+            os.close(saved)
+
+
 def _actor_wait() -> int:
     return int(os.environ.get("PERCEPTSCORE_RAY_ACTOR_WAIT", "600"))
 
@@ -401,6 +620,8 @@ def _init_within(timeout: float, **options: Any) -> None:
 
     def connect() -> None:
         try:
+            if not str(options["address"]).startswith("ray://"):
+                _check_token(options["address"])
             ray.init(**options)
             outcome.append(None)
         except BaseException as exc:
