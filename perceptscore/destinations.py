@@ -134,11 +134,18 @@ def _make_private(path: Path) -> None:
 # ---- transfers ---------------------------------------------------------------------------------------
 
 
+def _request_seconds() -> float:
+    """The most one small request (a probe, the lock, a sidecar) may take. fsspec's ``timeout`` bounds
+    the whole call: a store that takes the request and never answers is not caught by the backend's own
+    read timeout, and would hold the run forever."""
+    return 2 * remote.timeout()
+
+
 def _put_file(local: Path, url: str) -> None:
-    """Upload ``local`` to ``url``, each try bounded in time: a store that accepts the connection and
-    never answers would otherwise hold the run forever (the backend's read timeout does not cover it)."""
+    """Upload ``local`` to ``url``, each try bounded in time (``_request_seconds``, plus a second a MB:
+    an upload slower than 1 MB/s is given up)."""
     fs, path = remote.split(url)
-    seconds = 2 * remote.timeout() + local.stat().st_size / (1 << 20)  # at least 1 MB/s
+    seconds = _request_seconds() + local.stat().st_size / (1 << 20)
     remote.with_retries(lambda: fs.put_file(str(local), path, timeout=seconds))
 
 
@@ -149,7 +156,7 @@ def _conditional_put(url: str, body: bytes, **condition: str) -> str | None:
 
     def attempt() -> dict[str, Any] | None:
         try:
-            return fs.pipe_file(path, body, timeout=2 * remote.timeout(), **condition)
+            return fs.pipe_file(path, body, timeout=_request_seconds(), **condition)
         except Exception as exc:
             if remote.classify(exc)[0] in ("HTTP 412", "HTTP 409"):  # 409: a concurrent conditional write
                 return None
@@ -209,8 +216,10 @@ class RemoteLock:
         """The lock object's record and its info (ETag, LastModified); None when it is gone."""
         fs, path = remote.split(self.url)
         try:
-            info = remote.with_retries(lambda: fs.info(path))
-            body = remote.with_retries(lambda: fs.cat_file(path, start=0, end=1 << 16))
+            info = remote.with_retries(lambda: fs.info(path, timeout=_request_seconds()))
+            body = remote.with_retries(
+                lambda: fs.cat_file(path, start=0, end=1 << 16, timeout=_request_seconds())
+            )
         except DecodeError as exc:
             if str(exc).startswith("not found"):
                 return None
@@ -246,9 +255,10 @@ class RemoteLock:
         if self.lost:
             return
         fs, path = remote.split(self.url)
+        seconds = _request_seconds()
         with contextlib.suppress(Exception):  # left behind, it goes stale and is taken over
-            if remote.with_retries(lambda: fs.info(path)).get("ETag") == self.etag:
-                remote.with_retries(lambda: fs.rm_file(path))
+            if remote.with_retries(lambda: fs.info(path, timeout=seconds)).get("ETag") == self.etag:
+                remote.with_retries(lambda: fs.rm_file(path, timeout=seconds))
 
 
 def _body(record: dict[str, Any]) -> bytes:
@@ -315,11 +325,13 @@ class RemoteOutput:
         probe = f"{head.rsplit('/', 1)[0]}/.{head.rsplit('/', 1)[1]}.probe-{uuid.uuid4().hex[:12]}"
         fs, path = remote.split(probe)
         try:
-            remote.with_retries(lambda: fs.pipe_file(path, b"perceptscore write probe\n"))
+            remote.with_retries(
+                lambda: fs.pipe_file(path, b"perceptscore write probe\n", timeout=_request_seconds())
+            )
         except DecodeError as exc:
             raise UsageError(f"cannot write to {self.shown}: {exc}") from None
         with contextlib.suppress(Exception):  # a store may allow writes but not deletes: harmless
-            fs.rm_file(path)
+            fs.rm_file(path, timeout=_request_seconds())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -342,7 +354,8 @@ class RemoteOutput:
         if not isinstance(recorded, dict) or recorded.get("fingerprint") != fingerprint:
             self.discard()
             return None
-        if not _owned_file(self.local):
+        sidecar = format_of(self.local.name).sidecar  # type: ignore[union-attr]  # checked in __init__
+        if not _owned_file(self.local) or (sidecar and not _owned_file(meta_path(self.local))):
             self.discard()
             return None
         try:
@@ -409,7 +422,7 @@ class RemoteOutput:
         """The provenance now beside the output (None: there is none), to put back if the data fails."""
         fs, path = remote.split(url)
         try:
-            return bytes(remote.with_retries(lambda: fs.cat_file(path)))
+            return bytes(remote.with_retries(lambda: fs.cat_file(path, timeout=_request_seconds())))
         except DecodeError as exc:
             if str(exc).startswith("not found"):
                 return None
@@ -420,7 +433,12 @@ class RemoteOutput:
             _put_file(self.local, self.url)
         except (DecodeError, OSError) as exc:
             fs, path = remote.split(sidecar_url)
-            restore = (lambda: fs.rm_file(path)) if earlier is None else (lambda: fs.pipe_file(path, earlier))
+            seconds = _request_seconds()
+            restore = (
+                (lambda: fs.rm_file(path, timeout=seconds))
+                if earlier is None
+                else (lambda: fs.pipe_file(path, earlier, timeout=seconds))
+            )
             try:
                 remote.with_retries(restore)
             except DecodeError:

@@ -253,3 +253,52 @@ def test_after_a_failed_upload_changed_files_are_scored_and_the_rest_reused(
     assert rows["memorability"].tolist()[:3] == finished["memorability"].tolist()
     assert rows["memorability"][3] == pytest.approx(rows["memorability"][2], abs=1e-6)
     assert not list((tmp_path / "work").rglob("*.parquet"))
+
+
+def test_a_store_that_never_answers_fails_in_seconds_not_never(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that takes the connection and the request, then says nothing (the backend's read timeout
+    does not catch it): the probe and the upload each end in a one-line error within seconds."""
+    import threading
+
+    from perceptscore import remote
+    from perceptscore.destinations import RemoteOutput
+    from perceptscore.errors import UsageError
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in range(16)], daemon=True).start()
+    env = {**MotoS3().env, **QUICK, "PERCEPTSCORE_REMOTE_TIMEOUT": "1", "PERCEPTSCORE_REMOTE_DEADLINE": "3",
+           "PERCEPTSCORE_WORK": str(tmp_path)}  # fmt: skip
+    for name, value in {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}"}.items():
+        monkeypatch.setenv(name, value)
+    remote.configure(remote.Settings())  # a file system for this endpoint
+    errors: list[str] = []
+
+    def attempts() -> None:
+        output = RemoteOutput("s3://silent-bucket/scores.parquet")
+        for step in (output.prepare, output.upload):
+            output.folder.mkdir(parents=True, exist_ok=True)
+            output.local.write_bytes(b"finished scores")
+            try:
+                step()
+            except UsageError as exc:
+                errors.append(str(exc))
+
+    worker = threading.Thread(target=attempts, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout=30)
+    try:
+        assert not worker.is_alive(), "a silent store held the run"
+        assert time.monotonic() - started < 15
+        assert errors[0] == "cannot write to s3://silent-bucket/scores.parquet: timed out"
+        assert "could not be uploaded to s3://silent-bucket/scores.parquet (timed out)" in errors[1]
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()
+        remote.configure(remote.Settings())
