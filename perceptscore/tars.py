@@ -37,6 +37,9 @@ SKIPPED = (b"5", b"D", b"V")  # directories, GNU dump directories and volume lab
 PAX = (b"x", b"X")  # "X": Solaris' name for the same thing
 METADATA = (*PAX, b"g", b"L", b"K")
 PAX_KEYS = ("path", "size", "mtime")  # only these are kept, so any number of records stays bounded
+SIZE_DIGITS = 20  # a pax size longer than this is over any limit (and Python refuses ints of 4,300 digits)
+# mtimes outside int64 nanoseconds (about years 1678 to 2262) can't be stored; such a header's mtime is 0
+MTIME_LIMIT = (1 << 63) // 10**9
 SPARSE = "GNU.sparse"  # stands for any GNU.sparse.* keyword
 
 _OCTAL = re.compile(rb"[0-7]+")
@@ -151,6 +154,12 @@ def _number(field: bytes) -> int:
     if not _OCTAL.fullmatch(digits):
         raise ValueError(f"not an octal number: {field!r}")
     return int(digits, 8)
+
+
+def _mtime(seconds: int) -> int:
+    """A header's mtime, or 0 (unknown) when its nanoseconds would not fit the int64 ``file_mtime_ns``
+    column: a base-256 field or a pax record can say anything."""
+    return seconds if -MTIME_LIMIT <= seconds <= MTIME_LIMIT else 0
 
 
 def _checksum_ok(block: bytes) -> bool:
@@ -294,7 +303,7 @@ class _Reader:
             if size < 0:
                 raise ShardError(f"not a tar archive, or corrupt at byte {start} (size field)")
             try:
-                mtime = _number(block[136:148])
+                mtime = _mtime(_number(block[136:148]))
             except ValueError:
                 mtime = 0
 
@@ -328,12 +337,12 @@ class _Reader:
             elif "path" in pax:
                 name = _text(pax["path"])
             if "size" in pax:
-                if not _DECIMAL.fullmatch(pax["size"]):
+                if not _DECIMAL.fullmatch(pax["size"]) or len(pax["size"]) > SIZE_DIGITS:
                     raise ShardError(f"not a tar archive, or corrupt at byte {start} (pax size)", name, mtime)
                 size = int(pax["size"])
             if "mtime" in pax:
                 with contextlib.suppress(ValueError, OverflowError):  # unparsable: the header's mtime stands
-                    mtime = int(float(pax["mtime"]))
+                    mtime = _mtime(int(float(pax["mtime"])))
             sparse = kind == b"S" or SPARSE in pax
 
             # Old (v7) tars mark directories only by a trailing slash (tarfile's rule: type NUL only).
