@@ -49,7 +49,7 @@ class LocalFile:
     def stat(self) -> tuple[int, int] | None:
         try:
             st = os.stat(self.path)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the path (a list or manifest line)
             return None
         return st.st_size, st.st_mtime_ns
 
@@ -69,6 +69,8 @@ class LocalFile:
             raise DecodeError("permission denied") from None
         except OSError as exc:
             raise DecodeError(f"unreadable image: {' '.join(str(exc).split())[:300]}") from None
+        except ValueError:  # os calls refuse a path with a NUL byte; no file has one
+            raise DecodeError("the path holds a NUL byte") from None
 
 
 @dataclass(frozen=True)
