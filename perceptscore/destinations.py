@@ -9,7 +9,8 @@ uploaded with the user's credentials and removed by the run), its files opened w
 Two hosts with different work folders are kept apart by a lock object in the store, ``.<name>.lock``
 beside the output, created only if absent (S3's ``If-None-Match: *``) and renewed while the run lives; a
 lock not renewed for ``PERCEPTSCORE_REMOTE_LOCK_STALE`` seconds (or whose process on this host is gone)
-is taken over. Other stores (gs://, az://) get no such lock: there only the local lock holds.
+is taken over. Other stores (gs://, az://, and S3-compatible ones that answer conditional writes with 501)
+get no such lock: there only the local lock holds.
 
 The finished file is uploaded once, whole: an object store shows an object only when its upload completes,
 so nothing half-written ever appears under the name. The CSV/JSONL provenance sidecar goes first, as the
@@ -149,6 +150,10 @@ def _put_file(local: Path, url: str) -> None:
     remote.with_retries(lambda: fs.put_file(str(local), path, timeout=seconds))
 
 
+class Unsupported(DecodeError):
+    """The store does not do conditional writes (an S3-compatible one answering 501 Not Implemented)."""
+
+
 def _conditional_put(url: str, body: bytes, **condition: str) -> str | None:
     """Write ``body`` at ``url`` if ``condition`` holds (``IfNoneMatch="*"``, ``IfMatch=etag``): the new
     ETag, or None when it did not hold (another run's lock is there, or took ours over)."""
@@ -158,8 +163,11 @@ def _conditional_put(url: str, body: bytes, **condition: str) -> str | None:
         try:
             return fs.pipe_file(path, body, timeout=_request_seconds(), **condition)
         except Exception as exc:
-            if remote.classify(exc)[0] in ("HTTP 412", "HTTP 409"):  # 409: a concurrent conditional write
+            reason = remote.classify(exc)[0]
+            if reason in ("HTTP 412", "HTTP 409"):  # 409: a concurrent conditional write
                 return None
+            if reason.endswith("(HTTP 501)"):  # not retried: it will not start to work
+                raise Unsupported(f"{reason}: conditional writes not supported") from None
             raise
 
     written = remote.with_retries(attempt)
@@ -190,6 +198,8 @@ class RemoteLock:
         }  # fmt: skip
         try:
             self.etag = self._acquire(_body(record))
+        except Unsupported:
+            return self  # as on gs:// and az://: only the local lock holds
         except DecodeError as exc:
             raise UsageError(f"cannot lock {self.shown}: {exc}") from None
         self._beat = threading.Thread(target=self._renew, args=(record,), daemon=True, name="remote-lock")
@@ -252,7 +262,7 @@ class RemoteLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
-        if self.lost:
+        if self.lost or self.etag is None:
             return
         fs, path = remote.split(self.url)
         seconds = _request_seconds()
@@ -313,14 +323,7 @@ class RemoteOutput:
         self._lock: RemoteLock | None = None
 
     def prepare(self) -> None:
-        """The private work folder, and proof the destination takes writes (before anything is scored)."""
-        root = self.folder.parent
-        try:
-            root.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the work folder {root}: {exc.strerror or exc}") from None
-        private_folder(root)
-        private_folder(self.folder)
+        """Proof the destination takes writes, and the private work folder (before anything is scored)."""
         head, _, _ = self.url.partition("?")
         probe = f"{head.rsplit('/', 1)[0]}/.{head.rsplit('/', 1)[1]}.probe-{uuid.uuid4().hex[:12]}"
         fs, path = remote.split(probe)
@@ -332,6 +335,13 @@ class RemoteOutput:
             raise UsageError(f"cannot write to {self.shown}: {exc}") from None
         with contextlib.suppress(Exception):  # a store may allow writes but not deletes: harmless
             fs.rm_file(path, timeout=_request_seconds())
+        root = self.folder.parent
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the work folder {root}: {exc.strerror or exc}") from None
+        private_folder(root)
+        private_folder(self.folder)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
