@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -145,12 +146,15 @@ class _Manifest:
         shown_as = remote.without_secrets(self.named)
         assert self.format is not None, path
         try:
+            if self.format.suffix == ".jsonl":  # before pyarrow parses it: its parser recurses per level
+                _refuse_deep_lines(path, shown_as)
             self.is_scores = is_scores_file(path)
             schema = self.format.read_schema(path, self._strings)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise UsageError(
                 f"manifest {shown_as}: unreadable ({' '.join(str(exc).split())[:200]})"
             ) from None
+        _refuse_deep_columns(schema, shown_as)
         if self.is_scores:
             self.folder = ""
         elif remote.is_remote(self.named):
@@ -229,7 +233,8 @@ class Sources:
         self.stdin = stdin if stdin is not None else sys.stdin
         self.tar_fields = tuple(tar_fields)
         reserved = list(reserved)
-        self._rename = {name: f"input_{name}" for name in reserved}
+        self._rename = {name: shards.input_name(name) for name in reserved}
+        self.tar_columns = shards.columns(self.tar_fields, reserved)  # json.path is no second path column
         if retry_errors:
             self._plan: list[tuple[str, Any]] = [self._retried(inputs, path_column or PATH, reserved)]
         else:
@@ -330,7 +335,7 @@ class Sources:
         fields: dict[str, pa.Field] = {}
         tables = [(m.named, m.extras) for m in self.manifests]
         if self.tar_fields or any(self._has_shards(kind, value) for kind, value in self._plan):
-            tables.append(("tar shards", shards.schema(self.tar_fields)))
+            tables.append(("tar shards", shards.schema(self.tar_columns)))
         for where, extras in tables:
             for f in extras:
                 name = self._rename.get(f.name, f.name)
@@ -361,7 +366,7 @@ class Sources:
         return _walk(folder, self.recursive, self.ignored, self.follow_links, self.skip)
 
     def _shard(self, shard: str) -> Iterator[tuple[Locator, dict[str, Any]]]:
-        return shards.members(shard, self.tar_fields)
+        return shards.members(shard, self.tar_columns)
 
     def _named(self, path: str | Locator) -> Iterator[tuple[str | Locator, dict[str, Any]]]:
         """A path or URL named by a list, stdin or a manifest row: a shard gives its members (a row
@@ -430,15 +435,39 @@ class Sources:
     def _retry_rows(self, old: _Manifest) -> Iterator[tuple[str | Locator | None, dict[str, Any]]]:
         """The rows of a scores file again: each as it was (the scores are reused by ``Previous``), but a
         failed shard's row becomes the shard's members, read again (its rows that had been scored before
-        it broke off are dropped: they come again with the others)."""
+        it broke off are dropped: they come again with the others). A failed member is read again from its
+        shard, each shard once for all its failed members (``shards.MemberCursor``)."""
         failed = _failed_shards(old)
-        for path, extras in old.rows():
-            if path is not None and path.startswith("tar://") and path.rpartition("::")[2] in failed:
-                continue
-            if path is not None and path in failed:
-                yield from self._shard(path)
-            else:
-                yield path, extras
+        cursor: shards.MemberCursor | None = None
+        # the current shard's member rows so far, by path: a repeated name's n-th row is its n-th member
+        occurrences: dict[str, int] = {}
+        try:
+            for (path, extras), error in zip(old.rows(), _row_errors(old), strict=True):
+                member = path is not None and path.startswith("tar://") and "::" in path
+                if member and path.rpartition("::")[2] in failed:
+                    continue
+                if path is not None and path in failed:
+                    yield from self._shard(path)
+                    continue
+                if not member:
+                    yield path, extras
+                    continue
+                name, _, shard = path[len("tar://") :].rpartition("::")
+                if occurrences and next(iter(occurrences)).rpartition("::")[2] != shard:
+                    occurrences.clear()  # a scores file holds a shard's rows together: counts stay small
+                n = occurrences[path] = occurrences.get(path, 0) + 1
+                if error is None:
+                    yield path, extras
+                    continue
+                if cursor is None or cursor.shard != shard:
+                    if cursor is not None:
+                        cursor.close()
+                    cursor = shards.MemberCursor(shard)
+                found = cursor.find(name, n)
+                yield (path if found is None else found), extras  # None: passed already, opened alone
+        finally:
+            if cursor is not None:
+                cursor.close()
 
     def __iter__(self) -> Iterator[Item]:
         self.ignored = []  # counted anew on each pass
@@ -511,6 +540,76 @@ def _remote_row(folder: str, path: str) -> str | Locator:
     if joined is None:
         return Unavailable(path, "climbs out of the manifest's host or bucket (../ past its root)")
     return joined
+
+
+MAX_NESTING = 32  # levels of nested lists/objects a manifest row may hold (its own object counted)
+_ESCAPE = re.compile(rb"\\.")  # taken out first, so an escaped quote never ends a string
+_NOT_NESTING = bytes(b for b in range(256) if b not in b'{}[]"\n')  # all but what the count needs
+_CHUNK = 4 << 20
+
+
+def _refuse_deep_lines(path: str, shown_as: str) -> None:
+    """A JSONL manifest nested deeper than ``MAX_NESTING`` on some line is refused (``UsageError``) before
+    anything parses it: pyarrow's parser crashes the process at 100,000 levels, and a passthrough value
+    thousands deep can't be written or sent to a worker. Read in chunks, so a big manifest is never held."""
+    line, rest = 1, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            lines, newline, rest = (rest + chunk).rpartition(b"\n")  # whole lines now, the rest later
+            if newline:
+                line = _check_depth(lines + newline, line, shown_as)
+        _check_depth(rest, line, shown_as)
+
+
+def _check_depth(text: bytes, line: int, shown_as: str) -> int:
+    """Refuse ``text``'s first line (numbered from ``line``) that nests too deep; the next line's number."""
+    import numpy as np
+
+    marks = np.frombuffer(_ESCAPE.sub(b"", text).translate(None, _NOT_NESTING), np.uint8)
+    newline = marks == ord("\n")
+    start = np.maximum.accumulate(np.where(newline, np.arange(len(marks)), -1))  # -1: the first line
+
+    def within_line(counts: np.ndarray) -> np.ndarray:
+        """A running count restarted at each line (a malformed line can't hide the next one)."""
+        running = np.cumsum(counts, dtype=np.int32)
+        return running - np.where(start >= 0, running[np.maximum(start, 0)], 0)
+
+    # a bracket inside a string (after an odd number of its line's quotes) doesn't nest
+    outside = within_line((marks == ord('"')).astype(np.int32)) % 2 == 0
+    nesting = np.zeros(256, np.int32)
+    nesting[list(b"{[")], nesting[list(b"}]")] = 1, -1
+    step = nesting[marks]
+    deep = np.flatnonzero(within_line(step * outside) > MAX_NESTING)
+    if len(deep):
+        at = line + int(np.count_nonzero(newline[: deep[0]]))
+        raise UsageError(
+            f"manifest {shown_as}: line {at} nests values over {MAX_NESTING} levels deep; "
+            "flatten them, or store them as JSON text"
+        )
+    return line + int(np.count_nonzero(newline))
+
+
+def _refuse_deep_columns(schema: pa.Schema, shown_as: str) -> None:
+    """A parquet (or JSONL) column whose type nests deeper than ``MAX_NESTING`` is refused, as lines are."""
+    for column in schema:
+        stack, deepest = [(column.type, 2)], 0  # the row's own level counts, as in a JSONL line
+        while stack:
+            kind, level = stack.pop()
+            if kind.num_fields:
+                deepest = max(deepest, level)
+                stack.extend((kind.field(i).type, level + 1) for i in range(kind.num_fields))
+        if deepest > MAX_NESTING:
+            raise UsageError(
+                f"manifest {shown_as}: column {column.name!r} nests values over {MAX_NESTING} levels deep; "
+                "flatten it, or store it as JSON text"
+            )
+
+
+def _row_errors(old: _Manifest) -> Iterator[str | None]:
+    """Each row's error of a scores file, in the order ``rows`` gives the rows (its passthrough columns
+    leave the error out)."""
+    for batch in old.format.read_batches(old.path, [PATH, ERROR]):
+        yield from batch.column(ERROR).to_pylist()
 
 
 def _failed_shards(old: _Manifest) -> set[str]:
