@@ -252,7 +252,8 @@ _lock = threading.Lock()
 def configure(settings: Settings) -> None:
     """Set this process's storage options (before any URL is opened)."""
     global _settings
-    remember_secrets(settings.options)  # backends echo option values in errors: messages redact them
+    # backends echo option values in errors: messages redact them (the trusted origins are no secret)
+    remember_secrets({k: v for k, v in settings.options.items() if k != _TRUSTED})
     with _lock:
         _settings = settings
         _filesystems.clear()
