@@ -649,6 +649,14 @@ class RemoteStream:
         self._backend = with_retries(lambda: self._opened(0))
 
     def _opened(self, start: int) -> Any:
+        try:
+            return self._connected(start)
+        except FileNotFoundError:
+            if self._http:  # fsspec's streamed GET says no more than this
+                raise DecodeError("not found (HTTP 404)") from None
+            raise
+
+    def _connected(self, start: int) -> Any:
         if not self._http:
             stream = self._fs.open(self._path, "rb", block_size=8 << 20, cache_type="readahead")
             stream.seek(start)
