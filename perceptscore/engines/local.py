@@ -2,15 +2,18 @@
 
 A file that kills its decode worker (a crash in a decoder, or a decode over the time limit) does not stop
 the run: the batches in flight are decoded again one file at a time, and the file that kills a worker again
-becomes an error row. This is the only module that touches torch's DataLoader internals, and only while a
-run is in progress.
+becomes an error row. So does a batch that never comes back (``batch_wait``): no wait here is unbounded.
+Items go to the workers without their passthrough columns. This is the only module that touches torch's
+DataLoader internals, and only while a run is in progress.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, islice
@@ -33,6 +36,28 @@ def decode_timeout() -> float:
     """Seconds a decode may take before its worker is killed and the file isolated: a hostile file must not
     hang a cron job. A 12 MP JPEG takes ~0.2 s; Pillow's largest allowed image a few seconds."""
     return float(os.environ.get("PERCEPTSCORE_DECODE_TIMEOUT", "60"))
+
+
+POLL_S = 5.0  # how often a wait for the workers looks up (torch's own check for dead workers: 5 s too)
+START_S = 10.0  # what a worker may take, beyond its decodes, to start and hand a batch back
+
+
+def batch_wait(size: int, timeout: float) -> float:
+    """The longest the main process waits for a batch of ``size`` before giving its workers up as stuck:
+    every decode in it at its time limit, plus the start. Past it a batch that will never come (an item
+    that failed to pickle on its way to a worker: torch drops it and waits for ever) is isolated like a
+    worker's death, so no wait here is unbounded (a nightly job holds its run's lock while it waits)."""
+    return size * timeout + max(START_S, timeout)
+
+
+class _Stalled(RuntimeError):
+    """No batch came within ``batch_wait``."""
+
+
+def _bare(item: Item) -> Item:
+    """What a decode worker needs of an item: not its passthrough columns. They stay in this process
+    (``scoring`` matches rows back to its own items); a value nested thousands deep can't be pickled."""
+    return dataclasses.replace(item, extras={}) if item.extras else item
 
 
 class _DecodeDataset(Dataset[Decoded]):
@@ -78,7 +103,22 @@ def worker_init(_: int) -> None:
 
 
 def _worker_died(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+    """A worker died, or never sent a batch back (``_Stalled``): either way its files are isolated."""
+    return isinstance(exc, _Stalled) or (isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc))
+
+
+def _next_batch(batches: Iterator[Batch], bound: float) -> Batch | None:
+    """The loader's next batch (None at the end), waiting at most ``bound`` seconds: the loader gives up
+    every ``POLL_S`` (its timeout), and the wait goes on until the bound is spent."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return next(batches, None)
+        except RuntimeError as exc:
+            if "DataLoader timed out" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise _Stalled(f"no batch from the decode workers in {bound:.0f} s") from None
 
 
 @contextlib.contextmanager
@@ -119,7 +159,7 @@ class LocalEngine:
         pin = torch.device(plan.device).type == "cuda"
         with isolating_worker_deaths():
             run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin)
-            yield from run.batches(prefetched(items))  # remote objects fetched ahead, many at once
+            yield from run.batches(prefetched(_bare(i) for i in items))  # remote objects: fetched ahead
 
 
 class _Run:
@@ -144,6 +184,8 @@ class _Run:
             worker_init_fn=worker_init if workers else None,
             prefetch_factor=prefetch if workers else None,
             generator=torch.Generator(),  # the workers' seeds must not draw from the caller's global RNG
+            # each wait for a batch raises after POLL_S (``_next_batch`` goes on waiting, up to its bound)
+            timeout=POLL_S if workers else 0,
         )
 
     def batches(self, stream: Iterator[Item]) -> Iterator[pa.RecordBatch]:
@@ -159,10 +201,12 @@ class _Run:
     ) -> Iterator[pa.RecordBatch]:
         """Score ``stream`` in chunks of ``size``; when a worker dies, ``after_death`` deals with the chunks
         in flight and returns the stream to go on with."""
+        bound = batch_wait(size, self.dataset.timeout)
         while stream is not None:
             chunks = _Chunks(stream, size)
+            batches = iter(self._loader(chunks, workers, prefetch))
             try:
-                for batch in self._loader(chunks, workers, prefetch):
+                while (batch := _next_batch(batches, bound)) is not None:
                     scored = self.predictor(batch)
                     chunks.outstanding.popleft()
                     yield scored
@@ -170,7 +214,9 @@ class _Run:
             except RuntimeError as exc:
                 if not _worker_died(exc):
                     raise
-                stream = yield from after_death(chunks)
+            # out of the except block, its traceback gone: torch shuts the workers down with the iterator
+            del batches
+            stream = yield from after_death(chunks)
 
     def _isolate(self, chunks: _Chunks) -> Generator[pa.RecordBatch, None, Iterator[Item] | None]:
         """A worker died with several files in flight: decode those again one at a time, with one file in
