@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import pyarrow as pa
-
 from perceptscore._text import shown
 from perceptscore.columns import PATH
-from perceptscore.errors import UsageError
+from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_columns, read_provenance
 
 Kind = Literal["scores", "report", "heatmap", "list"]
@@ -33,47 +31,58 @@ PNG_SOFTWARE = "perceptscore"  # the PNG text chunk ``Software`` explain writes 
 _HEAD_BYTES = 64 * 1024
 
 
-def refuse_replacing(out: str | os.PathLike[str], kind: Kind, overwrite: bool, option: str = "-o") -> None:
-    """Refuse (one line) to replace an existing ``out`` that perceptscore did not write as a ``kind``."""
+def refuse_replacing(
+    out: str | os.PathLike[str], kind: Kind, overwrite: bool, option: str = "-o", named: str | None = None
+) -> None:
+    """Refuse (one line) to replace an existing ``out`` that perceptscore did not write as a ``kind``
+    (a link is judged by what it points to: its target is what would be written). ``named``: how the
+    user named it, where ``out`` is a local copy (of an object in a store)."""
     path = Path(out)
-    if overwrite or str(out) == "-" or not os.path.lexists(path):
+    if overwrite or str(out) == "-" or not os.path.exists(path):
         return
     if path.is_file() and written_by_us(path, kind):
         return
     what = "is a folder" if path.is_dir() else "was not written by perceptscore"
     raise UsageError(
-        f"{option} {shown(str(out))} exists and {what}: pass --overwrite to replace it, or choose "
-        "another output"
+        f"{option} {shown(named or str(out))} exists and {what}: pass --overwrite to replace it, or "
+        "choose another output"
     )
 
 
-def refuse_losing_tasks(out: str, tasks: Sequence[str], overwrite: bool) -> None:
+def refuse_losing_tasks(out: str, tasks: Sequence[str], overwrite: bool, named: str | None = None) -> None:
     """A scores file holding tasks this run would not write (``-t quality`` over a file that also has
     memorability) is replaced only with ``--overwrite``: the columns would be lost."""
-    if overwrite or out == "-" or not os.path.isfile(out) or not is_scores_file(out):
+    if overwrite or out == "-" or not os.path.isfile(out) or not written_by_us(Path(out), "scores"):
         return
     earlier = read_provenance(out).get("tasks")
     lost = [t for t in earlier if t not in tasks] if isinstance(earlier, dict) else []
     if lost:
         keep = ",".join([*tasks, *lost])
         raise UsageError(
-            f"-o {shown(out)} holds {', '.join(lost)} scores that this run would not write: score "
-            f"-t {keep} to keep them, or pass --overwrite to replace the file"
+            f"-o {shown(named or out)} holds {', '.join(lost)} scores that this run would not write: "
+            f"score -t {keep} to keep them, or pass --overwrite to replace the file"
         )
 
 
 def written_by_us(path: Path, kind: Kind) -> bool:
+    """Whether ``path`` is perceptscore's own output of this kind; anything unreadable is not (a damaged
+    output is then replaced with ``--overwrite``, never left to stop every later run)."""
     try:
         if kind == "scores":
-            return format_of(path) is not None and is_scores_file(path)
+            return format_of(path) is not None and is_scores_file(path) and _paths_readable(path)
         if kind == "report":
             with open(path, "rb") as f:
                 return b'<meta name="generator" content="perceptscore' in f.read(_HEAD_BYTES)
         if kind == "heatmap":
             return _heatmap_is_ours(path)
         return _list_is_ours(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, PerceptScoreError):
         return False
+
+
+def _paths_readable(path: Path) -> bool:
+    read_columns(str(path), lambda schema: [PATH])  # raises (one line) when it cannot be read
+    return True
 
 
 def _heatmap_is_ours(path: Path) -> bool:
@@ -91,6 +100,7 @@ def _record(path: Path) -> Path:
 
 
 def _list_is_ours(path: Path) -> bool:
+    path = Path(os.path.realpath(path))  # the record lies beside what was written (see ``mark_list``)
     record = _record(path)
     if not record.is_file() or record.is_symlink():
         return False
@@ -163,23 +173,32 @@ class Safeguards:
     max_delete: DeleteLimit = DeleteLimit()  # rows of the earlier output a run may drop (files gone)
 
 
-def rows_gone(earlier: str, paths: pa.ChunkedArray | pa.Array) -> tuple[int, int]:
-    """How many of the scores file ``earlier``'s rows name a path that is not in ``paths`` (this run's
-    rows), and how many rows it has."""
-    import pyarrow.compute as pc
-
-    old = read_columns(earlier, lambda schema: [PATH]).column(PATH)
-    if len(old) == 0:
+def rows_gone(earlier: str, found: Sequence[str], cwd: str) -> tuple[int, int]:
+    """How many of the scores file ``earlier``'s rows name a file that this run did not find (``found``:
+    the paths of this run's rows whose file was there, relative ones to ``cwd``), and how many rows it
+    has. A file listed but missing (a list or manifest on an unmounted disk) counts as gone, as one no
+    longer listed does; relative paths are compared as absolute ones, each from the folder its run
+    started in, so ``photos/a.jpg`` and ``/home/me/photos/a.jpg`` are one file."""
+    old = read_columns(earlier, lambda schema: [PATH]).column(PATH).to_pylist()
+    if not old:
         return 0, 0
-    present = pc.is_in(old, value_set=pa.chunked_array(paths).combine_chunks().cast(old.type))
-    return int(pc.sum(pc.invert(present)).as_py() or 0), len(old)
+    earlier_cwd = str(read_provenance(earlier).get("cwd") or cwd)
+    present = {_absolute(p, cwd) for p in found}
+    return sum(p is None or _absolute(p, earlier_cwd) not in present for p in old), len(old)
 
 
-def refuse_dropping(earlier: str, gone: int, total: int, limit: DeleteLimit) -> None:
+def _absolute(path: str, cwd: str) -> str:
+    if os.path.isabs(path) or "://" in path:  # URLs and tar members (``tar://m::shard``) as they are
+        return path
+    return os.path.normpath(os.path.join(cwd, path))
+
+
+def refuse_dropping(named: str, gone: int, total: int, limit: DeleteLimit) -> None:
     if limit.allows(gone, total):
         return
     raise UsageError(
-        f"this run would drop {gone} of the {total} rows of {shown(earlier)}: their files are no longer "
-        f"among the inputs (a disk not mounted, a folder moved?); nothing was replaced (the scored rows are "
-        f"kept for the next run); pass --max-delete all (or a count or share above {limit}) to allow it"
+        f"this run would drop {gone} of the {total} rows of {shown(named)}: their files are missing or no "
+        "longer among the inputs (a disk not mounted, a folder moved?); nothing was replaced (the scored "
+        f"rows are kept for the next run); pass --max-delete all (or a count or share above {limit}) to "
+        "allow it"
     )

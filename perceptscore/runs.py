@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from perceptscore._text import redacted_command
-from perceptscore.columns import PATH
+from perceptscore.columns import FILE_SIZE, PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.prefetch import stop_requested
 from perceptscore.sources import Item
@@ -235,6 +235,7 @@ class ShardedRun:
         self._indices: list[int] = []
         self._opened = time.monotonic()
         self.not_a_run = False  # a folder under the run's name that held no run (cleaned up)
+        self._replace_folder = False  # the folder holds a salvaged run, to remove before the first shard
         if os.path.lexists(self.folder):
             _check_ours(self.folder)
             if restart:
@@ -283,8 +284,10 @@ class ShardedRun:
             return
         changed = [k for k in self.fingerprint if previous.get(k) != self.fingerprint[k]]
         if changed and not self.strict and set(changed) <= _INPUT_KEYS:
+            # its rows go on as reusable rows; the folder itself is replaced only when this run saves its
+            # first row, so a run that stops before that (no images, a refusal) leaves it as it was
             self.shards = shards
-            self.salvage()
+            self.salvage(keep_folder=True)
             return
         if changed:
             rows = sum(s.last - s.first + 1 for s in shards)
@@ -300,6 +303,9 @@ class ShardedRun:
     def _create(self) -> None:
         """The run's folder (this user's only) and its ``run.json``, whole or not at all (written, synced,
         renamed, and the folder synced), before the first shard."""
+        if self._replace_folder:  # an earlier run's, salvaged: its rows are held here now
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._replace_folder = False
         if os.path.isdir(self.folder) and (self.folder / "run.json").is_file():
             return
         self.folder.mkdir(mode=0o700)
@@ -333,16 +339,19 @@ class ShardedRun:
             "without --resume to reuse its rows where files are unchanged"
         )
 
-    def salvage(self) -> None:
+    def salvage(self, keep_folder: bool = False) -> None:
         """Keep every row the shards hold in ``salvaged`` (with what was salvaged before) and remove them:
-        the run starts over, reusing those rows where a file is unchanged."""
+        the run starts over, reusing those rows where a file is unchanged. ``keep_folder``: the folder is
+        removed when the first new shard is written, not now."""
         self.flush()
         tables = [pq.read_table(s.path).replace_schema_metadata(None) for s in self.shards]
         if self.salvaged is not None:
             tables.insert(0, self.salvaged)
         self.salvaged = pa.concat_tables(tables) if tables else self.schema.empty_table()
-        shutil.rmtree(self.folder, ignore_errors=True)
         self.shards = []
+        self._replace_folder = keep_folder
+        if not keep_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def add(self, indices: list[int], batch: pa.RecordBatch) -> None:
         """Rows in input order; they start a new shard wherever they do not follow the previous row."""
@@ -410,12 +419,17 @@ class ShardedRun:
         for shard in shards:
             yield pq.read_table(shard.path).replace_schema_metadata(None)
 
-    def paths(self) -> pa.ChunkedArray:
-        """The path column of every shard, in input order (what an earlier output is compared with)."""
+    def found_paths(self) -> list[str]:
+        """The paths of the rows whose file was found (a stat recorded), from every shard: what an earlier
+        output's rows are looked for in."""
+        import pyarrow.compute as pc
+
         self.flush()
-        shards = sorted(self.shards, key=lambda s: s.first)
-        columns = [pq.read_table(s.path, columns=[PATH]).column(PATH) for s in shards]
-        return pa.chunked_array([c for column in columns for c in column.chunks], type=pa.string())
+        found: list[str] = []
+        for shard in self.shards:
+            table = pq.read_table(shard.path, columns=[PATH, FILE_SIZE])
+            found += table.filter(pc.is_valid(table.column(FILE_SIZE))).column(PATH).to_pylist()
+        return found
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

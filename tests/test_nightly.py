@@ -281,3 +281,66 @@ def test_planted_links_and_strangers_files_are_never_followed(tmp_path: Path, re
     planted.symlink_to(victim)
     write_atomic(target, b"page")
     assert target.read_bytes() == b"page" and victim.read_text() == "precious" and not planted.exists()
+
+
+def test_files_missing_from_a_list_count_as_gone_and_spellings_of_one_folder_do_not(
+    tmp_path: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    photos(tmp_path / "mnt", 3)
+    ckpt = str(release_checkpoints["memorability"][0])
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted((tmp_path / "mnt").iterdir())))
+    args = ("-t", "mem", "--checkpoint", ckpt, "-o", "L.parquet", "--incremental", "L.parquet")
+    assert cli("score", f"@{listing}", *args)[0] == 0
+    before = (tmp_path / "L.parquet").read_bytes()
+    (tmp_path / "mnt").rename(tmp_path / "off")  # the list names files on a disk that is not mounted
+    code, printed = cli("score", f"@{listing}", *args)
+    assert code == 2 and "would drop 3 of the 3 rows of L.parquet: their files are missing" in printed
+    assert (tmp_path / "L.parquet").read_bytes() == before
+    (tmp_path / "off").rename(tmp_path / "mnt")
+    # the same files named relative to the folder the first run started in: nothing is gone (reuse is by
+    # the path as written, so they are scored again)
+    code, printed = cli("score", "mnt", *args)
+    assert code == 0 and "0 gone since the last run" in printed, printed
+
+
+def test_a_no_images_refusal_keeps_the_rows_an_earlier_run_saved(
+    tmp_path: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERCEPTSCORE_SHARD_ROWS", "1")
+    folder = photos(tmp_path / "photos", 4)
+    ckpt = str(release_checkpoints["memorability"][0])
+    args = ("-t", "mem", "--checkpoint", ckpt, "-o", tmp_path / "S.parquet")
+    assert cli("score", folder, *args)[0] == 0
+    for p in sorted(folder.iterdir())[:3]:
+        p.rename(tmp_path / p.name)
+    assert cli("score", folder, *args)[0] == 2  # 3 of 4 rows would go: refused, its 1 row kept in shards
+    parts = tmp_path / ".S.parquet.parts"
+    assert len(list(parts.glob("shard-*.parquet"))) == 1
+    for p in folder.iterdir():
+        p.unlink()
+    code, printed = cli("score", folder, *args)
+    assert code == 2 and "no images found in" in printed
+    assert len(list(parts.glob("shard-*.parquet"))) == 1  # the saved row is still there
+    (tmp_path / "p0.jpg").rename(folder / "p0.jpg")
+    code, printed = cli("score", folder, *args, "--max-delete", "all")
+    assert code == 0 and "scored 1 file" in printed and "3 gone since the last run" in printed, printed
+
+
+def test_symlinked_outputs_run_on_night_one_and_lists_rerun(
+    two_tasks: tuple[Path, Path], checkpoint_args: list[str], tmp_path: Path
+) -> None:
+    folder, scores = two_tasks
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "s.parquet"
+    link.symlink_to(tmp_path / "real" / "s.parquet")  # its target does not exist yet: night one
+    code, printed = cli("score", folder, "-t", "mem", *checkpoint_args, "-o", link, "--incremental", link)
+    assert code == 0 and "nothing to reuse" in printed, printed
+    assert link.is_symlink() and len(pd.read_parquet(link)) == 2
+    listing = tmp_path / "keep.txt"
+    listing.symlink_to(tmp_path / "real" / "keep.txt")
+    for _ in range(2):  # written through the link, then replaced as its own on the rerun
+        code, printed = cli("filter", scores, "--min-quality", "0", "-o", listing)
+        assert code == 0, printed
+    assert listing.is_symlink() and len(listing.read_text().splitlines()) == 2

@@ -302,3 +302,27 @@ def test_a_store_that_never_answers_fails_in_seconds_not_never(
         for connection in held:
             connection.close()
         remote.configure(remote.Settings())
+
+
+def test_an_object_store_output_is_guarded_as_a_local_one(
+    moto_s3: MotoS3, bucket: str, photos: Path, checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    moto_s3.put(bucket, "mydata.csv", b"name,value\na,1\n")  # the user's object, not ours
+    code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", f"s3://{bucket}/mydata.csv")
+    assert code == 2 and f"s3://{bucket}/mydata.csv exists and was not written by perceptscore" in one_line(
+        err
+    )
+    assert moto_s3.get(bucket, "mydata.csv") == b"name,value\na,1\n"
+
+    out = f"s3://{bucket}/scores.parquet"
+    assert cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)[0] == 0
+    before = moto_s3.get(bucket, "scores.parquet")
+    for name in PHOTOS[:2]:  # most files gone: refused, nothing uploaded
+        (photos / name).unlink()
+    code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)
+    assert code == 2 and f"would drop 2 of the 3 rows of {out}" in one_line(err)
+    assert moto_s3.get(bucket, "scores.parquet") == before
+    code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out, "--max-delete", "all")
+    assert code == 0 and "2 gone since the last run" in err, err
+    assert len(pq.read_table(io.BytesIO(moto_s3.get(bucket, "scores.parquet")))) == 1

@@ -22,7 +22,7 @@ from perceptscore._text import shown
 from perceptscore.columns import ERROR, PATH
 from perceptscore.destinations import RemoteOutput
 from perceptscore.engines import Engine
-from perceptscore.errors import EngineFailed, UsageError
+from perceptscore.errors import EngineFailed, PerceptScoreError, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
@@ -97,8 +97,6 @@ def score(
     if destination is None:
         check_output(out)
         refuse_overwriting_an_input(out, [*inputs, *allowed], allowed=allowed)
-        refuse_replacing(out, "scores", guards.overwrite)
-        refuse_losing_tasks(out, [t.name for t in options.task_specs()], guards.overwrite)
     else:
         refuse_writing_over_a_remote_input(out, inputs, allowed)
     if out == "-" and (resume or restart or incremental or retry_errors or (processes or 1) > 1):
@@ -122,6 +120,13 @@ def score(
         sources = options.sources(inputs)
         old = remote.local_copy(incremental) if incremental else None
         previous = Previous.read(old, options.task_specs(), named=incremental) if old else None
+    replaced = _replaced(out, destination is not None, incremental, old)
+    if replaced is not None:  # only perceptscore's own scores, and none of their tasks lost, unless asked
+        refuse_replacing(replaced.path, "scores", guards.overwrite, named=replaced.named)
+        tasks = [t.name for t in options.task_specs()]
+        refuse_losing_tasks(replaced.path, tasks, guards.overwrite, named=replaced.named)
+    # the rows this run replaces (or, writing a new file, those of --incremental's it goes on from)
+    earlier = replaced or (Earlier(old, incremental) if old and incremental else None)
     weights = options.weights()  # a missing weights file is reported before torch loads
     if destination is not None:
         destination.prepare()  # a bucket that refuses writes fails now, not after the run
@@ -153,12 +158,6 @@ def score(
                 previous = previous or Previous(plan.task_specs())
                 previous.absorb(finished)
                 destination.discard()  # held in memory now; on disk it would pass for the output it replaces
-            # what this run replaces: the output as it is, or (an object store's) the copy of it that
-            # --incremental brought
-            same = bool(
-                old and destination and remote.normalized(incremental or "") == remote.normalized(out)
-            )
-            earlier = old if same else None
             outcome = _score_to_file(
                 plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster,
                 guards, earlier,
@@ -176,7 +175,27 @@ def score(
 
 
 def _exists(path: str) -> bool:
-    return remote.exists(path) if remote.is_remote(path) else os.path.lexists(path)
+    return remote.exists(path) if remote.is_remote(path) else os.path.exists(path)
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """An earlier scores file a run is checked against: ``path`` to read (a local copy of an object in a
+    store), ``named`` as the user gave it."""
+
+    path: str
+    named: str
+
+
+def _replaced(out: str, remote_output: bool, incremental: str | None, copy: str | None) -> Earlier | None:
+    """The output as it exists before this run, readable here; None for a new file or stdout."""
+    if out == "-":
+        return None
+    if not remote_output:
+        return Earlier(out, out) if os.path.exists(out) else None
+    if incremental and copy and remote.normalized(incremental) == remote.normalized(out):
+        return Earlier(copy, out)  # --incremental brought it already
+    return Earlier(remote.local_copy(out), out) if remote.exists(out) else None
 
 
 def _local(text: str) -> str:
@@ -284,7 +303,7 @@ def _score_to_file(
     stop: StopOnSignal,
     cluster: Engine | None,
     guards: Safeguards,
-    earlier: str | None = None,
+    earlier: Earlier | None = None,
 ) -> Outcome:
     """Score into the run's shards (continuing an interrupted run of the same plan), then assemble the
     output. An interrupted run whose inputs changed is not continued but salvaged: its rows are reused
@@ -314,6 +333,8 @@ def _score_to_file(
             except InputsChanged:
                 if resume or "-" in plan.inputs:  # stdin cannot be read a second time
                     raise
+                if counted.count == 0 and not guards.allow_empty:  # refused below: nothing to salvage for
+                    raise UsageError(no_images(plan.inputs, sources.ignored)) from None
                 run.salvage()  # the rows it holds go on as reusable rows in a fresh run
                 previous = previous or Previous(tasks)
                 previous.absorb(run.salvaged)
@@ -321,10 +342,14 @@ def _score_to_file(
     outcome.skipped = previous.skipped if previous else 0
     if counted.count == 0 and not guards.allow_empty:
         raise UsageError(no_images(plan.inputs, sources.ignored))
-    earlier = plan.output if os.path.isfile(plan.output) and is_scores_file(plan.output) else earlier
-    if earlier is not None:
-        outcome.gone, total = rows_gone(earlier, run.paths())
-        refuse_dropping(earlier, outcome.gone, total, guards.max_delete)
+    if earlier is not None and os.path.isfile(earlier.path):
+        try:
+            outcome.gone, total = rows_gone(earlier.path, run.found_paths(), plan.cwd)
+        except PerceptScoreError:
+            if not guards.overwrite:
+                raise
+        else:
+            refuse_dropping(earlier.named, outcome.gone, total, guards.max_delete)
     about = provenance(plan, engine.describe(plan)) | {
         "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
         "seconds": round(time.monotonic() - started, 3),
@@ -503,5 +528,8 @@ def write_list(paths: Sequence[str], out: str, end: str = "\n") -> None:
         sys.stdout.write("".join(f"{shown(p) if tty else p}{end}" for p in paths))
         sys.stdout.flush()
     else:
-        write_atomic(Path(out), "".join(f"{p}{end}" for p in paths).encode("utf-8", "surrogateescape"))
+        try:
+            write_atomic(Path(out), "".join(f"{p}{end}" for p in paths).encode("utf-8", "surrogateescape"))
+        except OSError as exc:  # a link into a folder that is gone, a full disk
+            raise UsageError(f"cannot write {shown(out)}: {exc.strerror or exc}") from None
         mark_list(Path(out))  # so the same command may replace it tomorrow (``replacing``)
