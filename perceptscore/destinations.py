@@ -47,6 +47,7 @@ from perceptscore._text import redacted_command
 from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import format_of, meta_path, read_scores
+from perceptscore.sinks import process_alive
 
 if TYPE_CHECKING:
     from perceptscore.sources import Item
@@ -280,7 +281,7 @@ def _stale(holder: dict[str, Any], info: dict[str, Any]) -> bool:
     """A lock nobody renews: its process on this host is gone, or it was not renewed for the stale time
     (by the store's clock, as far as this host's clock agrees with it)."""
     pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
         return True
     modified = info.get("LastModified")
     if not isinstance(modified, dt.datetime):
@@ -289,16 +290,6 @@ def _stale(holder: dict[str, Any], info: dict[str, Any]) -> bool:
         modified = modified.replace(tzinfo=dt.timezone.utc)
     age = (dt.datetime.now(dt.timezone.utc) - modified).total_seconds()
     return age > lock_stale_seconds()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's
-    return True
 
 
 # ---- the output --------------------------------------------------------------------------------------

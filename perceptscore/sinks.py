@@ -48,13 +48,13 @@ def remove_orphaned_partials(path: Path) -> None:
         prefix, pid = next(
             ((n, partial.name[len(n) :]) for n in names if partial.name.startswith(n)), ("", "")
         )
-        if not prefix or not pid.isdigit() or _alive(int(pid)):
+        if not prefix or not pid.isdigit() or process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             partial.unlink()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
