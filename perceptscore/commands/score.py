@@ -70,14 +70,7 @@ def score(
     ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
     CUDA, else one). ``engine``: "local" (this machine), or "ray" (a Ray cluster at ``ray_address``,
     ``$RAY_ADDRESS``, or a local Ray started for the run)."""
-    if engine not in ("local", "ray"):
-        raise UsageError(f"unknown engine {engine!r}: use local or ray")
-    if engine == "ray" and processes:
-        raise UsageError("--processes is for the local engine: on Ray, the cluster's GPUs or nodes decide")
-    if ray_address and engine != "ray":
-        raise UsageError("--ray-address needs --engine ray")
-    if engine == "ray" and out == "-":  # Ray prints its cluster's messages on standard output
-        raise UsageError("--engine ray needs a file output (-o scores.parquet), not standard output")
+    _refuse_engine_mistakes(engine, out, processes, ray_address, inputs)
     guards = guards or Safeguards()
     notes: list[str] = []
     remote.configure(options.storage)  # before any URL is looked at (an output, --retry-errors' file)
@@ -108,8 +101,6 @@ def score(
         raise UsageError("choose one of --resume and --restart")
     if report:
         _check_report(report, out, inputs, guards.overwrite)
-    if (processes or 1) > 1 and "-" in inputs:
-        raise UsageError("--processes needs inputs every process can read: not - (stdin)")
     # bad inputs and outputs fail before seconds of model loading (and URLs are read with the storage
     # options set: ``sources`` sets them)
     if retry_errors:
@@ -120,13 +111,7 @@ def score(
         sources = options.sources(inputs)
         old = remote.local_copy(incremental) if incremental else None
         previous = Previous.read(old, options.task_specs(), named=incremental) if old else None
-    replaced = _replaced(out, destination is not None, incremental, old)
-    if replaced is not None:  # only perceptscore's own scores, and none of their tasks lost, unless asked
-        refuse_replacing(replaced.path, "scores", guards.overwrite, named=replaced.named)
-        tasks = [t.name for t in options.task_specs()]
-        refuse_losing_tasks(replaced.path, tasks, guards.overwrite, named=replaced.named)
-    # the rows this run replaces (or, writing a new file, those of --incremental's it goes on from)
-    earlier = replaced or (Earlier(old, incremental) if old and incremental else None)
+    earlier = _guard_output(out, destination is not None, incremental, old, options, guards)
     weights = options.weights()  # a missing weights file is reported before torch loads
     if destination is not None:
         destination.prepare()  # a bucket that refuses writes fails now, not after the run
@@ -145,19 +130,13 @@ def score(
         plan = make_plan(options, plan_inputs, target, incremental, weights, device, retry_errors)
         if stop is None:
             return _score_to_stream(plan, sources, make_reporter, cluster, guards)
-        # the file an earlier run of this plan finished, whose upload failed
-        finished = (
-            destination.finished_rows(plan.fingerprint())
-            if destination is not None and not restart and "-" not in plan_inputs else None
+        upload_as_is, previous = (
+            _finished_before(destination, plan, sources, previous) if destination and not restart
+            else (False, previous)
         )  # fmt: skip
-        if destination is not None and finished is not None and destination.unchanged(finished, sources):
+        if upload_as_is:
             outcome = _already_scored(target)  # every row's file is as it was scored: uploaded as it is
         else:
-            if destination is not None and finished is not None and not (previous and previous.keep):
-                # files changed or came new since: its rows are reused where a file is unchanged
-                previous = previous or Previous(plan.task_specs())
-                previous.absorb(finished)
-                destination.discard()  # held in memory now; on disk it would pass for the output it replaces
             outcome = _score_to_file(
                 plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster,
                 guards, earlier,
@@ -172,6 +151,36 @@ def score(
     outcome.notes[:0] = notes
     outcome.reused_from = incremental
     return outcome
+
+
+def _refuse_engine_mistakes(
+    engine: str, out: str, processes: int | None, ray_address: str | None, inputs: Sequence[str]
+) -> None:
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown engine {engine!r}: use local or ray")
+    if engine == "ray" and processes:
+        raise UsageError("--processes is for the local engine: on Ray, the cluster's GPUs or nodes decide")
+    if ray_address and engine != "ray":
+        raise UsageError("--ray-address needs --engine ray")
+    if engine == "ray" and out == "-":  # Ray prints its cluster's messages on standard output
+        raise UsageError("--engine ray needs a file output (-o scores.parquet), not standard output")
+    if (processes or 1) > 1 and "-" in inputs:
+        raise UsageError("--processes needs inputs every process can read: not - (stdin)")
+
+
+def _guard_output(
+    out: str, remote_output: bool, incremental: str | None, old: str | None, options: ScoreOptions,
+    guards: Safeguards,
+) -> Earlier | None:  # fmt: skip
+    """Refuse to replace an output that is not perceptscore's scores, or whose tasks this run would lose
+    (unless asked); then the rows this run replaces (or, writing a new file, those of --incremental's it
+    goes on from), to check at the end how many of them are gone."""
+    replaced = _replaced(out, remote_output, incremental, old)
+    if replaced is not None:
+        refuse_replacing(replaced.path, "scores", guards.overwrite, named=replaced.named)
+        tasks = [t.name for t in options.task_specs()]
+        refuse_losing_tasks(replaced.path, tasks, guards.overwrite, named=replaced.named)
+    return replaced or (Earlier(old, incremental) if old and incremental else None)
 
 
 def _exists(path: str) -> bool:
@@ -217,6 +226,24 @@ def refuse_writing_over_a_remote_input(out: str, inputs: Sequence[str], allowed:
                 f"output {remote.without_secrets(out)!r} is the input {remote.without_secrets(named)!r}: "
                 "refusing to overwrite an input; choose another output"
             )
+
+
+def _finished_before(
+    destination: RemoteOutput, plan: ScoringPlan, sources: Sources, previous: Previous | None
+) -> tuple[bool, Previous | None]:
+    """The file an earlier run of this plan finished, whose upload failed: (True, _) when every row's file
+    is as it was scored (upload it as it is); else its rows go on as reusable rows (where a file is
+    unchanged, as --incremental's), in the ``Previous`` returned."""
+    finished = destination.finished_rows(plan.fingerprint()) if "-" not in plan.inputs else None
+    if finished is None:
+        return False, previous
+    if destination.unchanged(finished, sources):
+        return True, previous
+    if not (previous and previous.keep):  # (--retry-errors scores its own file's rows again as before)
+        previous = previous or Previous(plan.task_specs())
+        previous.absorb(finished)
+        destination.discard()  # held in memory now; on disk it would pass for the output it replaces
+    return False, previous
 
 
 def _already_scored(path: str) -> Outcome:
