@@ -189,13 +189,17 @@ class RemoteLock:
         self.url, self.shown = f"{folder}/.{name}.lock", shown
         self.etag: str | None = None
         self.lost = False
+        # A conditional write whose answer was lost is tried again and then refused (412) although it was
+        # done: the token in the record tells our own lock from another run's.
+        self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def __enter__(self) -> RemoteLock:
         record = {
-            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": redacted_command(sys.argv),
+            "pid": os.getpid(), "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": redacted_command(sys.argv),
+            "token": self.token,
         }  # fmt: skip
         try:
             self.etag = self._acquire(_body(record))
@@ -216,6 +220,8 @@ class RemoteLock:
             if holder is None:
                 continue
             about, info = holder
+            if about.get("token") == self.token:  # ours: written by a try whose answer was lost
+                return str(info.get("ETag"))
             if not _stale(about, info):
                 raise UsageError(self._held_by(about))
             etag = _conditional_put(self.url, record, IfMatch=str(info.get("ETag")))
@@ -255,14 +261,27 @@ class RemoteLock:
             except (DecodeError, UsageError):
                 continue  # a missed renewal is not yet a lost lock: the next one may get through
             if etag is None:
-                self.lost = True
-                return
+                holder = self._ours()
+                if holder is None:
+                    self.lost = True
+                    return
+                etag = holder
             self.etag = etag
+
+    def _ours(self) -> str | None:
+        """The lock object's ETag when it still holds our record (a renewal's answer was lost), else None."""
+        try:
+            holder = self._holder()
+        except (DecodeError, UsageError):
+            return str(self.etag)  # cannot tell now: not yet a lost lock
+        if holder is None or holder[0].get("token") != self.token:
+            return None
+        return str(holder[1].get("ETag"))
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
+        if self._beat is not None:  # a renewal under way (a store that is down) is not waited out
+            self._beat.join(timeout=_request_seconds())
         if self.lost or self.etag is None:
             return
         fs, path = remote.split(self.url)
@@ -270,6 +289,14 @@ class RemoteLock:
         with contextlib.suppress(Exception):  # left behind, it goes stale and is taken over
             if remote.with_retries(lambda: fs.info(path, timeout=seconds)).get("ETag") == self.etag:
                 remote.with_retries(lambda: fs.rm_file(path, timeout=seconds))
+
+
+def _pid_namespace() -> int | None:
+    """This process's pid namespace (Linux): a pid means the same process only inside one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _body(record: dict[str, Any]) -> bytes:
@@ -281,7 +308,8 @@ def _stale(holder: dict[str, Any], info: dict[str, Any]) -> bool:
     """A lock nobody renews: its process on this host is gone, or it was not renewed for the stale time
     (by the store's clock, as far as this host's clock agrees with it)."""
     pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
+    here = holder.get("host") == socket.gethostname() and holder.get("pid_namespace") == _pid_namespace()
+    if here and isinstance(pid, int) and not process_alive(pid):  # (containers share host names, not pids)
         return True
     modified = info.get("LastModified")
     if not isinstance(modified, dt.datetime):

@@ -99,6 +99,8 @@ class RemoteFile:
         """The bytes and stat; ``reserve`` is told the bytes they will take before they are read."""
         try:
             return remote.fetch(self.url, deadline=deadline, reserve=reserve)
+        except remote.Stopped:  # a stop, not this file's failure: never recorded as its row
+            raise
         except UsageError as exc:  # a backend not installed: this row's error, not the run's
             raise DecodeError(str(exc)) from None
 
@@ -178,6 +180,8 @@ def open_shard(shard: str) -> Any:
     if remote.is_remote(shard):
         try:
             return remote.open_stream(shard)
+        except remote.Stopped:  # a stop, not the shard's failure: never recorded as its row
+            raise
         except UsageError as exc:
             raise DecodeError(str(exc)) from None
     return LocalFile(remote.local_path(shard)).open()

@@ -219,5 +219,7 @@ def _fetched(item: Item, future: Future[Any], deadline: float) -> Item:
             reason = f"timed out after {deadline_seconds():.0f} s"
             return replace(item, locator=Unavailable(item.path, reason))
         except DecodeError as exc:
+            if stop_requested.is_set():  # the fetch gave up because of the stop: not this row's failure
+                raise Stopped("stopped while waiting for a remote object") from None
             return replace(item, locator=Unavailable(item.path, str(exc)))
     return replace(item, locator=InMemory(item.path, data, stat))

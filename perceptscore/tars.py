@@ -181,8 +181,8 @@ def _pax_records(payload: bytes, offset: int) -> dict[str, bytes]:
     records: dict[str, bytes] = {}
     pos = 0
     while pos < len(payload):
-        if not payload[pos:].strip(b"\x00"):  # NUL padding after the last record
-            break
+        if payload[pos] == 0 and payload.count(b"\x00", pos) == len(payload) - pos:  # NUL padding at the end
+            break  # (counted, not sliced: a copy of the rest per record is quadratic in a hostile header)
         space = payload.find(b" ", pos, pos + 21)
         length_text = payload[pos:space] if space > pos else b""
         length = int(length_text) if _DECIMAL.fullmatch(length_text) else 0

@@ -173,7 +173,7 @@ def test_a_trickling_shard_is_given_up_and_a_sigterm_ends_its_read(
         rows, took = within(30, lambda: list(shards.members(server.url("/s.tar"), ())))
         assert not isinstance(rows, BaseException), rows
         assert rows[-1][0].reason.startswith("unreadable shard: too slow"), rows[-1][0]
-        assert took < 15
+        assert took < 30
 
         for knob in KNOBS:
             monkeypatch.delenv(f"PERCEPTSCORE_REMOTE_{knob}", raising=False)
@@ -188,7 +188,7 @@ def test_a_trickling_shard_is_given_up_and_a_sigterm_ends_its_read(
             finally:
                 timer.cancel()
                 timer.join()
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 10
 
 
 def test_remote_inputs_are_downloaded_capped_and_never_left_behind(

@@ -47,6 +47,8 @@ def batch_wait(size: int, timeout: float) -> float:
     every decode in it at its time limit, plus the start. Past it a batch that will never come (an item
     that failed to pickle on its way to a worker: torch drops it and waits for ever) is isolated like a
     worker's death, so no wait here is unbounded (a nightly job holds its run's lock while it waits)."""
+    if timeout <= 0:  # no time limit on a decode (PERCEPTSCORE_DECODE_TIMEOUT=0): none on a batch either
+        return float("inf")
     return size * timeout + max(START_S, timeout)
 
 

@@ -436,7 +436,7 @@ class _ClusterWatch:
             return None
         context = ray.get_runtime_context()
         host, _, port = context.gcs_address.rpartition(":")
-        ends = {"its GCS": (host, int(port))}
+        ends = {"its GCS": (host.removeprefix("[").removesuffix("]"), int(port))}  # [::1]:6379
         node = context.get_node_id()
         for n in ray.nodes():
             if n.get("NodeID") == node and n.get("Alive"):
