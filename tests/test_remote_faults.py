@@ -294,3 +294,23 @@ def test_az_and_abfs_name_one_container(monkeypatch: pytest.MonkeyPatch) -> None
     ]
     assert {remote.normalized(u) for u in same} == {"abfs://c@acct/x/s.parquet"}
     assert remote.normalized("az://c@other/x/s.parquet") == "abfs://c@other/x/s.parquet"
+
+
+def test_a_stop_while_a_host_refuses_is_a_stop_never_a_rows_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM during a retry pause must end the run (rows saved, resumable), not become the shard's or the
+    object's error row: a saved error row would make the next night skip the shard for good."""
+    from perceptscore import shards
+    from perceptscore.locators import RemoteFile
+
+    knobs(monkeypatch, timeout=1, deadline=30)
+    with socket.socket() as s:  # a port nothing listens on: connections are refused, and retried
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    remote.stop_requested.set()
+    try:
+        with pytest.raises(remote.Stopped):
+            list(shards.members(f"http://127.0.0.1:{port}/00000.tar", {}))
+        with pytest.raises(remote.Stopped):
+            RemoteFile(f"http://127.0.0.1:{port}/a.jpg").fetch()
+    finally:
+        remote.stop_requested.clear()
