@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from perceptscore.columns import output_schema
@@ -38,8 +39,11 @@ def test_a_gpu_runs_shards_are_not_resumed_on_a_cpu(release_checkpoints, tmp_pat
     assert cpu.fingerprint()["precision"] == "fp32" and cpu.fingerprint()["device_type"] == "cpu"
     out = tmp_path / "out.parquet"
     schema = output_schema([get_task("memorability")])
-    ShardedRun(out, schema, gpu.fingerprint())  # the interrupted GPU run's state
+    interrupted = ShardedRun(out, schema, gpu.fingerprint())  # the GPU run saved a row, then was killed
+    row = {"path": "photos/a.jpg", "memorability": 0.5, "error": None, "file_size": 1, "file_mtime_ns": 1}
+    interrupted.add([0], pa.RecordBatch.from_pylist([row], schema=schema))
+    interrupted.flush()
     with pytest.raises(UsageError, match=r"differs in device_type, precision"):
         ShardedRun(out, schema, cpu.fingerprint())
     # another GPU of the same kind resumes it: the device index is not part of what was scored
-    assert ShardedRun(out, schema, replace(gpu, device="cuda:1").fingerprint()).shards == []
+    assert ShardedRun(out, schema, replace(gpu, device="cuda:1").fingerprint()).saved_rows == 1
