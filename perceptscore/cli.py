@@ -308,11 +308,12 @@ def filter_(
 @app.command()
 def tasks() -> None:
     """List the perceptual tasks, their output columns and released weights."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from perceptscore.tasks import all_tasks
 
-    table = Table("task", "aliases", "columns", "released weights")
+    # Folded, never cut: the file name is what a user must fetch, whatever the terminal's width.
+    table = Table(*(Column(h, overflow="fold") for h in ("task", "aliases", "columns", "released weights")))
     for t in all_tasks().values():
         columns = ", ".join(t.columns[:3]) + (", ..." if len(t.columns) > 3 else "")
         table.add_row(t.name, ", ".join(t.aliases), columns, f"{t.release.repo_id}/{t.release.filename}")
@@ -329,11 +330,11 @@ WeightsTask = Annotated[
 @weights_app.command("list")
 def weights_list() -> None:
     """The released weights of each task and the local copy that would be used (no network)."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from perceptscore.commands import weights
 
-    table = Table("task", "released file", "local copy")
+    table = Table(*(Column(h, overflow="fold") for h in ("task", "released file", "local copy")))
     for row in weights.weights_status():
         table.add_row(row["task"], row["release"], row["local"])
     console.print(table)
@@ -346,7 +347,7 @@ def weights_card(task: Annotated[str, typer.Argument(help="The task.", show_defa
 
     from perceptscore.tasks import get_task
 
-    console.print(Markdown(get_task(task).card_text()))
+    console.print(Markdown(get_task(task).card_text()), soft_wrap=False)  # prose: wrapped to the terminal
 
 
 @weights_app.command("fetch")
@@ -396,8 +397,9 @@ def weights_verify(
 # ---- training and evaluation (the [train] extra) ----------------------------------------------------
 
 
-def _trainer():  # type: ignore[no-untyped-def]
-    """The trainer package, or one line saying how to install what it needs."""
+def _trainer(use: str = "training"):  # type: ignore[no-untyped-def]
+    """The trainer package, or one line saying how to install what it needs (for ``use``: the words of
+    the command asking, training or evaluation)."""
     from perceptscore.errors import UsageError
 
     try:
@@ -406,7 +408,7 @@ def _trainer():  # type: ignore[no-untyped-def]
         from perceptscore.trainer import run
     except ImportError as exc:
         raise UsageError(
-            f"training needs the train extra ({exc.name} is missing): pip install 'perceptscore[train]'"
+            f"{use} needs the train extra ({exc.name} is missing): pip install 'perceptscore[train]'"
         ) from None
     return run
 
@@ -506,7 +508,7 @@ def eval_(
 
     from perceptscore.tasks import get_task
 
-    run = _trainer()
+    run = _trainer("evaluation")
     spec = get_task(task)
     labelled = run.labelled_inputs(
         inputs, spec, dataset, split, split_id, scoring.path_column or "path", label_column

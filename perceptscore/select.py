@@ -59,12 +59,15 @@ class Criteria:
         return list({t.name: t for t in map(get_task, names)}.values())
 
     def validate(self) -> None:
+        # The pair first: "--top-fraction 0.1" alone is a criterion half given, not none.
+        if self.top_fraction is not None and self.by is None:
+            raise UsageError("--top-fraction needs --by TASK")
+        if self.by is not None and self.top_fraction is None:
+            raise UsageError("--by needs --top-fraction F")
         if not self.tasks():
             raise UsageError(
                 "filter needs a criterion: --min-<task>, --max-<task>, --emotion or --top-fraction"
             )
-        if (self.top_fraction is None) != (self.by is None):
-            raise UsageError("--top-fraction and --by go together")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise UsageError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
         if self.emotions:

@@ -7,7 +7,10 @@ argument checks.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -184,10 +187,35 @@ def get_task(name: str) -> Task:
     for task in all_tasks().values():
         if key == task.name or key in task.aliases:
             return task
+    raise unknown_task(name)
+
+
+def _spellings() -> dict[str, str]:
+    """Every accepted spelling (names and aliases) -> its task's name."""
+    return {alias: t.name for t in all_tasks().values() for alias in (t.name, *t.aliases)}
+
+
+def suggest_task(name: str) -> str | None:
+    """The task a mistyped name most likely meant: one it begins (``memo``), else the closest spelling
+    by difflib (``memorabilty``); None when nothing is close (``beauty``)."""
+    key, spellings = name.strip().lower(), _spellings()
+    # A prefix first: difflib alone finds "emo" closer to "mem" than to "emotion".
+    begun = {task for spelling, task in spellings.items() if key and spelling.startswith(key)}
+    if len(begun) == 1:
+        return begun.pop()
+    close = difflib.get_close_matches(key, spellings, n=1)
+    return spellings[close[0]] if close else None
+
+
+def unknown_task(name: str) -> UsageError:
+    """The one-line error for a task name that is none: with the likely one when there is one."""
+    hint = suggest_task(name)
+    if hint:
+        return UsageError(f"unknown task {name!r}: did you mean {hint!r}? (known: {', '.join(all_tasks())})")
     known = ", ".join(
         f"{t.name} ({', '.join(t.aliases)})" if t.aliases else t.name for t in all_tasks().values()
     )
-    raise UsageError(f"unknown task {name!r}; known tasks: {known}")
+    return UsageError(f"unknown task {name!r}; known tasks: {known}")
 
 
 def parse_tasks(values: list[str]) -> list[str]:
@@ -200,12 +228,14 @@ def parse_tasks(values: list[str]) -> list[str]:
 
 def parse_checkpoint_options(values: list[str], tasks: list[str]) -> dict[str, str]:
     """``--checkpoint TASK=PATH`` (repeatable), or a bare ``PATH`` when exactly one task is asked."""
-    names = {alias: t.name for t in all_tasks().values() for alias in (t.name, *t.aliases)}
+    names = _spellings()
     result: dict[str, str] = {}
     for value in values:
         key, sep, path = value.partition("=")
         if sep and key.strip().lower() in names:
             result[names[key.strip().lower()]] = path
+        elif sep and _means_a_task(key, value):
+            raise unknown_task(key.strip())
         elif len(tasks) == 1:
             result[get_task(tasks[0]).name] = value
         else:
@@ -213,3 +243,9 @@ def parse_checkpoint_options(values: list[str], tasks: list[str]) -> dict[str, s
                 f"--checkpoint {value!r}: with several tasks write TASK=PATH, e.g. quality=iqa.pth"
             )
     return result
+
+
+def _means_a_task(key: str, value: str) -> bool:
+    """Whether ``KEY=PATH`` names a task by KEY (a mistyped one, as it is no task's): KEY is a bare word,
+    and the whole value is no file (a file may well be named ``run=3.pth``)."""
+    return re.fullmatch(r"[\w-]+", key.strip()) is not None and not os.path.exists(value)

@@ -18,6 +18,7 @@ that is not done, from its last checkpoint, after checking that the command desc
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shlex
@@ -32,7 +33,7 @@ from rich.console import Console
 
 from perceptscore.errors import UsageError
 from perceptscore.tasks import Task, get_task
-from perceptscore.trainer.datasets import LabelledSet, class_index, load_dataset
+from perceptscore.trainer.datasets import ADAPTERS, LabelledSet, class_index, load_dataset
 
 RECIPE_FIELDS = (
     "loss",
@@ -298,6 +299,7 @@ def labelled_inputs(
         return Labelled(inputs, path_column, label_column)
     if len(inputs) != 1:
         raise UsageError("with --dataset give one input: the dataset's folder (or manifest)")
+    _check_dataset_name(dataset)
     # "manifest": a labelled manifest read as the trainer reads it: its split column (or hash split) applies
     spec = inputs[0] if dataset == "manifest" else f"{dataset}={inputs[0]}"
     data = load_dataset(spec, task, split_id, path_column, label_column)
@@ -312,15 +314,28 @@ def labelled_inputs(
     return Labelled([str(manifest)], "path", "label", tmp)
 
 
+def _check_dataset_name(dataset: str) -> None:
+    """An unknown ``--dataset`` in eval's words (load_dataset's own speak of training's ``--data``)."""
+    known = [*ADAPTERS, "manifest"]
+    if dataset.strip().lower() in known:
+        return
+    close = difflib.get_close_matches(dataset.strip().lower(), known, n=1)
+    hint = f": did you mean {close[0]!r}?" if close else ""
+    raise UsageError(f"unknown --dataset {dataset!r}{hint} (known: {', '.join(known)})")
+
+
 def evaluate(
     labelled: Labelled, task: Task, options: Any, make_reporter: Any, out: Path | None = None
 ) -> tuple[dict[str, float], int]:
     """Score ``labelled`` as ``perceptscore score`` does and measure it against its labels; the metrics
     (also written to ``out`` as JSON) and the exit code (1 when some rows could not be scored)."""
     from perceptscore.commands.score import scored_rows
+    from perceptscore.folders import check_output_folder
     from perceptscore.sinks import write_atomic
 
     try:
+        if out:
+            check_output_folder(out)  # before scoring the whole set, not after
         scored = scored_rows(labelled.inputs, options, make_reporter)
         metrics = frame_metrics(scored.frame, task, labelled.label_column)
     finally:

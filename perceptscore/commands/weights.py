@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from perceptscore.errors import UsageError
+from perceptscore.folders import check_output_folder
 from perceptscore.tasks import Task, get_task
 
 
@@ -35,6 +36,7 @@ def convert(
 
     if Path(dst).suffix.lower() != ".safetensors":
         raise UsageError(f"convert writes safetensors: name the output *.safetensors, not {dst!r}")
+    check_output_folder(dst)  # before loading the model, not after
     spec = task_of_file(src, task)
     model = load_model(spec.name, src, merge=False)
     sha = file_sha256(src)
