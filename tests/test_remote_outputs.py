@@ -185,9 +185,17 @@ def test_the_remote_lock_is_exclusive_renewed_and_knows_when_it_was_taken_over(
     # a lock whose process on this host is gone is taken over at once
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    record = {"pid": dead.pid, "host": socket.gethostname()}
-    moto_s3.put(bucket, ".s.parquet.lock", json.dumps(record).encode())
     monkeypatch.setenv("PERCEPTSCORE_REMOTE_LOCK_STALE", "600")
+    record = {
+        "pid": dead.pid,
+        "host": socket.gethostname(),
+        "pid_namespace": os.stat("/proc/self/ns/pid").st_ino,
+    }
+    # (a pid in another namespace, as in another container with this host name, is never judged dead)
+    moto_s3.put(bucket, ".s.parquet.lock", json.dumps({**record, "pid_namespace": 1}).encode())
+    with pytest.raises(UsageError, match="being written by another run"), RemoteLock(url, url):
+        pass
+    moto_s3.put(bucket, ".s.parquet.lock", json.dumps(record).encode())
     with RemoteLock(url, url) as taken:
         assert json.loads(moto_s3.get(bucket, ".s.parquet.lock"))["pid"] == os.getpid() and not taken.lost
     assert ".s.parquet.lock" not in moto_s3.keys(bucket)
