@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from perceptscore.errors import UsageError
+from perceptscore.folders import check_output_folder
 
 LIST_SUFFIXES = (".txt", ".lst")
 MANIFESTS = (".csv", ".parquet", ".jsonl")
@@ -61,5 +62,4 @@ def check_list_output(out: str) -> None:
         )
     if os.path.isdir(out):
         raise UsageError(f"-o {out!r} is a folder")
-    if not Path(out).parent.is_dir():
-        raise UsageError(f"output folder {str(Path(out).parent)!r} does not exist")
+    check_output_folder(out)

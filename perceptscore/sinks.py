@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 
 from perceptscore.errors import UsageError
+from perceptscore.folders import check_output_folder
 from perceptscore.formats import FORMATS, Format, format_of, meta_path
 
 
@@ -36,8 +37,8 @@ def check_output(out: str) -> None:
     output_format(out)
     if out != "-" and os.path.isdir(out):
         raise UsageError(f"-o {out!r} is a folder: name the file to write")
-    if out != "-" and not Path(out).parent.is_dir():
-        raise UsageError(f"output folder {str(Path(out).parent)!r} does not exist")
+    if out != "-":
+        check_output_folder(out)
 
 
 def remove_orphaned_partials(path: Path) -> None:

@@ -121,12 +121,7 @@ def test_eval_speaks_of_evaluation(
         ["rank", "SCORES", "-t", "mem", "-o", "MISSING/out.parquet"],
         ["filter", "SCORES", "--min-quality", "0", "-o", "MISSING/out.jsonl"],
         ["filter", "SCORES", "--min-quality", "0", "-o", "MISSING/kept.txt"],
-        pytest.param(
-            ["report", "SCORES", "-o", "MISSING/report.html"],
-            marks=pytest.mark.xfail(
-                strict=True, reason="commands/report.py still says 'report folder' (not this helper's file)"
-            ),
-        ),
+        ["report", "SCORES", "-o", "MISSING/report.html"],
         ["explain", "PHOTO", "-t", "mem", "-o", "MISSING/maps"],
         ["weights", "convert", "PHOTO", "MISSING/mem.safetensors", "-t", "mem"],
         ["eval", "SCORES", "-t", "mem", "-o", "MISSING/metrics.json"],

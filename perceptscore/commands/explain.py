@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from perceptscore._version import __version__
 from perceptscore.errors import DecodeError, UsageError
+from perceptscore.folders import check_output_folder
 from perceptscore.heatmap import METHODS
 from perceptscore.plan import ScoreOptions
 from perceptscore.replacing import PNG_SOFTWARE, refuse_replacing
@@ -66,8 +67,7 @@ def explain(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {str(out_dir)!r} is a file: name a folder for the heatmaps")
-    if not out_dir.parent.is_dir():
-        raise UsageError(f"output folder {str(out_dir.parent)!r} does not exist")
+    check_output_folder(out_dir)
     # The whole input list and every output name are settled before anything is written: a run never
     # explains its own outputs, and never writes over one of its inputs.
     sources = ScoreOptions([spec.name], recursive=recursive).sources(inputs, skip_folders=[str(out_dir)])

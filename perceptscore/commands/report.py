@@ -11,6 +11,7 @@ from typing import Any
 
 from perceptscore._version import __version__
 from perceptscore.errors import UsageError
+from perceptscore.folders import check_output_folder
 from perceptscore.replacing import refuse_replacing
 from perceptscore.report import ReportData, Row, TaskSection, gather
 from perceptscore.safety import refuse_overwriting_an_input
@@ -42,8 +43,7 @@ def check_report_output(out: str, inputs: Sequence[str], overwrite: bool = False
         raise UsageError(f"report {out!r}: name an .html file")
     if os.path.isdir(out):
         raise UsageError(f"report {out!r} is a folder: name the file to write")
-    if not Path(out).parent.is_dir():
-        raise UsageError(f"report folder {str(Path(out).parent)!r} does not exist")
+    check_output_folder(out)
     refuse_overwriting_an_input(out, inputs)
     refuse_replacing(out, "report", overwrite, option="report")
 
