@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -86,9 +87,12 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _reporter(total: int | None):  # type: ignore[no-untyped-def]
+def _reporter(total: int | None, rows_on_stdout: bool = False):  # type: ignore[no-untyped-def]
     from perceptscore.progress import Reporter
 
+    if rows_on_stdout and sys.stdout.isatty() and err_console.is_terminal:
+        # CSV rows on the same terminal: a live bar would draw over them. Only the summary, at the end.
+        return Reporter(Console(stderr=True, force_terminal=False), total, interval=float("inf"))
     # Off a terminal (cron, pipes) progress is a log line every PERCEPTSCORE_LOG_EVERY seconds.
     return Reporter(err_console, total, interval=float(os.environ.get("PERCEPTSCORE_LOG_EVERY", "30")))
 
@@ -157,8 +161,9 @@ def score(
 
     options = scoring.options(parse_tasks(task))
     guards = Safeguards(overwrite, allow_empty, DeleteLimit.parse(max_delete))
+    reporter = functools.partial(_reporter, rows_on_stdout=out == "-")
     outcome = run(
-        inputs or [], out, options, _reporter, resume, incremental, processes, restart, engine, ray_address,
+        inputs or [], out, options, reporter, resume, incremental, processes, restart, engine, ray_address,
         report, retry_errors, guards,
     )  # fmt: skip
     err_console.print(_summary(outcome, out, outcome.reused_from, retry_errors))
@@ -626,3 +631,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print(Text("interrupted", style="red"))
         sys.exit(130)
+    except Exception as exc:
+        from perceptscore.sinks import StdoutClosed, end_quietly_after_closed_stdout
+
+        if not isinstance(exc, StdoutClosed):
+            raise  # a bug: its traceback
+        sys.exit(end_quietly_after_closed_stdout())  # `score | head`: ends quietly, as a SIGPIPE would

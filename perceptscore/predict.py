@@ -6,6 +6,7 @@ the local engine's main process, a ``--processes`` child, a Ray actor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from perceptscore.preprocess import normalize
 from perceptscore.tasks import Preprocess, Task
 
 Model = Callable[[torch.Tensor], torch.Tensor]
+_log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -51,6 +53,8 @@ class Predictor:
     def from_plan(cls, plan: Any) -> Predictor:
         """Load every task's weights of a ``ScoringPlan`` onto its device, in its precision."""
         device = torch.device(plan.device)
+        for w in plan.weights:  # seconds and a GB or more each: worth a debug line (and a test's probe)
+            _log.debug("loading weights for %s from %s", w.task, w.path)
         models = {
             w.task: load_model(w.task, w.path, device=device, precision=plan.precision) for w in plan.weights
         }

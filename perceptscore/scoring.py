@@ -9,6 +9,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import pyarrow as pa
@@ -80,7 +81,10 @@ def scored(
             batch = pa.RecordBatch.from_pylist([row for _, row in taken], schema=schema)
             yield _matched([item for item, _ in taken], batch, passthrough)
 
-    with contextlib.closing(engine.run(plan, to_engine())) as batches:  # type: ignore[type-var]
+    feed = to_engine()
+    first = next(feed, None)  # every item reused (a quiet night): the engine never starts, no model loads
+    batches = engine.run(plan, chain([first], feed)) if first is not None else _no_batches()
+    with contextlib.closing(batches):  # type: ignore[type-var]
         for batch in batches:
             mine = [fed.popleft() for _ in range(batch.num_rows)]
             start = 0
@@ -93,6 +97,10 @@ def scored(
                     yield from reused_before(item.index)
             yield _matched(mine[start:], batch.slice(start), passthrough)
     yield from reused_before(None)
+
+
+def _no_batches() -> Iterator[pa.RecordBatch]:
+    yield from ()
 
 
 _REUSED_ROWS = 1024  # reused rows go on in batches of at most this many (one shard need not hold them all)

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import os
+import select
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,6 +89,37 @@ def create_new(path: Path) -> int:
         return os.open(path, flags, 0o666)
 
 
+SIGPIPE_EXIT = 141  # what a shell reports for a writer ended by SIGPIPE (128 + 13): `set -o pipefail` sees it
+
+
+class StdoutClosed(Exception):
+    """The reader of stdout went away (`score | head -1`): the end of a pipeline, not a user's mistake.
+    Not an ``OSError``: Click would turn a broken pipe into exit code 1, which here means error rows."""
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on such a write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are reported whatever is asked
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no stdout
+        return False
+
+
+def end_quietly_after_closed_stdout() -> int:
+    """Point stdout at /dev/null so the interpreter's last flush of what is still buffered cannot print
+    "Exception ignored ... BrokenPipeError"; the exit code of the SIGPIPE convention."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_EXIT
+
+
+def _stdout_closed(exc: OSError) -> bool:
+    return isinstance(exc, BrokenPipeError) or stdout_reader_gone()
+
+
 def _one_line(exc: OSError) -> str:
     return " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
 
@@ -127,6 +159,8 @@ class Sink:
                 sys.stdout.buffer.flush()  # a pipe reader sees rows as they are scored
         except OSError as exc:  # disk full, quota, file too large, output folder gone
             self.abort()
+            if self.path is None and _stdout_closed(exc):
+                raise StdoutClosed from None
             raise UsageError(f"cannot write {self.out!r}: {_one_line(exc)}") from None
 
     def close(self) -> None:
@@ -135,6 +169,8 @@ class Sink:
             self._close()
         except OSError as exc:
             self.abort()
+            if self.path is None and _stdout_closed(exc):
+                raise StdoutClosed from None
             raise UsageError(f"cannot write {self.out!r}: {_one_line(exc)}") from None
 
     def _close(self) -> None:

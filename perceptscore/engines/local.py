@@ -152,6 +152,10 @@ class LocalEngine:
         return plan.device
 
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
+        stream = iter(items)
+        first = next(stream, None)
+        if first is None:  # nothing to score (a --processes child dealt no block): no weights loaded
+            return
         if plan.cpu_threads:
             torch.set_num_threads(plan.cpu_threads)
         predictor = self.make_predictor(plan)
@@ -161,7 +165,8 @@ class LocalEngine:
         pin = torch.device(plan.device).type == "cuda"
         with isolating_worker_deaths():
             run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin)
-            yield from run.batches(prefetched(_bare(i) for i in items))  # remote objects: fetched ahead
+            # remote objects: fetched ahead
+            yield from run.batches(prefetched(_bare(i) for i in chain([first], stream)))
 
 
 class _Run:
