@@ -22,7 +22,7 @@ from perceptscore._text import shown
 from perceptscore.columns import ERROR, PATH
 from perceptscore.destinations import RemoteOutput
 from perceptscore.engines import Engine
-from perceptscore.errors import EngineFailed, PerceptScoreError, UsageError
+from perceptscore.errors import DecodeError, EngineFailed, PerceptScoreError, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
@@ -111,10 +111,10 @@ def score(
         sources = options.sources(inputs)
         old = remote.local_copy(incremental) if incremental else None
         previous = Previous.read(old, options.task_specs(), named=incremental) if old else None
-    earlier = _guard_output(out, destination is not None, incremental, old, options, guards)
     weights = options.weights()  # a missing weights file is reported before torch loads
     if destination is not None:
         destination.prepare()  # a bucket that refuses writes fails now, not after the run
+    earlier = _guard_output(out, destination is not None, incremental, old, options, guards)
     with contextlib.ExitStack() as stack:
         target, stop = out, None
         if out != "-":
@@ -204,7 +204,10 @@ def _replaced(out: str, remote_output: bool, incremental: str | None, copy: str 
         return Earlier(out, out) if os.path.exists(out) else None
     if incremental and copy and remote.normalized(incremental) == remote.normalized(out):
         return Earlier(copy, out)  # --incremental brought it already
-    return Earlier(remote.local_copy(out), out) if remote.exists(out) else None
+    try:
+        return Earlier(remote.local_copy(out), out) if remote.exists(out) else None
+    except DecodeError as exc:  # the store answered the probe, not this read: one line, as any failure
+        raise UsageError(f"cannot read -o {remote.without_secrets(out)}: {exc}") from None
 
 
 def _local(text: str) -> str:
