@@ -25,6 +25,7 @@ from perceptscore._text import shown
 from perceptscore.columns import PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_columns, read_provenance
+from perceptscore.sinks import write_atomic
 
 Kind = Literal["scores", "report", "heatmap", "list"]
 PNG_SOFTWARE = "perceptscore"  # the PNG text chunk ``Software`` explain writes into its heatmaps
@@ -110,13 +111,9 @@ def _list_is_ours(path: Path) -> bool:
 def mark_list(path: Path) -> None:
     """Record that the list at ``path`` is ours, as written (best effort: without the record, the next run
     asks for ``--overwrite``, nothing worse)."""
+    real = Path(os.path.realpath(path))
     with contextlib.suppress(OSError):
-        record = _record(Path(os.path.realpath(path)))
-        tmp = record.with_name(f"{record.name}.partial-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(_sha256(Path(os.path.realpath(path))) + "\n")
-        os.replace(tmp, record)
+        write_atomic(_record(real), f"{_sha256(real)}\n".encode())
 
 
 def _sha256(path: Path) -> str:

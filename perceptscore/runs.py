@@ -34,6 +34,7 @@ from perceptscore._text import redacted_command
 from perceptscore.columns import FILE_SIZE, PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.prefetch import stop_requested
+from perceptscore.sinks import one_line, write_atomic
 from perceptscore.sources import Item
 
 
@@ -92,7 +93,7 @@ class OutputLock:
             os.pwrite(self._fd, json.dumps(record).encode(), 0)
         except OSError as exc:  # a full disk or quota: the run could not save anything either
             self.__exit__()
-            raise UsageError(f"cannot write in {self.path.parent}: {_one_line(exc)}") from None
+            raise UsageError(f"cannot write in {self.path.parent}: {one_line(exc)}") from None
         return self
 
     def _open(self) -> int:
@@ -309,8 +310,8 @@ class ShardedRun:
         if os.path.isdir(self.folder) and (self.folder / "run.json").is_file():
             return
         self.folder.mkdir(mode=0o700)
-        _write_json(self.folder / "run.json", self.fingerprint)
-        _sync_folder(self.folder)
+        run = json.dumps(self.fingerprint, indent=2, sort_keys=True).encode()
+        write_atomic(self.folder / "run.json", run, durable=True)
 
     def pending(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items no shard holds yet. Every row a shard holds is checked against the inputs (a digest
@@ -380,7 +381,7 @@ class ShardedRun:
             self._create()
         except OSError as exc:
             shutil.rmtree(self.folder, ignore_errors=True)  # never a folder without a run.json
-            raise UsageError(f"cannot write in {self.folder.parent}: {_one_line(exc)}") from None
+            raise UsageError(f"cannot write in {self.folder.parent}: {one_line(exc)}") from None
         table = pa.Table.from_batches(self._batches).cast(self.schema)
         paths = table.column(PATH).to_pylist()
         info = {"first": first, "last": last, "first_path": paths[0], "paths_sha256": paths_digest(paths)}
@@ -397,7 +398,7 @@ class ShardedRun:
             if not self.shards:  # a run folder holding no row is no use to anyone: not left behind
                 shutil.rmtree(self.folder, ignore_errors=True)
             raise UsageError(
-                f"cannot write {self.out.name}'s shards in {self.folder}: {_one_line(exc)}"
+                f"cannot write {self.out.name}'s shards in {self.folder}: {one_line(exc)}"
             ) from None
         self.shards.append(Shard(first, last, paths[0], info["paths_sha256"], final))
         self._batches, self._indices = [], []
@@ -435,32 +436,6 @@ class ShardedRun:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """``path`` holds ``data`` whole, or keeps what it held: a temporary file, synced, then renamed."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _sync_folder(folder: Path) -> None:
-    """A rename is durable once its folder is synced (a power loss keeps the new name)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _check_ours(folder: Path) -> None:
     """A run folder is a real folder of this user's: never a link (``rmtree`` and shard writes would go
     where it points) and never another user's (whose shards this run would publish as its own)."""
@@ -469,7 +444,3 @@ def _check_ours(folder: Path) -> None:
         raise UsageError(f"{folder} is not a folder (a link or a file): remove it to run")
     if st.st_uid != os.geteuid():
         raise UsageError(f"{folder} belongs to uid {st.st_uid}, not to this user: remove it to run")
-
-
-def _one_line(exc: OSError) -> str:
-    return " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it

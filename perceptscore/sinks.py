@@ -66,16 +66,33 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """``path`` holds ``data`` whole, or keeps what it held: a new temporary file, renamed into place.
+    ``durable``: synced first, and the folder after the rename, so a power loss keeps it too."""
     path = Path(os.path.realpath(path))  # a symlink stays one: its target is replaced
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         with os.fdopen(create_new(tmp), "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """A rename is durable once its folder is synced (a power loss keeps the new name)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def create_new(path: Path) -> int:
@@ -120,7 +137,7 @@ def _stdout_closed(exc: OSError) -> bool:
     return isinstance(exc, BrokenPipeError) or stdout_reader_gone()
 
 
-def _one_line(exc: OSError) -> str:
+def one_line(exc: OSError) -> str:
     return " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
 
 
@@ -161,7 +178,7 @@ class Sink:
             self.abort()
             if self.path is None and _stdout_closed(exc):
                 raise StdoutClosed from None
-            raise UsageError(f"cannot write {self.out!r}: {_one_line(exc)}") from None
+            raise UsageError(f"cannot write {self.out!r}: {one_line(exc)}") from None
 
     def close(self) -> None:
         """Finish the file and move it under its name (the sidecar first, so data never lacks it)."""
@@ -171,7 +188,7 @@ class Sink:
             self.abort()
             if self.path is None and _stdout_closed(exc):
                 raise StdoutClosed from None
-            raise UsageError(f"cannot write {self.out!r}: {_one_line(exc)}") from None
+            raise UsageError(f"cannot write {self.out!r}: {one_line(exc)}") from None
 
     def _close(self) -> None:
         writer, self._writer = self._writer, None

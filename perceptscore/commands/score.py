@@ -86,12 +86,7 @@ def score(
                              "--incremental")  # fmt: skip
         retry_errors = remote.local_path(retry_errors)
     destination = RemoteOutput(out) if remote.is_remote(out) else None
-    allowed = [f for f in (incremental, retry_errors) if f]  # rewriting one of these is what was asked
-    if destination is None:
-        check_output(out)
-        refuse_overwriting_an_input(out, [*inputs, *allowed], allowed=allowed)
-    else:
-        refuse_writing_over_a_remote_input(out, inputs, allowed)
+    _check_outputs(out, destination, inputs, incremental, retry_errors, report, guards)
     if out == "-" and (resume or restart or incremental or retry_errors or (processes or 1) > 1):
         raise UsageError(
             "--resume, --restart, --incremental, --retry-errors and --processes need a file output "
@@ -99,31 +94,14 @@ def score(
         )
     if resume and restart:
         raise UsageError("choose one of --resume and --restart")
-    if report:
-        _check_report(report, out, inputs, guards.overwrite)
-    # bad inputs and outputs fail before seconds of model loading (and URLs are read with the storage
-    # options set: ``sources`` sets them)
-    if retry_errors:
-        old = remote.local_copy(retry_errors)
-        previous: Previous | None = Previous.read(old, options.task_specs(), keep=True, named=retry_errors)
-        sources = options.sources([old], retry_errors=True)
-    else:
-        sources = options.sources(inputs)
-        old = remote.local_copy(incremental) if incremental else None
-        previous = Previous.read(old, options.task_specs(), named=incremental) if old else None
+    # bad inputs and outputs fail before seconds of model loading
+    sources, previous, old = _read_inputs(options, inputs, incremental, retry_errors)
     weights = options.weights()  # a missing weights file is reported before torch loads
     if destination is not None:
         destination.prepare()  # a bucket that refuses writes fails now, not after the run
     earlier = _guard_output(out, destination is not None, incremental, old, options, guards)
     with contextlib.ExitStack() as stack:
-        target, stop = out, None
-        if out != "-":
-            # a symlinked output: its target is written and locked, the link kept
-            target = str(destination.local) if destination else os.path.realpath(out)
-            stack.enter_context(OutputLock(Path(target)))  # the lock before Ray, torch and the models load
-            if destination is not None:
-                stack.enter_context(destination.locked())  # other hosts too: a lock object in the store
-            stop = stack.enter_context(StopOnSignal())
+        target, stop = _locked(stack, out, destination)
         cluster = stack.enter_context(engines.create("ray", address=ray_address)) if engine == "ray" else None
         device = cluster.device(options.device) if cluster is not None else None
         plan_inputs = [retry_errors] if retry_errors else inputs
@@ -151,6 +129,50 @@ def score(
     outcome.notes[:0] = notes
     outcome.reused_from = incremental
     return outcome
+
+
+def _locked(
+    stack: contextlib.ExitStack, out: str, destination: RemoteOutput | None
+) -> tuple[str, StopOnSignal | None]:
+    """The file this run writes, locked (before Ray, torch and the models load), and the signal handler
+    that stops it cleanly; standard output needs neither."""
+    if out == "-":
+        return out, None
+    # a symlinked output: its target is written and locked, the link kept
+    target = str(destination.local) if destination else os.path.realpath(out)
+    stack.enter_context(OutputLock(Path(target)))
+    if destination is not None:
+        stack.enter_context(destination.locked())  # other hosts too: a lock object in the store
+    return target, stack.enter_context(StopOnSignal())
+
+
+def _check_outputs(
+    out: str, destination: RemoteOutput | None, inputs: Sequence[str], incremental: str | None,
+    retry_errors: str | None, report: str | None, guards: Safeguards,
+) -> None:  # fmt: skip
+    """The output (and the report) can be written, and is none of the inputs."""
+    allowed = [f for f in (incremental, retry_errors) if f]  # rewriting one of these is what was asked
+    if destination is None:
+        check_output(out)
+        refuse_overwriting_an_input(out, [*inputs, *allowed], allowed=allowed)
+    else:
+        refuse_writing_over_a_remote_input(out, inputs, allowed)
+    if report:
+        _check_report(report, out, inputs, guards.overwrite)
+
+
+def _read_inputs(
+    options: ScoreOptions, inputs: Sequence[str], incremental: str | None, retry_errors: str | None
+) -> tuple[Sources, Previous | None, str | None]:
+    """What to score, the rows to reuse (--retry-errors' or --incremental's), and the local copy of the
+    file they came from (URLs are read with the storage options set: ``sources`` sets them)."""
+    if retry_errors:
+        old = remote.local_copy(retry_errors)
+        previous = Previous.read(old, options.task_specs(), keep=True, named=retry_errors)
+        return options.sources([old], retry_errors=True), previous, old
+    old = remote.local_copy(incremental) if incremental else None
+    sources = options.sources(inputs)
+    return sources, Previous.read(old, options.task_specs(), named=incremental) if old else None, old
 
 
 def _refuse_engine_mistakes(
@@ -372,14 +394,7 @@ def _score_to_file(
     outcome.skipped = previous.skipped if previous else 0
     if counted.count == 0 and not guards.allow_empty:
         raise UsageError(no_images(plan.inputs, sources.ignored))
-    if earlier is not None and os.path.isfile(earlier.path):
-        try:
-            outcome.gone, total = rows_gone(earlier.path, run.found_paths(), plan.cwd)
-        except PerceptScoreError:
-            if not guards.overwrite:
-                raise
-        else:
-            refuse_dropping(earlier.named, outcome.gone, total, guards.max_delete)
+    outcome.gone = _rows_gone(earlier, run, plan.cwd, guards)
     about = provenance(plan, engine.describe(plan)) | {
         "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
         "seconds": round(time.monotonic() - started, 3),
@@ -428,6 +443,21 @@ def _fill(
             if stopped is None:
                 raise
             raise stopped from None
+
+
+def _rows_gone(earlier: Earlier | None, run: ShardedRun, cwd: str, guards: Safeguards) -> int | None:
+    """How many of ``earlier``'s rows this run drops (their files gone); refused past ``--max-delete``.
+    None without an earlier file, or with an unreadable one that ``--overwrite`` replaces."""
+    if earlier is None or not os.path.isfile(earlier.path):
+        return None
+    try:
+        gone, total = rows_gone(earlier.path, run.found_paths(), cwd)
+    except PerceptScoreError:
+        if not guards.overwrite:
+            raise
+        return None
+    refuse_dropping(earlier.named, gone, total, guards.max_delete)
+    return gone
 
 
 class _Counted:
