@@ -399,13 +399,18 @@ def _score_to_file(
         "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
         "seconds": round(time.monotonic() - started, 3),
     }  # fmt: skip
-    with Sink(plan.output, schema, about) as sink:
-        for table in run.tables(counted.count):
+    _assemble(run, counted.count, Sink(plan.output, schema, about), outcome)
+    outcome.ignored = sources.ignored
+    return outcome
+
+
+def _assemble(run: ShardedRun, rows: int, sink: Sink, outcome: Outcome) -> None:
+    """The output from the run's shards, in order, published whole; then the shards go."""
+    with sink:
+        for table in run.tables(rows):
             sink.write(table)
             outcome.count(table)
     run.remove()
-    outcome.ignored = sources.ignored
-    return outcome
 
 
 def _fill(
