@@ -76,6 +76,12 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         None,
     ),
+    "quiet": (
+        Annotated[
+            bool, typer.Option("-q", "--quiet", help="Print nothing but errors (no progress, no summary).")
+        ],
+        False,
+    ),
     "storage_options": (
         Annotated[
             str | None,
@@ -113,6 +119,7 @@ class ScoringArgs:
         checkpoints = parse_checkpoint_options(values.pop("checkpoint") or [], tasks)
         tar_fields = parse_fields(values.pop("tar_fields"))
         storage = Settings.parse(values.pop("storage_options"))
+        values.pop("quiet")  # the display's, not the run's
         return ScoreOptions(tasks=tasks, checkpoints=checkpoints, tar_fields=tar_fields, storage=storage,
                             **values)  # fmt: skip
 

@@ -28,6 +28,7 @@ Rows = tuple[list[int], pa.RecordBatch]  # the input indices of a batch's rows, 
 class Outcome:
     rows: int = 0
     errors: int = 0  # rows of the output that could not be scored
+    scored: int = 0  # rows scored by the model in this run, without error
     resumed: int = 0  # rows taken from an interrupted run's shards
     skipped: int = 0  # rows reused from --incremental's file (unchanged files)
     discarded: int = 0  # rows of an interrupted run discarded by --restart
@@ -57,9 +58,11 @@ def scored(
     items: Iterable[Item],
     passthrough: pa.Schema,
     previous: Previous | None = None,
+    starting: Callable[[], None] | None = None,
 ) -> Iterator[Rows]:
     """Every item's row, in input order: scored by ``engine``, or reused from ``previous``. Closing this
-    generator closes the engine's run (its worker processes end then, not at interpreter exit)."""
+    generator closes the engine's run (its worker processes end then, not at interpreter exit).
+    ``starting`` is called when the engine is about to start (a model about to load), if it does."""
     fed: deque[Item] = deque()  # sent to the engine, row not back yet
     reused: deque[tuple[Item, dict[str, Any]]] = deque()
     schema = core_schema(plan.task_specs())
@@ -83,6 +86,8 @@ def scored(
 
     feed = to_engine()
     first = next(feed, None)  # every item reused (a quiet night): the engine never starts, no model loads
+    if first is not None and starting is not None:
+        starting()
     batches = engine.run(plan, chain([first], feed)) if first is not None else _no_batches()
     with contextlib.closing(batches):  # type: ignore[type-var]
         for batch in batches:

@@ -497,6 +497,37 @@ class Sources:
                 return None
         return total
 
+    def counting(self, every: int = 500) -> Iterator[int] | None:
+        """A running count of the items, for a progress bar's total: local folders are walked (a second
+        listing, on the caller's thread, while the run reads the first), the rest counted as ``count``
+        does. None when some input cannot be counted cheaply (stdin, lists, shards, remote folders)."""
+        countable = ("file", "remote_file", "dir", "glob", "manifest")
+        if any(kind not in countable for kind, _ in self._plan) or self.count() is not None:
+            return None
+        if any(kind == "glob" and any(shards.is_shard(p) for p in value) for kind, value in self._plan):
+            return None
+        if any(kind == "manifest" and value.format.suffix != ".parquet" for kind, value in self._plan):
+            return None
+        return self._running_count(every)
+
+    def _running_count(self, every: int) -> Iterator[int]:
+        total = 0
+        for kind, value in self._plan:
+            if kind == "manifest":
+                total += pq.ParquetFile(value.path).metadata.num_rows
+            elif kind in ("file", "remote_file"):
+                total += 1
+            else:  # a folder, or a glob's matches (folders among them walked)
+                for path in [value] if kind == "dir" else value:
+                    if kind == "glob" and not os.path.isdir(path):
+                        total += 1
+                        continue
+                    for _ in _walk(path, self.recursive, None, self.follow_links, self.skip):
+                        total += 1
+                        if total % every == 0:
+                            yield total
+            yield total
+
 
 def _expanded(inputs: Sequence[str]) -> list[str]:
     """Brace lists expanded (``shards/{00000..00099}.tar``), unless a local file has that very name."""

@@ -30,7 +30,7 @@ def scores_parquet(
     out = tmp_path_factory.mktemp("scores") / "scores.parquet"
     done = run("score", photo_dir, "-t", "memorability,quality,emotion", *checkpoint_args, "-o", out)
     assert done.returncode == 0, done.stderr
-    assert "scored 6 files, 0 errors" in done.stderr
+    assert "6 scored, 0 errors" in done.stderr
     return out
 
 
@@ -183,7 +183,7 @@ def test_a_folder_with_bad_files_finishes_with_exit_code_1(
         out,
     )
     assert done.returncode == 1, done.stderr
-    assert "scored 4 files, 3 errors" in done.stderr
+    assert "1 scored, 3 errors" in done.stderr
     df = pd.read_csv(out)
     assert df.set_index(df["path"].map(lambda p: Path(p).name))["error"].notna().to_dict() == {
         "corrupt.jpg": True, "empty.jpg": True, "good.jpg": False, "text.jpg": True,

@@ -55,8 +55,43 @@ def test_off_a_terminal_progress_is_plain_log_lines(
                    "--batch-size", "2", "-o", tmp_path / "s.csv")  # fmt: skip
     finally:
         del os.environ["PERCEPTSCORE_LOG_EVERY"]
-    lines = done.stderr.splitlines()
-    assert [line.split(" files,")[0] for line in lines if line.startswith("scoring:")] == [
-        "scoring: 2", "scoring: 4", "scoring: 6"
-    ]  # fmt: skip
+    logged = [LOG_LINE.match(line) for line in done.stderr.splitlines()]
+    assert [int(m["done"]) for m in logged if m] == [2, 4, 6], done.stderr
     assert "\x1b[" not in done.stderr  # no terminal control codes in a log
+
+
+# 2026-12-06T13:06:36+00:00 scoring: 2/6 files (33%), 1.52 files/s, ETA 3s, 0 errors
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d scoring: (?P<done>\d+)(?P<total>/\d+\+?)? files"
+    r"(?: \(counting\))?(?: \((?P<percent>\d+)%\))?, (?P<rate>[\d.]+) files/s(?:, ETA (?P<eta>\w+))?, "
+    r"(?P<errors>\d+) errors$"
+)
+
+
+def test_log_lines_carry_the_total_percent_and_eta_when_the_total_is_known(
+    photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    files = sorted(photo_dir.iterdir())  # named one by one: the total is known before the first row
+    os.environ["PERCEPTSCORE_LOG_EVERY"] = "0"
+    try:
+        done = run("score", *files, "-t", "mem", "--checkpoint", release_checkpoints["memorability"][0],
+                   "--batch-size", "2", "-o", tmp_path / "s.csv")  # fmt: skip
+    finally:
+        del os.environ["PERCEPTSCORE_LOG_EVERY"]
+    logged = [m for m in map(LOG_LINE.match, done.stderr.splitlines()) if m]
+    assert [(m["done"], m["total"], m["percent"]) for m in logged] == [
+        ("2", "/6", "33"), ("4", "/6", "67"), ("6", "/6", "100")
+    ], done.stderr  # fmt: skip
+    assert all(m["eta"] for m in logged)
+    assert logged[-1]["eta"] == "0s"
+
+
+def test_a_folder_gets_a_bar_with_its_total_on_a_terminal(
+    photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:
+    ckpt = release_checkpoints["memorability"][0]
+    screen = run_in_pty("score", photo_dir, "-t", "mem", "--checkpoint", ckpt, "--batch-size", "2",
+                        "-o", tmp_path / "s.csv")  # fmt: skip
+    # the folder is counted while it is scored; the bar's last state has the total
+    assert "6/6 files" in screen, screen
+    assert "6 scored, 0 errors -> " in screen

@@ -123,7 +123,7 @@ def test_inputs_with_no_image_write_nothing_unless_allowed(tmp_path: Path, relea
         "score", tmp_path / "empty", "-t", "mem", "--checkpoint", ckpt, "-o", out, "--allow-empty"
     )
     assert code == 0, printed
-    assert pd.read_csv(out).empty and "scored 0 files" in printed
+    assert pd.read_csv(out).empty and "0 scored, 0 errors" in printed
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,7 @@ def test_a_no_images_refusal_keeps_the_rows_an_earlier_run_saved(
     assert len(list(parts.glob("shard-*.parquet"))) == 1  # the saved row is still there
     (tmp_path / "p0.jpg").rename(folder / "p0.jpg")
     code, printed = cli("score", folder, *args, "--max-delete", "all")
-    assert code == 0 and "scored 1 file" in printed and "3 gone since the last run" in printed, printed
+    assert code == 0 and "1 scored, 0 errors" in printed and "3 gone since the last run" in printed, printed
 
 
 def test_symlinked_outputs_run_on_night_one_and_lists_rerun(

@@ -81,4 +81,4 @@ def test_csv_on_a_terminal_gets_no_live_progress_bar(photo_dir: Path, release_ch
     lines = screen.replace("\r\n", "\n").splitlines()
     assert lines[0].startswith('"path","memorability"')
     assert sum(line.startswith(f'"{photo_dir}') for line in lines) == 6  # every row whole, on its own line
-    assert "scored 6 files, 0 errors" in screen
+    assert "6 scored, 0 errors" in screen

@@ -159,7 +159,7 @@ def test_incremental_scores_only_new_and_changed_files(
         command(photos, checkpoint, out, "--incremental", str(out)), env=ENV, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "scored 30 files, 0 errors" in done.stderr and "28 unchanged, reused from" in done.stderr
+    assert "2 scored, 0 errors, 28 reused" in done.stderr and "28 unchanged, reused from" in done.stderr
     after = pd.read_parquet(out)
     assert after["path"].tolist() == sorted(str(p) for p in photos.iterdir())
     new = after.set_index("path")["memorability"]

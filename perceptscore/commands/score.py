@@ -26,7 +26,7 @@ from perceptscore.errors import DecodeError, EngineFailed, PerceptScoreError, Us
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
-from perceptscore.progress import Reporter
+from perceptscore.progress import Reporter, weights_phase
 from perceptscore.provenance import provenance
 from perceptscore.replacing import (
     Safeguards,
@@ -316,6 +316,30 @@ def default_processes(device: str) -> int:
     return max(1, torch.cuda.device_count())
 
 
+@contextlib.contextmanager
+def _reporting(make_reporter: MakeReporter, sources: Sources) -> Iterator[Reporter]:
+    """The run's progress display; a folder's files are counted beside the run, for the bar's total."""
+    with make_reporter(sources.count()) as reporter:
+        reporter.count_in_background(sources.counting())
+        yield reporter
+
+
+def _loading(plan: ScoringPlan, reporter: Reporter) -> Callable[[], None]:
+    """What the display says while the model loads (only when one does: a quiet night loads none)."""
+
+    def starting() -> None:
+        reporter.phase(weights_phase([_size(w.path) for w in plan.weights]))
+
+    return starting
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def _score_to_stream(
     plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter, cluster: Engine | None,
     guards: Safeguards,
@@ -324,11 +348,13 @@ def _score_to_stream(
     schema = plan.schema(sources.passthrough)
     with (
         Sink("-", schema, provenance(plan)) as sink,
-        make_reporter(sources.count()) as reporter,
-        contextlib.closing(scored(engine, plan, sources, sources.passthrough)) as rows,
+        _reporting(make_reporter, sources) as reporter,
+        contextlib.closing(
+            scored(engine, plan, sources, sources.passthrough, None, _loading(plan, reporter))
+        ) as rows,
     ):
         consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
-    outcome.ignored = sources.ignored
+    outcome.ignored, outcome.scored = sources.ignored, outcome.rows - outcome.errors
     if outcome.rows == 0 and not guards.allow_empty:
         raise UsageError(no_images(plan.inputs, sources.ignored))
     return outcome
@@ -365,7 +391,7 @@ def _score_to_file(
     out, engine, outcome = Path(plan.output), _engine(plan, processes, cluster), Outcome()
     started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
     schema, tasks = plan.schema(sources.passthrough), plan.task_specs()
-    with make_reporter(sources.count()) as reporter:
+    with _reporting(make_reporter, sources) as reporter:
         while True:
             run = ShardedRun(out, schema, plan.fingerprint(), restart, strict=resume)
             if run.not_a_run:
@@ -380,7 +406,8 @@ def _score_to_file(
             counted = _Counted(sources)
             items = previous.tracked(counted) if previous is not None and previous.keep else counted
             try:
-                _fill(run, plan, engine, items, sources.passthrough, previous, reporter, stop)
+                fresh = Outcome()  # the rows this attempt scores (or reuses) itself
+                _fill(run, plan, engine, items, sources.passthrough, previous, reporter, stop, fresh)
                 break
             except InputsChanged:
                 if resume or "-" in plan.inputs:  # stdin cannot be read a second time
@@ -392,6 +419,7 @@ def _score_to_file(
                 previous.absorb(run.salvaged)
                 outcome.salvaged += run.salvaged.num_rows
     outcome.skipped = previous.skipped if previous else 0
+    outcome.scored = fresh.rows - fresh.errors - outcome.skipped
     if counted.count == 0 and not guards.allow_empty:
         raise UsageError(no_images(plan.inputs, sources.ignored))
     outcome.gone = _rows_gone(earlier, run, plan.cwd, guards)
@@ -422,8 +450,10 @@ def _fill(
     previous: Previous | None,
     reporter: Reporter,
     stop: StopOnSignal,
+    fresh: Outcome | None = None,
 ) -> None:
-    """Score what ``run`` does not hold yet into its shards; a stop signal saves the current shard."""
+    """Score what ``run`` does not hold yet into its shards, counting them into ``fresh``; a stop signal
+    saves the current shard."""
 
     def interrupted() -> Interrupted | None:
         if stop.signum is None:
@@ -435,9 +465,12 @@ def _fill(
 
     if run.saved_rows:
         reporter.advance(run.saved_rows, 0)
-    with contextlib.closing(scored(engine, plan, run.pending(items), passthrough, previous)) as rows:
+    starting = _loading(plan, reporter)
+    with contextlib.closing(
+        scored(engine, plan, run.pending(items), passthrough, previous, starting)
+    ) as rows:
         try:
-            consume(rows, reporter, run.add, stop=interrupted)
+            consume(rows, reporter, run.add, fresh, stop=interrupted)
         except EngineFailed as exc:
             run.flush()  # the rows the engine returned before it failed: the rerun continues after them
             saved = f"{run.saved_rows} rows saved in {run.folder}; run the same command again to continue"
@@ -533,10 +566,13 @@ def scored_rows(
     batches: list[pa.RecordBatch] = []
     outcome = Outcome()
     with (
-        make_reporter(sources.count()) as reporter,
-        contextlib.closing(scored(_engine(plan, 1), plan, sources, sources.passthrough)) as rows,
+        _reporting(make_reporter, sources) as reporter,
+        contextlib.closing(
+            scored(_engine(plan, 1), plan, sources, sources.passthrough, None, _loading(plan, reporter))
+        ) as rows,
     ):
         consume(rows, reporter, lambda _, batch: batches.append(batch), outcome)
+    outcome.scored = outcome.rows - outcome.errors
     frame = frame_of(pa.Table.from_batches(batches, schema=plan.schema(sources.passthrough)))
     outcome.ignored = sources.ignored
     return Scored(frame, provenance(plan), outcome)
