@@ -2,7 +2,9 @@
 
 Resolution order, first hit wins:
 ``--checkpoint`` > ``$PERCEPTSCORE_WEIGHTS`` folder > our converted cache > the hub's cache > a download
-(unless ``HF_HUB_OFFLINE``) > ``WeightsNotFoundError`` (exit code 3) saying what to fetch and where to put it.
+(unless ``HF_HUB_OFFLINE``) > ``MissingWeights`` (exit code 3): three lines, what is missing, what fixes it
+(for the command line a command, for Python the ``checkpoints=`` argument) and where the file comes from.
+``perceptscore weights import`` puts a file brought by hand into our converted cache.
 
 Downloads go through ``huggingface_hub``: its cache under ``HF_HOME``/``HF_HUB_CACHE``, its progress bar,
 ``HF_ENDPOINT``, and its resume of a dropped connection with a byte range. Since huggingface_hub 2 each
@@ -66,16 +68,57 @@ class Weights:
     origin: str
 
 
-def missing_message(task: Task, reason: str) -> str:
-    folder = os.environ.get(WEIGHTS_ENV)
-    where = (
-        f"into {folder} ($PERCEPTSCORE_WEIGHTS)" if folder else "into a folder named by $PERCEPTSCORE_WEIGHTS"
+class MissingWeights(WeightsNotFoundError):
+    """No weights for a task, worded twice: ``str()`` for Python (it names ``checkpoints=``), ``cli_lines``
+    for the command line (it names the command that fixes it). Raised deep in the library, it cannot know
+    who asked; the CLI's entry prints ``cli_lines`` when an error has them. Both travel in ``args``, so the
+    error survives pickling (process and Ray workers), and ``type(exc)(message)`` still works."""
+
+    def __init__(self, message: str, cli_message: str | None = None) -> None:
+        super().__init__(message, cli_message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def cli_lines(self) -> list[str] | None:
+        cli = self.args[1] if len(self.args) > 1 else None
+        return cli.split("\n") if cli else None
+
+
+def _home_short(path: Path) -> str:
+    """``/home/me/.cache/x`` -> ``~/.cache/x``: a message line stays short, and a shell expands it."""
+    home = str(Path.home())
+    text = str(path)
+    return "~" + text[len(home) :] if home != "/" and (text + "/").startswith(home + "/") else text
+
+
+def looked_in() -> str:
+    """The folders a task's file is looked for in, for the first line of the message."""
+    places = [_home_short(converted_cache())]
+    if os.environ.get(WEIGHTS_ENV):
+        places.insert(0, _home_short(Path(os.environ[WEIGHTS_ENV])))
+    return " and ".join(places)
+
+
+def missing_weights(task: Task, reason: str, reachable: bool = True) -> MissingWeights:
+    """At most three short lines: what is missing, the one thing that fixes it, where the file comes from.
+    ``reachable``: whether fetching may work from here (not after a failed download: then only an import)."""
+    what = f"no weights for task {task.name} ({reason}) in {looked_in()}"
+    source = f"file: {task.release.url} ({task.release.size})"
+    if reachable:
+        cli_fix = (
+            f"fix: perceptscore weights fetch {task.name}   (no network: perceptscore weights import FILE)"
+        )
+    else:
+        cli_fix = (
+            "fix: download the file below where the hub is reachable, then perceptscore weights import FILE"
+        )
+    python_fix = (
+        f'fix: download the file below and pass checkpoints={{"{task.name}": "PATH"}} '
+        '(load_model: checkpoint="PATH")'
     )
-    return (
-        f"no weights for task {task.name} ({reason}): run `perceptscore weights fetch {task.name}` "
-        f"on a machine that reaches the hub, or download {task.release.filename} ({task.release.size}) from "
-        f"{task.release.url} {where}, or pass --checkpoint {task.name}=PATH"
-    )
+    return MissingWeights("\n".join((what, python_fix, source)), "\n".join((what, cli_fix, source)))
 
 
 def local_candidates(task: Task) -> list[tuple[Path, str]]:
@@ -94,6 +137,36 @@ def local_candidates(task: Task) -> list[tuple[Path, str]]:
     return found
 
 
+@dataclass(frozen=True)
+class Place:
+    """One place a task's weights are looked for (``weights path``), in resolution order."""
+
+    origin: str
+    where: str  # a file, a folder, or for the download its address
+    found: bool
+    note: str = ""  # why the place is passed over, or when it is used
+
+
+def search_order(task: Task) -> list[Place]:
+    """Every place ``resolve`` looks for ``task``'s weights after ``--checkpoint``, in order, and whether a
+    file is there now (no network)."""
+    places: list[Place] = []
+    if os.environ.get(WEIGHTS_ENV):
+        folder = Path(os.environ[WEIGHTS_ENV])
+        for name in (f"{task.name}.safetensors", task.release.filename):
+            places.append(Place(f"${WEIGHTS_ENV}", str(folder / name), (folder / name).is_file()))
+    else:
+        places.append(Place(f"${WEIGHTS_ENV}", "", False, "not set"))
+    cached = converted_cache() / f"{task.name}.safetensors"
+    places.append(Place("converted cache", str(cached), cached.is_file()))
+    hit = hub_cached(task.release)
+    repo = hub_cache() / f"models--{task.release.repo_id.replace('/', '--')}"
+    places.append(Place("hub cache", str(hit or repo), hit is not None))
+    when = "off: HF_HUB_OFFLINE is set" if offline() else "when none of the above is there"
+    places.append(Place("download", task.release.url, False, when))
+    return places
+
+
 def resolve(task: Task, given: str | Path | None = None, download: bool = True) -> Weights:
     if given is not None:
         path = Path(given)
@@ -104,9 +177,9 @@ def resolve(task: Task, given: str | Path | None = None, download: bool = True) 
         if path.is_file():
             return Weights(task.name, path, origin)
     if not download:
-        raise WeightsNotFoundError(missing_message(task, "not downloaded yet"))
+        raise missing_weights(task, "not downloaded yet")
     if offline():
-        raise WeightsNotFoundError(missing_message(task, "HF_HUB_OFFLINE is set and nothing is cached"))
+        raise missing_weights(task, "HF_HUB_OFFLINE is set and nothing is cached")
     return Weights(task.name, fetch_release(task), "downloaded")
 
 
@@ -115,7 +188,7 @@ def fetch_release(task: Task) -> Path:
     try:
         return download(task.release)
     except DownloadError as exc:
-        raise WeightsNotFoundError(missing_message(task, f"download failed: {exc}")) from None
+        raise missing_weights(task, f"download failed: {exc}", reachable=False) from None
 
 
 class DownloadError(Exception):
@@ -172,10 +245,8 @@ def _check_resolves(endpoint: str, timeout: float = 5.0) -> None:
     thread.start()
     thread.join(timeout)
     if not outcome or outcome[0] is not None:
-        raise DownloadError(
-            f"cannot resolve {host} (no network or no DNS here): fetch the weights on a machine that has "
-            "a network, or set HF_ENDPOINT to a mirror you can reach; HF_HUB_OFFLINE=1 skips the hub"
-        )
+        # Short: it becomes part of the first line of a message whose next line says what to do.
+        raise DownloadError(f"cannot resolve {host}: no network or no DNS here, or HF_ENDPOINT is wrong")
 
 
 def _why(exc: Exception, release: Release) -> str:

@@ -109,11 +109,17 @@ def test_garbage_and_absent_files(tmp_path: Path) -> None:
 
 
 def test_no_checkpoint_names_where_to_get_one() -> None:
-    expected = (
-        r"perceptCLIP_IQA\.pth \(1\.23 GB\) from https://huggingface\.co/PerceptCLIP/PerceptCLIP_IQA/resolve/"
-    )
-    with pytest.raises(WeightsNotFoundError, match=expected):
+    """From Python the way out is an argument (``checkpoints=``), not a command line flag."""
+    with pytest.raises(WeightsNotFoundError) as raised:
         perceptscore.load_model("quality")
+    _, fix, source = str(raised.value).splitlines()
+    assert fix == (
+        'fix: download the file below and pass checkpoints={"quality": "PATH"} '
+        '(load_model: checkpoint="PATH")'
+    )
+    assert source == (
+        "file: https://huggingface.co/PerceptCLIP/PerceptCLIP_IQA/resolve/main/perceptCLIP_IQA.pth (1.23 GB)"
+    )
 
 
 def test_bad_device_and_precision_are_usage_errors(release_checkpoints) -> None:

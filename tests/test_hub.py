@@ -20,6 +20,7 @@ from release_reference import make_release_checkpoint
 from test_cli_score import EXE
 
 QUALITY = ("PerceptCLIP/PerceptCLIP_IQA", "perceptCLIP_IQA.pth")
+QUALITY_URL = "https://huggingface.co/PerceptCLIP/PerceptCLIP_IQA/resolve/main/perceptCLIP_IQA.pth"
 MEDIUM = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 3, "num_attention_heads": 6}
 
 
@@ -157,10 +158,10 @@ def test_offline_with_nothing_cached_exits_3_at_once(tmp_path: Path, photo_dir: 
     assert done.stderr.startswith(
         "error: no weights for task quality (HF_HUB_OFFLINE is set and nothing is cached)"
     )
-    assert (
-        "perceptscore weights fetch quality" in done.stderr and "perceptCLIP_IQA.pth (1.23 GB)" in done.stderr
-    )
-    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[1:] == [
+        "fix: perceptscore weights fetch quality   (no network: perceptscore weights import FILE)",
+        f"file: {QUALITY_URL} (1.23 GB)",
+    ]
     assert elapsed < 3.0  # ~0.5 s here: nothing heavy is imported before the weights are resolved
 
 
@@ -186,8 +187,12 @@ def test_each_hub_refusal_says_what_it_is_and_what_to_do(
     hub.refuse["/".join(QUALITY)] = (status, headers)
     done = perceptscore(env_for(tmp_path, hub), "weights", "fetch", "quality")
     assert done.returncode == 3, done.stderr
-    (line,) = done.stderr.strip().splitlines()  # one line: no retry log, no traceback
+    line, fix, source = done.stderr.strip().splitlines()  # three lines: no retry log, no traceback
     assert line.startswith("error: no weights for task quality (download failed: " + expected), line
+    assert fix == (
+        "fix: download the file below where the hub is reachable, then perceptscore weights import FILE"
+    )
+    assert source == f"file: {QUALITY_URL} (1.23 GB)"
 
 
 def test_an_unresolvable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
@@ -201,6 +206,7 @@ def test_an_unresolvable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
     done = perceptscore(env, "weights", "fetch", "quality")
     elapsed = time.monotonic() - start
     assert done.returncode == 3
-    (line,) = done.stderr.strip().splitlines()
-    assert "cannot resolve hub.perceptscore.invalid (no network or no DNS here)" in line
+    line, fix, _ = done.stderr.strip().splitlines()  # what failed, then the way round it: an import
+    assert "(download failed: cannot resolve hub.perceptscore.invalid: no network or no DNS here" in line
+    assert fix.endswith("then perceptscore weights import FILE")
     assert elapsed - offline < 8  # the look-up is bounded at 5 s; retrying it took 24 s
