@@ -3,6 +3,8 @@ ranked or selected, and the kept files written as rows, listed, copied or symlin
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +27,36 @@ from perceptscore.sinks import check_output
 from perceptscore.tasks import get_task
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """What rank sorts by (a numeric column), the tasks to score for it, and what a table shows beside it:
+    each task's score and each classifier's label."""
+
+    column: str
+    tasks: list[str]
+    scores: list[str]
+    labels: list[str]
+
+    @property
+    def shown(self) -> list[str]:
+        return [self.column, *self.scores, *self.labels]
+
+
+def ranking(task: str | None, by: str | None) -> Ranking:
+    """``-t TASK``: by its score; ``--by COLUMN`` (with or without -t): by that column."""
+    if task is None and by is None:
+        raise UsageError("rank needs -t TASK or --by COLUMN (e.g. --by emotion_awe)")
+    column = select.resolve_column(by, "--by") if by is not None else get_task(str(task)).sort_column
+    tasks = [*([get_task(task)] if task is not None else []), *select.tasks_of([column])]
+    tasks = list({t.name: t for t in tasks}.values())
+    scores = [t.sort_column for t in tasks if t.sort_column != column]
+    labels = [t.name for t in tasks if t.labels]
+    return Ranking(column, [t.name for t in tasks], scores, labels)
+
+
 def ranked(
     inputs: Sequence[str] | None,
-    task: str,
+    plan: Ranking,
     options: ScoreOptions,
     make_reporter: MakeReporter,
     top: int,
@@ -35,15 +64,48 @@ def ranked(
     out: str | None = None,
     overwrite: bool = False,
 ) -> tuple[pd.DataFrame, Scored]:
-    """The top rows by one task's score, and the rows they were taken from."""
-    spec = get_task(task)
+    """The top rows by ``plan``'s column, and the rows they were taken from."""
     if out is not None:
         check_output(out)
         refuse_overwriting_an_input(out, inputs or [])
         refuse_replacing(out, "scores", overwrite)
     scored = scored_rows(inputs, options, make_reporter)
-    select.require_columns(scored.frame, [spec], "input")
-    return select.rank(scored.frame, spec, top, ascending), scored
+    select.require_columns(scored.frame, [plan.column, *plan.scores], "input", text=plan.labels)
+    return select.rank(scored.frame, plan.column, top, ascending), scored
+
+
+def column_options(
+    args: Sequence[str], known: Sequence[str] = ()
+) -> tuple[list[str], dict[str, float], dict[str, float]]:
+    """``filter``'s arguments as Typer passed them through (options it does not declare are kept among
+    the inputs) -> (the inputs, minimum and maximum per column). ``--min-COLUMN X``, ``--max-COLUMN X``
+    and ``--min-COLUMN=X`` for any numeric column (checked later, with the rest of the criteria); any
+    other option is one line, with the likely one from ``known`` (the command's own options)."""
+    inputs: list[str] = []
+    bounds: dict[str, dict[str, float]] = {"min": {}, "max": {}}
+    tokens = iter(args)
+    for token in tokens:
+        if token == "-" or not token.startswith("-"):
+            inputs.append(token)
+            continue
+        option, eq, value = token.partition("=")
+        side, _, column = option[2:].partition("-")
+        if not option.startswith("--") or side not in bounds or not column:
+            hint = difflib.get_close_matches(option, known, n=1)
+            raise UsageError(f"no such option: {option}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+        value = value if eq else next(tokens, "")
+        bounds[side][column] = _number(option, value)
+    return inputs, bounds["min"], bounds["max"]
+
+
+def _number(option: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if math.isnan(number):
+        raise UsageError(f"{option} needs a number, got {value!r}" if value else f"{option} needs a number")
+    return number
 
 
 @dataclass
@@ -51,6 +113,7 @@ class Kept:
     rows: pd.DataFrame
     scored: Scored
     placed: int = 0
+    already: int = 0  # files found already placed (a rerun), not placed again
     failed: list[str] = field(default_factory=list)  # files that could not be copied or symlinked
     unlisted: list[str] = field(default_factory=list)  # names a line-based list cannot hold
 
@@ -84,17 +147,12 @@ def keep(
         refuse_overwriting_an_input(out, inputs or [])
         refuse_replacing(out, "scores" if format_of(out) is not None else "list", overwrite)
     scored = scored_rows(inputs, options, make_reporter)
-    select.require_columns(scored.frame, criteria.tasks(), "input")
+    labels = ["emotion"] if criteria.emotions else []
+    select.require_columns(scored.frame, criteria.columns(), "input", text=labels)
     kept = Kept(select.select(scored.frame, criteria), scored)
     folder = copy_to or symlink_to
     if folder is not None:
-        files, kept.failed = _still_as_scored(kept.rows, scored)
-        placement = select.place(files, folder, symlink=symlink_to is not None)
-        kept.placed, kept.failed = len(placement.placed), kept.failed + placement.failed
-        try:
-            select.write_placement_map(folder, placement.placed)
-        except OSError as exc:
-            kept.failed.append(f"{folder}/perceptscore-placed.csv: {exc.strerror or exc}")
+        _place(kept, folder, symlink_to is not None)
     if out and format_of(out) is not None:
         write_rows(kept.rows, out, scored.provenance)
     elif out:
@@ -104,6 +162,19 @@ def keep(
         listed = [p for p in paths if p not in unlisted]
         write_list(listed, out, "\0" if print0 else "\n")
     return kept
+
+
+def _place(kept: Kept, folder: Path, symlink: bool) -> None:
+    """Kept files that are still as scored, copied or linked into ``folder`` (those already there
+    counted), and the folder's record of them brought up to date."""
+    files, kept.failed = _still_as_scored(kept.rows, kept.scored)
+    placement = select.place(files, folder, symlink=symlink)
+    kept.placed, kept.already = placement.placed, placement.already
+    kept.failed += placement.failed
+    try:
+        select.write_placement_map(folder, placement.mapped)
+    except OSError as exc:
+        kept.failed.append(f"{folder}/{select.RECORD}: {exc.strerror or exc}")
 
 
 def _still_as_scored(rows: pd.DataFrame, scored: Scored) -> tuple[list[tuple[str, str]], list[str]]:
