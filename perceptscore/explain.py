@@ -18,7 +18,9 @@ Two methods, both on the model's explicit-attention path (``PerceptModel.recordi
 
 Maps are computed per crop of the task's own preprocessing (so on exactly what the score saw) and pasted
 back into the resized image at the crop's offset; where crops overlap (quality's 15) they are averaged,
-where none reached (outside memorability's centre crop) the map is NaN. ``Explainer`` computes in fp32 on
+where none reached (outside memorability's centre crop) the map is NaN. That plain average is the raw map
+(``--raw``); the picture draws ``display``, the same crops blended with weights that fall towards each
+crop's edges, so that no crop's border shows as a step. ``Explainer`` computes in fp32 on
 every device unless asked otherwise (most of the backward's gradients are fp16 subnormals) and runs
 the crops of several images in one batch.
 """
@@ -110,10 +112,20 @@ class Explanation:
     label: str | None  # emotion: the explained class
     map: np.ndarray
     image: Image.Image
+    # The map to draw: the crops blended smoothly (``blend``), NaN where ``map`` is; None: draw ``map``.
+    display: np.ndarray | None = None
 
     def caption(self) -> str:
         what = f"{self.task} {self.label} {self.score:.3f}" if self.label else f"{self.task} {self.score:.4f}"
         return f"{what} - {self.method} ({self.target})"
+
+    def legend(self) -> str:
+        """What the colours mean, in words, for the colour bar's title."""
+        if self.method == "attention-shift":
+            return "where fine-tuning moved the model's attention, compared with base CLIP"
+        if self.label:
+            return f"evidence for {self.label}"
+        return f"what the {self.task} score depended on, raising or lowering it"
 
 
 def explain_image(
@@ -184,23 +196,35 @@ def explain_images(
     raws = torch.cat([out for _, out in pairs])  # the scores, from the same forward passes
     explanations, start = [], 0
     for (resized, offsets), n in zip(views, counts, strict=True):
-        raw = raws[start : start + n].mean(dim=0)
-        values = task.values(raw.cpu().numpy()[None])
-        chosen: str | None = None
-        if task.labels:
-            chosen = task.labels[int(targets[start]) if targets is not None else int(raw.argmax())]
-            score, target = float(values[f"{task.name}_{chosen}"][0]), f"logit of {chosen}"
-        else:
-            score, target = float(values[task.name][0]), SCORE_TARGET
-        if method == "attention-shift":
-            target = "last layer's class-token attention, fine-tuned minus base CLIP"
-        explanations.append(Explanation(
-            task=task.name, method=method, target=target, score=score, label=chosen,
-            map=paste(grids[start : start + n], offsets, spec.crop, resized.shape[:2]),
-            image=Image.fromarray(resized),
-        ))  # fmt: skip
+        target = int(targets[start]) if targets is not None else None
+        explanations.append(_explanation(task, method, resized, offsets, grids[start : start + n],
+                                         raws[start : start + n], target))  # fmt: skip
         start += n
     return explanations
+
+
+def _explanation(
+    task: Task, method: str, resized: np.ndarray, offsets: list[tuple[int, int]], grids: torch.Tensor,
+    raws: torch.Tensor, target: int | None,
+) -> Explanation:  # fmt: skip
+    """One image's explanation from its crops' maps and raw outputs (``target``: the class explained,
+    None for the prediction)."""
+    raw = raws.mean(dim=0)
+    values = task.values(raw.cpu().numpy()[None])
+    chosen: str | None = None
+    if task.labels:
+        chosen = task.labels[target if target is not None else int(raw.argmax())]
+        score, what = float(values[f"{task.name}_{chosen}"][0]), f"logit of {chosen}"
+    else:
+        score, what = float(values[task.name][0]), SCORE_TARGET
+    if method == "attention-shift":
+        what = "last layer's class-token attention, fine-tuned minus base CLIP"
+    crop, shape = task.preprocess.crop, resized.shape[:2]
+    return Explanation(
+        task=task.name, method=method, target=what, score=score, label=chosen,
+        map=paste(grids, offsets, crop, shape), image=Image.fromarray(resized),
+        display=blend(grids, offsets, crop, shape),
+    )  # fmt: skip
 
 
 def _targets(
@@ -236,6 +260,32 @@ def paste(
         count[top : top + crop, left : left + crop] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+def window(crop: int) -> np.ndarray:
+    """(crop, crop) blending weights: a Hann window per axis (sine squared, at pixel centres), 1 at the
+    centre, falling to ~5e-5 at the edges: a crop enters a blend with almost no weight (quadratically: no
+    kink either), yet never 0, so a pixel one crop alone covers keeps that crop's value."""
+    bump = np.sin(np.pi * (np.arange(crop) + 0.5) / crop) ** 2
+    return np.outer(bump, bump)
+
+
+def blend(
+    grids: torch.Tensor, offsets: list[tuple[int, int]], crop: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """Like ``paste``, but each crop weighted by ``window``: where another crop begins, it enters with a
+    weight near 0 and grows towards its centre, so the blend has no step at any crop's border (averaging
+    shows each border as one). Equal crops blend to exactly their value; pixels no crop covers are NaN."""
+    pixels = F.interpolate(grids[:, None].float(), size=(crop, crop), mode="bilinear", align_corners=False)
+    pixels = pixels[:, 0].cpu().numpy().astype(np.float64)
+    weights = window(crop)
+    total = np.zeros(shape, dtype=np.float64)
+    weight = np.zeros(shape, dtype=np.float64)
+    for (top, left), values in zip(offsets, pixels, strict=True):
+        total[top : top + crop, left : left + crop] += values * weights
+        weight[top : top + crop, left : left + crop] += weights
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / weight, np.nan).astype(np.float32)
 
 
 class Explainer:

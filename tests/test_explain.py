@@ -17,7 +17,7 @@ import perceptscore
 from perceptscore.checkpoints import load_model, save_converted
 from perceptscore.cli import app
 from perceptscore.explain import Explainer, attention_shift_maps, paste, relevance_maps
-from perceptscore.heatmap import BAR, CAPTION, DIMMED
+from perceptscore.heatmap import MIN_WIDTH, hatched
 from perceptscore.images import decode
 from perceptscore.preprocess import random_crop_offsets, resize
 from perceptscore.tasks import get_task
@@ -220,10 +220,11 @@ def test_explain_writes_an_upright_overlay_and_the_raw_map(release_checkpoints, 
     assert heat.shape == (336, 224) and heat.dtype == np.float32
     assert np.isnan(heat[:56]).all() and np.isnan(heat[280:]).all() and np.isfinite(heat[56:280]).all()
     picture = np.asarray(Image.open(png).convert("RGB"))
-    assert picture.shape == (300 + CAPTION, 200 + BAR, 3)
+    # the photo at the top left; the legend below it, on a canvas wide enough for its words
+    assert picture.shape[1] == MIN_WIDTH and picture.shape[0] > 300 + 60
     upright = np.asarray(Image.open(photo).convert("RGB").transpose(Image.Transpose.ROTATE_270), dtype=float)
-    # rows the model never saw are the upright photo, dimmed: not the stored (sideways) one
-    np.testing.assert_allclose(picture[:30, :200], np.round(upright[:30] * DIMMED), atol=1)
+    # rows the model never saw are the upright photo, hatched: not the stored (sideways) one
+    np.testing.assert_allclose(picture[:30, :200], np.round(hatched(upright)[:30]), atol=1)
     assert np.abs(picture[150, :200] - upright[150]).mean() > 5  # the rows it saw are tinted
     assert "memorability" in result.output and str(png) in result.output
 
@@ -324,6 +325,8 @@ def test_a_pil_image_is_turned_upright_like_a_file(release_checkpoints, rotated_
         (["-t", "memorability", "-o", "FILE"], "is a file"),
         (["-t", "memorability", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["-t", "memorability", "--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+        (["-t", "mem", "--checkpoint", "quality=q.pth"], "this run explains memorability"),
+        (["-t", "mem", "--checkpoint", "memorabilty=m.pth"], "did you mean 'memorability'"),
     ],
 )
 def test_explain_usage_mistakes_are_one_line_and_exit_2(rotated_photo, tmp_path, args, message) -> None:

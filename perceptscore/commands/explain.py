@@ -43,7 +43,7 @@ def explain(
     method: str = "relevance",
     label: str | None = None,
     raw: bool = False,
-    checkpoint: str | None = None,
+    checkpoint: str | Sequence[str] | None = None,
     device: str = "auto",
     precision: str = "auto",
     batch_size: int | None = None,
@@ -54,8 +54,10 @@ def explain(
     them) into ``out_dir``: ``<name>.<task>.<method>.png`` (a name used twice gets ``-1``, ``-2``), and
     ``.npy`` beside it with ``raw``. Bad inputs and options fail before the model loads, and so does a name
     that would write over one of the inputs; ``out_dir`` inside a folder given is not walked. A file that
-    cannot be decoded is an ``Explained`` with its error, and the run goes on."""
+    cannot be decoded is an ``Explained`` with its error, and the run goes on. ``checkpoint``: the
+    ``--checkpoint`` values, ``PATH`` or ``TASK=PATH`` as ``score`` reads them."""
     spec = get_task(task)
+    weights = checkpoint_of(spec.name, checkpoint)
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}; choose {' or '.join(METHODS)}")
     if label is not None and label not in (spec.labels or ()):
@@ -76,8 +78,25 @@ def explain(
     for png in (entry.png for entry in planned if entry.png is not None):  # an earlier run's maps: replaced
         for path in (png, png.with_suffix(".npy")) if raw else (png,):
             refuse_replacing(path, "heatmap", overwrite)
-    return _explain_all(planned, spec.name, out_dir, method, label, raw, checkpoint, device, precision,
+    return _explain_all(planned, spec.name, out_dir, method, label, raw, weights, device, precision,
                         batch_size)  # fmt: skip
+
+
+def checkpoint_of(task: str, values: str | Sequence[str] | None) -> str | None:
+    """The weights file ``--checkpoint`` names for ``task``, read by ``score``'s parser (``PATH``, or
+    ``TASK=PATH`` with any of the task's names; a mistyped task is a 'did you mean'). Weights for another
+    task are refused: the run would silently load this task's default weights instead."""
+    from perceptscore.tasks import parse_checkpoint_options
+
+    given = [values] if isinstance(values, str) else list(values or [])
+    parsed = parse_checkpoint_options(given, [task])
+    for other, path in parsed.items():
+        if other != task:
+            raise UsageError(
+                f"--checkpoint {other}={path}: this run explains {task}; "
+                f"pass {task}'s weights (--checkpoint {task}=PATH or --checkpoint PATH)"
+            )
+    return parsed.get(task)
 
 
 @dataclass
@@ -187,12 +206,14 @@ def _explain_all(
     yield from _write(group, explainer, method, label, raw)
 
 
-def _signed() -> Any:
-    """The PNG text chunk that tells a later run this heatmap is perceptscore's to replace."""
+def _signed(description: str) -> Any:
+    """The PNG text chunks: ``Software`` tells a later run this heatmap is perceptscore's to replace;
+    ``Description`` says in words what the picture shows (for screen readers and image catalogues)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("Software", f"{PNG_SOFTWARE} {__version__}")
+    info.add_itxt("Description", description)  # international text: a class or path may not be Latin-1
     return info
 
 
@@ -201,7 +222,9 @@ def _write(
     label: str | None, raw: bool,
 ) -> Iterator[Explained]:  # fmt: skip
     """Explain a group's pictures in one call, then write each heatmap (and ``.npy``) in input order."""
-    from perceptscore.heatmap import overlay
+    import numpy as np
+
+    from perceptscore.heatmap import legend_lines, overlay
 
     pictures = [p for _, p in group if not isinstance(p, str)]
     results = iter(explainer.explain_many(pictures, label))
@@ -212,14 +235,15 @@ def _write(
         png = entry.png
         assert png is not None  # planned for every item that decoded
         result = next(results)
-        image = overlay(picture, result.map, signed=METHODS[method], caption=result.caption())
+        shown = result.display if result.display is not None else result.map
+        image = overlay(picture, shown, METHODS[method], result.caption(), legend=result.legend())
+        unseen = not np.isfinite(shown).all()
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=_signed())
+        words = "; ".join([result.caption(), *legend_lines(METHODS[method], result.legend(), unseen)])
+        image.save(buffer, format="PNG", pnginfo=_signed(words))
         write_atomic(png, buffer.getvalue())
         npy = None
         if raw:
-            import numpy as np
-
             npy = png.with_suffix(".npy")
             buffer = io.BytesIO()
             np.save(buffer, result.map, allow_pickle=False)
