@@ -1,4 +1,5 @@
-"""The options every scoring command shares (score, rank, filter, eval), declared once.
+"""The options every scoring command shares (score, rank, filter, eval), declared once; and how every
+command's help reads (``Command``: panels in one order, metavars people read, help text shown literally).
 
 ``@scoring_options`` appends them to a Typer command's signature and hands the command one ``ScoringArgs``
 (parameter ``scoring``) instead of eight arguments; ``ScoringArgs.options(tasks)`` is the library's
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 # name -> (Typer annotation, default)
 _OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -22,48 +25,101 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         Annotated[
             list[str] | None,
             typer.Option(
-                "--checkpoint", help="Weights: TASK=PATH (repeatable), or PATH when one task is asked."
+                "--checkpoint",
+                help="Weights: TASK=PATH (repeatable), or PATH when one task is asked.",
+                metavar="[TASK=]PATH",
+                rich_help_panel="Model",
             ),
         ],
         None,
     ),
     "batch_size": (
-        Annotated[int | None, typer.Option(help="Images per batch.", show_default="64 on CUDA, 8 on CPU")],
+        Annotated[
+            int | None,
+            typer.Option(
+                help="Images per batch.",
+                show_default="64 on CUDA, 8 on CPU",
+                metavar="N",
+                rich_help_panel="Performance",
+            ),
+        ],
         None,
     ),
-    "device": (Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")], "auto"),
+    "device": (
+        Annotated[
+            str, typer.Option(help="auto, cpu, cuda or cuda:N.", metavar="DEVICE", rich_help_panel="Model")
+        ],
+        "auto",
+    ),
     "precision": (
-        Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")],
+        Annotated[
+            str,
+            typer.Option(
+                help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.",
+                metavar="PRECISION",
+                rich_help_panel="Model",
+            ),
+        ],
         "auto",
     ),
     "workers": (
         Annotated[
-            int | None, typer.Option(help="Decode worker processes.", show_default="by device and cores")
+            int | None,
+            typer.Option(
+                help="Decode worker processes.",
+                show_default="by device and cores",
+                metavar="N",
+                rich_help_panel="Performance",
+            ),
         ],
         None,
     ),
     "path_column": (
-        Annotated[str | None, typer.Option(help="Manifest column holding the paths.", show_default="path")],
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Manifest column holding the paths.",
+                show_default="path",
+                metavar="COLUMN",
+                rich_help_panel="Inputs",
+            ),
+        ],
         None,
     ),
-    "recursive": (Annotated[bool, typer.Option(help="Descend into sub-folders of folder inputs.")], True),
+    "recursive": (
+        Annotated[
+            bool, typer.Option(help="Descend into sub-folders of folder inputs.", rich_help_panel="Inputs")
+        ],
+        True,
+    ),
     "follow_links": (
         Annotated[
-            bool, typer.Option(help="Follow linked folders that lead outside the folder being walked.")
+            bool,
+            typer.Option(
+                help="Follow linked folders that lead outside the folder being walked.",
+                rich_help_panel="Inputs",
+            ),
         ],
         False,
     ),
     "max_pixels": (
         Annotated[
             int,
-            typer.Option(help="Refuse larger images (an error row): decoding one costs ~4 bytes a pixel."),
+            typer.Option(
+                help="Refuse larger images (an error row): decoding one costs ~4 bytes a pixel.",
+                metavar="N",
+                rich_help_panel="Inputs",
+            ),
         ],
         89_478_485,  # Pillow's own limit (images.MAX_PIXELS)
     ),
     "fast_decode": (
         Annotated[
             bool,
-            typer.Option(help="JPEG draft decoding: 4-6x faster on large photos, scores shift slightly."),
+            typer.Option(
+                help="JPEG draft decoding: 4-6x faster on large photos, scores shift slightly.",
+                rich_help_panel="Performance",
+            ),
         ],
         False,
     ),
@@ -71,14 +127,22 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         Annotated[
             str | None,
             typer.Option(
-                help="Columns tar rows bring besides shard and key: txt, json, json.NAME (comma-separated)."
+                help="Columns tar rows bring besides shard and key: txt, json, json.NAME (comma-separated).",
+                metavar="FIELDS",
+                rich_help_panel="Inputs",
             ),
         ],
         None,
     ),
     "quiet": (
         Annotated[
-            bool, typer.Option("-q", "--quiet", help="Print nothing but errors (no progress, no summary).")
+            bool,
+            typer.Option(
+                "-q",
+                "--quiet",
+                help="Print nothing but errors (no progress, no summary).",
+                rich_help_panel="Output",
+            ),
         ],
         False,
     ),
@@ -86,7 +150,9 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         Annotated[
             str | None,
             typer.Option(
-                help="JSON options for fsspec (s3://, gs://, az://, or keyed by scheme); never written."
+                help="JSON options for fsspec (s3://, gs://, az://, or keyed by scheme); never written.",
+                metavar="JSON",
+                rich_help_panel="Remote",
             ),
         ],
         None,
@@ -139,6 +205,69 @@ def scoring_options(command: Callable[..., None]) -> Callable[..., None]:
         scoring = ScoringArgs({name: kwargs.pop(name) for name in _OPTIONS})
         command(**kwargs, scoring=scoring)
 
-    wrapper.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+    ordered = _in_panel_order(own + shared)
+    wrapper.__signature__ = signature.replace(parameters=ordered)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in ordered}
     return wrapper
+
+
+# The panels of a command's help, in the order a person needs them; options of no panel go last.
+PANELS = ("Inputs", "Thresholds", "Output", "Model", "Performance", "Remote", "Ray")
+
+
+def _panel(parameter: inspect.Parameter) -> str | None:
+    info = next(
+        (m for m in getattr(parameter.annotation, "__metadata__", ()) if hasattr(m, "rich_help_panel")), None
+    )
+    return info.rich_help_panel if info is not None else None
+
+
+def _in_panel_order(parameters: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """Help lists panels in the order their first option comes: sort by panel (stable within one)."""
+
+    def rank(p: inspect.Parameter) -> int:
+        panel = _panel(p)
+        return PANELS.index(panel) if panel in PANELS else len(PANELS)
+
+    arguments = [p for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    return arguments + sorted((p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY), key=rank)
+
+
+class Command(TyperCommand):
+    """Every command's help: a flag shows no type (Typer's ``<bool>``), a value shows its metavar (``FILE``,
+    ``N``; by default the option's name in capitals, never ``<list[str]>``), and help text is shown as
+    written: ``[ray]`` and ``photo[1].jpg`` are not Rich markup."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _readable(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The same for a group's own options (``perceptscore -h``: ``--version``, completion)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _readable(super().get_params(ctx))
+
+
+def _readable(params: list[Any]) -> list[Any]:
+    for param in params:
+        if not getattr(param, "_readable", False):
+            _make_readable(param)
+    return params
+
+
+def _make_readable(param: Any) -> None:
+    flag = bool(getattr(param, "is_flag", False))
+    # an argument's name is its metavar already ("INPUTS"): no second column saying it again
+    shown = (
+        None if flag or isinstance(param, TyperArgument) else (param.metavar or (param.name or "").upper())
+    )
+    if param.name == "help":
+        param.rich_help_panel = "Help"  # type: ignore[attr-defined]  # last, not a panel of its own first
+    if flag and param.default is False and param.name != "help":
+        param.show_default = False  # type: ignore[union-attr]  # "[default: no-overwrite]" says nothing
+    param.display_type_rich = lambda ctx: shown  # type: ignore[method-assign, union-attr]
+    help_text = getattr(param, "help", None)
+    if help_text:
+        param.help = escape(help_text)  # type: ignore[union-attr]
+    param._readable = True  # type: ignore[attr-defined]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -12,22 +14,29 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from perceptscore._cli_options import ScoringArgs, scoring_options
+from perceptscore._cli_options import Command, Group, ScoringArgs, scoring_options
 from perceptscore._text import redact, shown
 from perceptscore._version import __version__
 from perceptscore.errors import PerceptScoreError
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="perceptscore",
     help="Score image collections for memorability, quality and emotion with PerceptCLIP.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
+    cls=Group,
 )
 # No markup: paths and messages are shown as they are ("photo[1].jpg", "[Errno 27]"); never wrapped, so a
 # path is never broken across lines.
 console = Console(highlight=False, soft_wrap=True, markup=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def _examples(*lines: str) -> str:
+    """A command's examples, at the bottom of its help (``\\b``: Click keeps these lines as written)."""
+    return "Examples:\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _show_version(value: bool) -> None:
@@ -53,6 +62,7 @@ Inputs = Annotated[
         help="Image files, folders (recursive), globs, @list.txt, - (paths on stdin), .parquet/.csv/.jsonl "
         "manifests, or scores files written by `score`.",
         show_default=False,
+        metavar="INPUTS",
     ),
 ]
 ScoreInputs = Annotated[
@@ -61,6 +71,7 @@ ScoreInputs = Annotated[
         help="Image files, folders (recursive), globs, @list.txt, - (paths on stdin), .parquet/.csv/.jsonl "
         "manifests, .tar shards (shards/{00000..00099}.tar); any as a URL (s3://bucket/prefix/, https://).",
         show_default=False,
+        metavar="INPUTS",
     ),
 ]
 InputsOrStdin = Annotated[
@@ -68,6 +79,7 @@ InputsOrStdin = Annotated[
     typer.Argument(
         help="As for score; none: read standard input, paths one a line or a scores stream from `score`.",
         show_default=False,
+        metavar="INPUTS",
     ),
 ]
 Workers = Annotated[
@@ -78,7 +90,8 @@ Overwrite = Annotated[
     bool,
     typer.Option(
         help="Replace an existing output that perceptscore did not write (or whose task columns this run "
-        "would lose). Re-running a command over its own output never needs it."
+        "would lose). Re-running a command over its own output never needs it.",
+        rich_help_panel="Output",
     ),
 ]
 
@@ -87,9 +100,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _reporter(total: int | None, rows_on_stdout: bool = False):  # type: ignore[no-untyped-def]
+def _reporter(total: int | None, rows_on_stdout: bool = False, quiet: bool = False):  # type: ignore[no-untyped-def]
     from perceptscore.progress import Reporter
 
+    if quiet:
+        return Reporter(err_console, total, quiet=True)
     if rows_on_stdout and sys.stdout.isatty() and err_console.is_terminal:
         # CSV rows on the same terminal: a live bar would draw over them. Only the summary, at the end.
         return Reporter(Console(stderr=True, force_terminal=False), total, interval=float("inf"))
@@ -97,176 +112,282 @@ def _reporter(total: int | None, rows_on_stdout: bool = False):  # type: ignore[
     return Reporter(err_console, total, interval=float(os.environ.get("PERCEPTSCORE_LOG_EVERY", "30")))
 
 
-@app.command()
+_EXAMPLES_SCORE = _examples(
+    'perceptscore score photos/ -t memorability -o scores.csv',
+    'perceptscore score photos/ -t quality,emotion -o scores.parquet --incremental scores.parquet',
+    'perceptscore score manifest.parquet --path-column file -t quality -o - | head',
+    "perceptscore score 'shards/{00000..00099}.tar' -t mem -o s3://bucket/scores.parquet --engine ray",
+)
+
+
+@app.command(cls=Command, epilog=_EXAMPLES_SCORE)
 @scoring_options
 def score(
     inputs: ScoreInputs = None,
     *,
     task: Annotated[
-        list[str], typer.Option("-t", "--task", help="Task(s): memorability, quality, emotion; a,b.")
+        list[str],
+        typer.Option(
+            "-t", "--task", help="Task(s): memorability, quality, emotion; a,b.", metavar="TASK",
+            rich_help_panel="Model",
+        ),
     ],
     scoring: ScoringArgs,
     out: Annotated[
-        str, typer.Option("-o", "--out", help="Output .csv/.parquet/.jsonl, or - for CSV on stdout.")
+        str,
+        typer.Option(
+            "-o", "--out", help="Output .csv/.parquet/.jsonl (or s3://...), or - for CSV on stdout.",
+            metavar="FILE", rich_help_panel="Output",
+        ),
     ] = "-",
     resume: Annotated[
         bool,
-        typer.Option(help="Continue an interrupted run (the default when its inputs and options match)."),
+        typer.Option(
+            help="Insist on continuing an interrupted run: refuse if its inputs or options changed. "
+            "(Without it, a run with the same inputs and options continues anyway.)",
+            rich_help_panel="Output",
+        ),
     ] = False,
     restart: Annotated[
-        bool, typer.Option(help="Discard an interrupted run's saved rows and start over.")
+        bool,
+        typer.Option(
+            help="Discard an interrupted run's saved rows and start over.", rich_help_panel="Output"
+        ),
     ] = False,
     incremental: Annotated[
         str | None,
         typer.Option(
-            help="An earlier scores file: reuse its scores where a file's size and mtime are unchanged."
+            help="An earlier scores file: reuse its scores where a file's size and mtime are unchanged.",
+            metavar="FILE", rich_help_panel="Output",
         ),
     ] = None,
     processes: Annotated[
         int | None,
-        typer.Option(help="Scoring processes, each with its own model.", show_default="one per visible GPU"),
+        typer.Option(
+            help="Scoring processes, each with its own model.", show_default="one per visible GPU",
+            metavar="N", rich_help_panel="Performance",
+        ),
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="local (this machine) or ray (Ray Data, on a cluster: extra [ray]).")
+        str,
+        typer.Option(
+            help="local (this machine) or ray (Ray Data, on a cluster: pip install 'perceptscore[ray]').",
+            metavar="local|ray", rich_help_panel="Ray",
+        ),
     ] = "local",
     ray_address: Annotated[
         str | None,
-        typer.Option(help="The Ray cluster for --engine ray.", show_default="$RAY_ADDRESS, else a local Ray"),
+        typer.Option(
+            help="The Ray cluster for --engine ray.", show_default="$RAY_ADDRESS, else a local Ray",
+            metavar="ADDRESS", rich_help_panel="Ray",
+        ),
     ] = None,
     report: Annotated[
-        str | None, typer.Option(help="Also write an HTML report of the output once it is complete.")
+        str | None,
+        typer.Option(
+            help="Also write an HTML report of the output once it is complete.", metavar="FILE",
+            rich_help_panel="Output",
+        ),
     ] = None,
     retry_errors: Annotated[
         str | None,
         typer.Option(
-            help="An earlier scores file (no inputs): keep its scored rows, score its error rows again."
+            help="An earlier scores file (no inputs): keep its scored rows, score its error rows again.",
+            metavar="FILE", rich_help_panel="Inputs",
         ),
     ] = None,
     overwrite: Overwrite = False,
     allow_empty: Annotated[
         bool,
-        typer.Option(help="Inputs with no image write an empty output (else: exit 2, nothing written)."),
+        typer.Option(
+            help="Inputs with no image write an empty output (else: exit 2, nothing written).",
+            rich_help_panel="Output",
+        ),
     ] = False,
     max_delete: Annotated[
         str,
         typer.Option(
-            help="How many of the output's earlier rows may go because their files are gone: N, N% or all."
+            help="How many of the output's earlier rows may go because their files are gone: N, N% or all.",
+            metavar="N|N%|all", rich_help_panel="Output",
         ),
     ] = "50%",
+    json_summary: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="The summary as one JSON object on stdout (on stderr when the rows go to stdout).",
+            rich_help_panel="Output",
+        ),
+    ] = False,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
+    from perceptscore import summary
     from perceptscore.commands.score import score as run
     from perceptscore.replacing import DeleteLimit, Safeguards
     from perceptscore.tasks import parse_tasks
 
     options = scoring.options(parse_tasks(task))
     guards = Safeguards(overwrite, allow_empty, DeleteLimit.parse(max_delete))
-    reporter = functools.partial(_reporter, rows_on_stdout=out == "-")
+    reporter = functools.partial(_reporter, rows_on_stdout=out == "-", quiet=scoring.quiet)
+    started = time.monotonic()
     outcome = run(
         inputs or [], out, options, reporter, resume, incremental, processes, restart, engine, ray_address,
         report, retry_errors, guards,
     )  # fmt: skip
-    err_console.print(_summary(outcome, out, outcome.reused_from, retry_errors))
-    if outcome.report:  # after the summary: a report that failed never hides what was scored
+    seconds = time.monotonic() - started
+    if json_summary:
+        about = summary.as_json(outcome, out, seconds, outcome.reused_from, retry_errors)
+        (err_console if out == "-" else console).print(json.dumps(about), highlight=False)  # one line
+    elif not scoring.quiet:
+        err_console.print(summary.line(outcome, out, seconds, outcome.reused_from, retry_errors))
+    elif outcome.errors:  # -q: a cron job's mail comes only when something failed (cronic's convention)
+        err_console.print(Text.assemble(("error:", "red"), f" {summary.errors_line(outcome, out)}"))
+    if outcome.report and (outcome.report_failed or not (scoring.quiet or json_summary)):
+        # after the summary: a report that failed never hides what was scored
         err_console.print(Text.assemble(("error:", "red"), f" {outcome.report}") if outcome.report_failed
                           else outcome.report)  # fmt: skip
     raise typer.Exit(outcome.exit_code)
 
 
-def _summary(outcome, out: str, incremental: str | None, retry_errors: str | None = None) -> str:  # type: ignore[no-untyped-def]
-    from perceptscore.remote import without_secrets
-
-    notes = list(outcome.notes)
-    if outcome.resumed:
-        notes.append(f"{outcome.resumed} resumed from an interrupted run")
-    if outcome.uploaded_earlier:
-        notes.append("nothing scored again: uploaded what an earlier run finished, whose upload had failed")
-    if outcome.salvaged:
-        notes.append(
-            f"the inputs changed since an interrupted run: its {outcome.salvaged} rows were reused where "
-            "files are unchanged"
-        )
-    if retry_errors:
-        notes.append(f"{outcome.skipped} kept from {shown(without_secrets(retry_errors))}, the rest retried")
-    elif incremental:
-        notes.append(f"{outcome.skipped} unchanged, reused from {shown(without_secrets(incremental))}")
-    elif outcome.skipped:
-        notes.append(f"{outcome.skipped} unchanged, reused")
-    if outcome.discarded:
-        notes.append(f"discarded {outcome.discarded} rows of an interrupted run (--restart)")
-    if outcome.gone is not None:
-        notes.append(f"{outcome.gone} gone since the last run")
-    if outcome.ignored:
-        names = ", ".join(map(shown, outcome.ignored[:3])) + (", ..." if len(outcome.ignored) > 3 else "")
-        n = len(outcome.ignored)
-        what = "file that is not an image" if n == 1 else "files that are not images"
-        notes.append(f"ignored {n} {what}: {names}")
-    where = "stdout" if out == "-" else shown(without_secrets(out))
-    extra = f" ({'; '.join(notes)})" if notes else ""
-    return f"scored {_count(outcome.rows, 'file')}, {_count(outcome.errors, 'error')} -> {where}{extra}"
+_EXAMPLES_RANK = _examples(
+    'perceptscore rank photos/ -t memorability --top 10',
+    'perceptscore rank scores.parquet -t quality --ascending --top 0 -o worst-first.csv',
+    'perceptscore rank scores.parquet --by emotion_awe --top 20',
+)
 
 
-@app.command()
+@app.command(cls=Command, epilog=_EXAMPLES_RANK)
 @scoring_options
 def rank(
     inputs: InputsOrStdin = None,
     *,
-    task: Annotated[str, typer.Option("-t", "--task", help="The task to rank by.")],
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "-t", "--task", help="The task to rank by (its score).", metavar="TASK", rich_help_panel="Model"
+        ),
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="Rank by this numeric column (emotion_awe, quality_raw, ...) or task's score.",
+            metavar="COLUMN", rich_help_panel="Output",
+        ),
+    ] = None,
     scoring: ScoringArgs,
-    top: Annotated[int, typer.Option(help="How many rows to show and write (0: all).")] = 20,
-    ascending: Annotated[bool, typer.Option(help="Lowest scores first.")] = False,
-    out: Annotated[str | None, typer.Option("-o", "--out", help="Also write the ranked rows here.")] = None,
+    top: Annotated[
+        int,
+        typer.Option(help="How many rows to show and write (0: all).", metavar="N", rich_help_panel="Output"),
+    ] = 20,
+    ascending: Annotated[bool, typer.Option(help="Lowest scores first.", rich_help_panel="Output")] = False,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "-o", "--out", help="Also write the ranked rows here.", metavar="FILE", rich_help_panel="Output"
+        ),
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Rank images (or a scores file) by one task's score; the top rows as a table, and to a file."""
+    """Rank images (or a scores file) by a task's score (-t) or any numeric column (--by); the top rows
+    as a table, and to a file."""
     from perceptscore.commands.score import write_rows
-    from perceptscore.commands.select import ranked
-    from perceptscore.tasks import get_task
+    from perceptscore.commands.select import ranked, ranking
 
-    spec = get_task(task)
-    options = scoring.options([spec.name])
-    rows, scored = ranked(inputs, spec.name, options, _reporter, top, ascending, out, overwrite)
+    plan = ranking(task, by)
+    options = scoring.options(plan.tasks)
+    reporter = functools.partial(_reporter, quiet=scoring.quiet)
+    rows, scored = ranked(inputs, plan, options, reporter, top, ascending, out, overwrite)
     if out:
         write_rows(rows, out, scored.provenance)
     if console.is_terminal:
-        _print_ranking(rows, spec)
+        _print_ranking(rows, plan.shown)
     elif not out:
         write_rows(rows, "-", scored.provenance)
     raise typer.Exit(scored.outcome.exit_code)
 
 
-def _print_ranking(ranked, spec) -> None:  # type: ignore[no-untyped-def]
+def _print_ranking(ranked, columns: list[str]) -> None:  # type: ignore[no-untyped-def]
     from rich.table import Table
 
     from perceptscore.columns import PATH
 
-    table = Table("#", spec.sort_column, *(["emotion"] if spec.labels else []), PATH)
-    for n, row in enumerate(ranked.itertuples(index=False), start=1):
-        values = row._asdict()
-        label = [str(values[spec.name])] if spec.labels else []
-        table.add_row(str(n), f"{values[spec.sort_column]:.4f}", *label, shown(str(values[PATH])))
+    table = Table("#", *columns, PATH)
+    for n, row in enumerate(ranked[[*columns, PATH]].itertuples(index=False, name=None), start=1):
+        *values, path = row
+        cells = [f"{v:.4f}" if isinstance(v, float) else shown(str(v)) for v in values]
+        table.add_row(str(n), *cells, shown(str(path)))
     console.print(table)
 
 
-@app.command("filter")
+_EXAMPLES_FILTER = _examples(
+    'perceptscore filter scores.parquet --min-quality 0.7 --copy-to keep/',
+    'perceptscore filter scores.parquet --min-emotion-awe 0.3 --max-quality-raw 0 -o awe.txt',
+    "find photos -name '*.jpg' | perceptscore filter --min-quality 0.7 --print0 | xargs -0 ls -l",
+)
+
+
+# --min-COLUMN/--max-COLUMN for any task's column: no signature can declare them, so Typer hands unknown
+# options to the command among its arguments, where it parses them (any other is still an error)
+@app.command(
+    "filter", cls=Command, epilog=_EXAMPLES_FILTER,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
 @scoring_options
 def filter_(
+    ctx: typer.Context,
     inputs: InputsOrStdin = None,
     *,
     scoring: ScoringArgs,
     min_quality: Annotated[
-        float | None, typer.Option(help="Keep quality >= X (display score, ~0-1).")
+        float | None,
+        typer.Option(
+            help="Keep quality >= X (display score, ~0-1). Any column: --min-COLUMN X, --max-COLUMN X.",
+            metavar="X", rich_help_panel="Thresholds",
+        ),
     ] = None,
-    max_quality: Annotated[float | None, typer.Option(help="Keep quality <= X.")] = None,
-    min_memorability: Annotated[float | None, typer.Option(help="Keep memorability >= X.")] = None,
-    max_memorability: Annotated[float | None, typer.Option(help="Keep memorability <= X.")] = None,
-    emotion: Annotated[str | None, typer.Option(help="Keep these predicted emotions: a,b.")] = None,
-    top_fraction: Annotated[float | None, typer.Option(help="Keep the best F (0-1] by --by.")] = None,
-    by: Annotated[str | None, typer.Option(help="Task for --top-fraction.")] = None,
-    copy_to: Annotated[Path | None, typer.Option(help="Copy the kept files here (never overwrites).")] = None,
-    symlink_to: Annotated[Path | None, typer.Option(help="Symlink the kept files here.")] = None,
+    max_quality: Annotated[
+        float | None, typer.Option(help="Keep quality <= X.", metavar="X", rich_help_panel="Thresholds")
+    ] = None,
+    min_memorability: Annotated[
+        float | None, typer.Option(help="Keep memorability >= X.", metavar="X", rich_help_panel="Thresholds")
+    ] = None,
+    max_memorability: Annotated[
+        float | None, typer.Option(help="Keep memorability <= X.", metavar="X", rich_help_panel="Thresholds")
+    ] = None,
+    emotion: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep these predicted emotions: a,b.", metavar="NAMES", rich_help_panel="Thresholds"
+        ),
+    ] = None,
+    top_fraction: Annotated[
+        float | None,
+        typer.Option(help="Keep the best F (0-1] by --by.", metavar="F", rich_help_panel="Thresholds"),
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="For --top-fraction: a numeric column, or a task's score.", metavar="COLUMN",
+            rich_help_panel="Thresholds",
+        ),
+    ] = None,
+    copy_to: Annotated[
+        Path | None,
+        typer.Option(
+            help="Copy the kept files here (never overwrites; run again, copies nothing twice).",
+            metavar="FOLDER", rich_help_panel="Output",
+        ),
+    ] = None,
+    symlink_to: Annotated[
+        Path | None,
+        typer.Option(help="Symlink the kept files here.", metavar="FOLDER", rich_help_panel="Output"),
+    ] = None,
     print0: Annotated[
-        bool, typer.Option("--print0", help="End each listed path with NUL, not a newline (xargs -0).")
+        bool,
+        typer.Option(
+            "--print0",
+            help="End each listed path with NUL, not a newline (xargs -0).",
+            rich_help_panel="Output",
+        ),
     ] = False,
     out: Annotated[
         str | None,
@@ -275,42 +396,60 @@ def filter_(
             "--out",
             help="A list of paths (.txt/.lst, or - for stdout), or rows (.csv/.parquet/.jsonl).",
             show_default="paths on stdout",
+            metavar="FILE",
+            rich_help_panel="Output",
         ),
     ] = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Keep the images that meet thresholds; list, copy or symlink them."""
-    from perceptscore.commands.select import keep
+    """Keep the images that meet thresholds; list, copy or symlink them.
+
+    Any numeric output column is a threshold: --min-COLUMN X and --max-COLUMN X (inclusive), e.g.
+    --min-emotion-awe 0.3 or --max-quality_raw 0 (- or _ alike; a task's name means its score).
+    """
+    from perceptscore.commands.select import column_options, keep
     from perceptscore.select import Criteria
 
+    # Options no signature declares (--min-emotion-awe 0.3) reach us among the inputs: see below.
+    known = [o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+    paths, minimum, maximum = column_options([*(inputs or []), *ctx.args], known)
+    named = {"quality": (min_quality, max_quality), "memorability": (min_memorability, max_memorability)}
     criteria = Criteria(
-        minimum={
-            k: v for k, v in (("quality", min_quality), ("memorability", min_memorability)) if v is not None
-        },
-        maximum={
-            k: v for k, v in (("quality", max_quality), ("memorability", max_memorability)) if v is not None
-        },
+        minimum={**{k: low for k, (low, _) in named.items() if low is not None}, **minimum},
+        maximum={**{k: high for k, (_, high) in named.items() if high is not None}, **maximum},
         emotions=[e.strip() for e in emotion.split(",") if e.strip()] if emotion else [],
         top_fraction=top_fraction,
         by=by,
     )
     options = scoring.options([t.name for t in criteria.tasks()])
     listing = out if out or copy_to or symlink_to else "-"  # by default, the kept paths on stdout
-    kept = keep(inputs, criteria, options, _reporter, copy_to, symlink_to, listing, print0, overwrite)
-    if copy_to or symlink_to:
+    reporter = functools.partial(_reporter, quiet=scoring.quiet)
+    kept = keep(paths or None, criteria, options, reporter, copy_to, symlink_to, listing, print0, overwrite)
+    if (copy_to or symlink_to) and not scoring.quiet:
         verb = "symlinked" if symlink_to else "copied"
-        err_console.print(f"{verb} {kept.placed} files to {shown(str(copy_to or symlink_to))}")
+        there = f", {kept.already} already there" if kept.already else ""
+        where = shown(str(copy_to or symlink_to))
+        err_console.print(f"{verb} {_count(kept.placed, 'file')} to {where}{there}")
         for message in kept.failed:
             err_console.print(Text.assemble(("not placed:", "red"), f" {shown(message)}"))
     for path in kept.unlisted:
         err_console.print(
             Text.assemble(("not listed:", "red"), f" {shown(path)}: a newline in its name (--print0)")
         )
-    err_console.print(f"kept {len(kept.rows)} of {kept.scored.outcome.rows} files")
+    if (copy_to or symlink_to) and scoring.quiet:
+        for message in kept.failed:
+            err_console.print(Text.assemble(("not placed:", "red"), f" {shown(message)}"))
+    if not scoring.quiet:
+        err_console.print(f"kept {len(kept.rows)} of {kept.scored.outcome.rows} files")
     raise typer.Exit(kept.exit_code)
 
 
-@app.command()
+_EXAMPLES_TASKS = _examples(
+    'perceptscore tasks',
+)
+
+
+@app.command(cls=Command, epilog=_EXAMPLES_TASKS)
 def tasks() -> None:
     """List the perceptual tasks, their output columns and released weights."""
     from rich.table import Column, Table
@@ -325,14 +464,22 @@ def tasks() -> None:
     console.print(table)
 
 
-weights_app = typer.Typer(help="List, download, convert and check model weights.", no_args_is_help=True)
+weights_app = typer.Typer(
+    help="List, download, import, convert and check model weights.", no_args_is_help=True,
+    context_settings=HELP_OPTIONS, cls=Group,
+)
 app.add_typer(weights_app, name="weights")
 WeightsTask = Annotated[
     str | None, typer.Option("--task", "-t", help="The task, when the file name does not say.")
 ]
 
 
-@weights_app.command("list")
+_EXAMPLES_WEIGHTS_LIST = _examples(
+    'perceptscore weights list',
+)
+
+
+@weights_app.command("list", cls=Command, epilog=_EXAMPLES_WEIGHTS_LIST)
 def weights_list() -> None:
     """The released weights of each task and the local copy that would be used (no network)."""
     from rich.table import Column, Table
@@ -345,7 +492,12 @@ def weights_list() -> None:
     console.print(table)
 
 
-@weights_app.command("card")
+_EXAMPLES_WEIGHTS_CARD = _examples(
+    'perceptscore weights card quality',
+)
+
+
+@weights_app.command("card", cls=Command, epilog=_EXAMPLES_WEIGHTS_CARD)
 def weights_card(task: Annotated[str, typer.Argument(help="The task.", show_default=False)]) -> None:
     """Show a task's model card: what it predicts, training data, score range, preprocessing, licence."""
     from rich.markdown import Markdown
@@ -355,7 +507,12 @@ def weights_card(task: Annotated[str, typer.Argument(help="The task.", show_defa
     console.print(Markdown(get_task(task).card_text()), soft_wrap=False)  # prose: wrapped to the terminal
 
 
-@weights_app.command("fetch")
+_EXAMPLES_WEIGHTS_FETCH = _examples(
+    'perceptscore weights fetch all',
+)
+
+
+@weights_app.command("fetch", cls=Command, epilog=_EXAMPLES_WEIGHTS_FETCH)
 def weights_fetch(
     task: Annotated[
         list[str], typer.Argument(help="memorability, quality, emotion, or all.", show_default=False)
@@ -371,7 +528,72 @@ def weights_fetch(
         console.print(f"{report['task']}: {report['path']} (from {report['origin']})")
 
 
-@weights_app.command("convert")
+_EXAMPLES_WEIGHTS_IMPORT = _examples(
+    'perceptscore weights import perceptCLIP_Memorability.pth',
+)
+
+
+@weights_app.command("import", cls=Command, epilog=_EXAMPLES_WEIGHTS_IMPORT)
+def weights_import(
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="A release .pth brought by hand, or one of our .safetensors.", show_default=False
+        ),
+    ],
+    task: WeightsTask = None,
+    replace: Annotated[
+        bool, typer.Option(help="Put the file in place of other weights the cache holds for the task.")
+    ] = False,
+) -> None:
+    """Put a weights file into the cache without the hub (sha256 checked where the release's is known):
+    then score needs neither --checkpoint nor a network."""
+    from perceptscore.commands.weights import import_notes, import_weights
+
+    report = import_weights(file, task, replace)
+    if report["imported"]:
+        console.print(f"{report['task']}: imported {shown(file)} -> {shown(report['path'])}")
+    else:
+        console.print(f"{report['task']}: {shown(report['path'])} holds this file already, nothing to do")
+    notes, warnings = import_notes(report)
+    for note in notes:
+        err_console.print(shown(note))
+    for warning in warnings:
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {shown(warning)}"))
+
+
+_EXAMPLES_WEIGHTS_PATH = _examples(
+    'perceptscore weights path',
+)
+
+
+@weights_app.command("path", cls=Command, epilog=_EXAMPLES_WEIGHTS_PATH)
+def weights_path(
+    task: Annotated[
+        list[str] | None, typer.Argument(help="Tasks (default: all).", show_default=False)
+    ] = None,
+) -> None:
+    """Where each task's weights file is looked for, in order, and which one scoring takes (no network)."""
+    from perceptscore.commands.weights import weights_paths
+    from perceptscore.tasks import all_tasks, parse_tasks
+
+    names = parse_tasks(task) if task else list(all_tasks())
+    console.print("after --checkpoint TASK=PATH (checkpoints= in Python), the first found is taken:")
+    for row in weights_paths(names):
+        used = row["used"]
+        console.print(f"{row['task']}: " + (f"takes {shown(used.where)}" if used else "no file here"))
+        for i, place in enumerate(row["places"], 1):
+            where = f" {shown(place.where)}" if place.where else ""
+            state = "found" if place.found else place.note or "missing"
+            console.print(f"  {i}. {place.origin}:{where} [{state}]")
+
+
+_EXAMPLES_WEIGHTS_CONVERT = _examples(
+    'perceptscore weights convert perceptCLIP_IQA.pth iqa.safetensors --precision fp16',
+)
+
+
+@weights_app.command("convert", cls=Command, epilog=_EXAMPLES_WEIGHTS_CONVERT)
 def weights_convert(
     src: Annotated[str, typer.Argument(help="A release .pth (or one of our files).", show_default=False)],
     dst: Annotated[str, typer.Argument(help="The output .safetensors.", show_default=False)],
@@ -385,7 +607,12 @@ def weights_convert(
     console.print(f"{report['task']}: wrote {dst} ({report['bytes'] / 1e6:.1f} MB) from {src}")
 
 
-@weights_app.command("verify")
+_EXAMPLES_WEIGHTS_VERIFY = _examples(
+    'perceptscore weights verify perceptCLIP_IQA.pth',
+)
+
+
+@weights_app.command("verify", cls=Command, epilog=_EXAMPLES_WEIGHTS_VERIFY)
 def weights_verify(
     path: Annotated[
         str, typer.Argument(help="A release .pth or one of our .safetensors.", show_default=False)
@@ -431,7 +658,13 @@ LabelColumn = Annotated[str, typer.Option(help="Manifest column holding the labe
 SplitId = Annotated[int, typer.Option(help="LaMem's official split (1-5).")]
 
 
-@app.command()
+_EXAMPLES_TRAIN = _examples(
+    'perceptscore train -t memorability --data lamem=~/data/lamem -o runs/mem',
+    'perceptscore train -t quality --data koniq=~/data/koniq --data spaq=~/data/spaq -o runs/iqa',
+)
+
+
+@app.command(cls=Command, epilog=_EXAMPLES_TRAIN)
 def train(
     task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
     data: DataSpec,
@@ -485,7 +718,13 @@ def train(
     run.train(options, err_console)
 
 
-@app.command("eval")
+_EXAMPLES_EVAL = _examples(
+    'perceptscore eval ~/data/lamem -t memorability --dataset lamem --split test',
+    'perceptscore eval labelled.csv -t quality --checkpoint runs/iqa/export/quality.safetensors',
+)
+
+
+@app.command("eval", cls=Command, epilog=_EXAMPLES_EVAL)
 @scoring_options
 def eval_(
     inputs: Annotated[
@@ -519,7 +758,8 @@ def eval_(
         inputs, spec, dataset, split, split_id, scoring.path_column or "path", label_column
     )
     options = scoring.replace(path_column=labelled.path_column).options([spec.name])
-    metrics, exit_code = run.evaluate(labelled, spec, options, _reporter, out)
+    reporter = functools.partial(_reporter, quiet=scoring.quiet)
+    metrics, exit_code = run.evaluate(labelled, spec, options, reporter, out)
     table = Table("metric", "value")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -529,7 +769,13 @@ def eval_(
 
 # ---- seeing the scores: heatmaps and the HTML report ------------------------------------------------
 Checkpoint = Annotated[
-    str | None, typer.Option("--checkpoint", help="The task's weights file.", show_default="resolved")
+    list[str] | None,
+    typer.Option(
+        "--checkpoint",
+        help="The task's weights: PATH, or TASK=PATH as score takes it.",
+        show_default="resolved",
+        metavar="[TASK=]PATH",
+    ),
 ]
 # Maps default to fp32: most of the backward's gradients are fp16 subnormals. Lower only when asked.
 MapPrecision = Annotated[
@@ -542,7 +788,13 @@ MapPrecision = Annotated[
 ]
 
 
-@app.command()
+_EXAMPLES_EXPLAIN = _examples(
+    'perceptscore explain photo.jpg -t quality -o maps/',
+    'perceptscore explain photos/ -t emotion --class awe -o maps/ --raw',
+)
+
+
+@app.command(cls=Command, epilog=_EXAMPLES_EXPLAIN)
 def explain(
     inputs: Inputs,
     task: Annotated[str, typer.Option("-t", "--task", help="memorability, quality or emotion.")],
@@ -588,14 +840,34 @@ def explain(
     raise typer.Exit(1 if errors else 0)
 
 
-@app.command()
+_EXAMPLES_REPORT = _examples(
+    'perceptscore report scores.parquet -o report.html',
+    'perceptscore report scores.parquet -o report.html --explain --top 12',
+)
+
+
+@app.command(cls=Command, epilog=_EXAMPLES_REPORT)
 def report(
     scores: Annotated[
         list[str],
         typer.Argument(help="Scores files written by `score` (.csv/.parquet/.jsonl).", show_default=False),
     ],
-    out: Annotated[str, typer.Option("-o", "--out", help="The .html file to write.")],
-    top: Annotated[int, typer.Option(help="Images shown at each end of every task's ranking.")] = 24,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--out",
+            help="The .html file to write.",
+            show_default="beside the first scores file, as .html",
+        ),
+    ] = None,
+    top: Annotated[
+        int,
+        typer.Option(
+            help="Images shown at each end of every task's ranking (all of them, ranked, when there are no "
+            "more than twice as many)."
+        ),
+    ] = 24,
     explain: Annotated[
         bool, typer.Option("--explain", help="A heatmap beside each image shown (runs the model on those).")
     ] = False,
@@ -609,7 +881,8 @@ def report(
     precision: MapPrecision = "auto",
     overwrite: Overwrite = False,
 ) -> None:
-    """Write one self-contained HTML page: histograms, top and bottom images, classes, errors, provenance."""
+    """Write one self-contained HTML page: statistics, histograms, top and bottom images, classes, errors,
+    provenance."""
     from perceptscore.commands.report import report as run
     from perceptscore.tasks import all_tasks, parse_checkpoint_options
 
@@ -617,7 +890,7 @@ def report(
     written = run(scores, out, top, explain, checkpoints, device, precision, overwrite)
     err_console.print(
         f"report of {_count(written.data.rows, 'row')} ({_count(written.data.errors, 'error')}) -> "
-        f"{shown(out)} ({written.size / 1e6:.1f} MB)"
+        f"{shown(written.out)} ({written.size / 1e6:.1f} MB)"
     )
 
 
@@ -626,7 +899,12 @@ def main() -> None:
     try:
         app()
     except PerceptScoreError as exc:
-        err_console.print(Text.assemble(("error:", "red"), f" {shown(redact(str(exc)))}"))
+        # An error may word itself for the command line over a few lines (MissingWeights: the command that
+        # fixes it); each line is escaped on its own, so no text inside a message can fake a line.
+        first, *more = getattr(exc, "cli_lines", None) or [str(exc)]
+        err_console.print(Text.assemble(("error:", "red"), f" {shown(redact(first))}"))
+        for line in more:
+            err_console.print(shown(redact(line)))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print(Text("interrupted", style="red"))

@@ -62,7 +62,6 @@ def _args(args: list[str], files: dict[str, str]) -> list[str]:
             "memorability",
         ),
         (["rank", "SCORES", "-t", "qualty"], "qualty", "quality"),
-        (["filter", "SCORES", "--top-fraction", "0.5", "--by", "qualty"], "qualty", "quality"),
         (["weights", "card", "emotoins"], "emotoins", "emotion"),
         (["weights", "card", "emo"], "emo", "emotion"),  # a prefix: difflib alone would say "mem"
     ],

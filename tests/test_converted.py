@@ -143,7 +143,11 @@ def test_weights_commands_from_the_shell(release_checkpoints, tmp_path: Path) ->
         and done.stderr.startswith("error: checkpoint")
         and "Traceback" not in done.stderr
     )
-    done = run("weights", "convert", src, tmp_path / "x.safetensors")
-    assert done.returncode == 2 and "cannot tell which task emotion.pth is for: add --task" in done.stderr
+    unnamed = tmp_path / "model.pth"  # one output and no task in its name: memorability or quality?
+    unnamed.write_bytes(release_checkpoints["memorability"][0].read_bytes())
+    done = run("weights", "convert", unnamed, tmp_path / "x.safetensors")
+    assert done.returncode == 2, done.stderr
+    said = "cannot tell which task model.pth is for (1 output: memorability or quality): add --task"
+    assert said in done.stderr
     done = run("weights", "list")
     assert done.returncode == 0 and "PerceptCLIP/PerceptCLIP_Emotions" in done.stdout

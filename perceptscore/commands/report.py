@@ -191,7 +191,7 @@ class _Pictures:
                 self.heatmaps[key] = None
                 return None
             explained = self._explainer(section.task.name).explain(image, row.label)
-            self.heatmaps[key] = data_uri(overlay(image, explained.map, max_side=SIDE))
+            self.heatmaps[key] = data_uri(overlay(image, explained.display, max_side=SIDE))
         return self.heatmaps[key]
 
     def _explainer(self, task: str) -> Any:
