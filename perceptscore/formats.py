@@ -113,13 +113,52 @@ def restore_formulas(table: pa.Table) -> pa.Table:
     return _strings(table, restore)
 
 
+def _as_text(kind: pa.DataType) -> bool:
+    """A column a CSV cell can't hold as it is: nested values (structs, lists, maps) and bytes."""
+    return (
+        pa.types.is_nested(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_fixed_size_binary(kind)
+    )
+
+
+def _json_default(value: Any) -> Any:
+    """Bytes as base64 text (a passed-through binary column); anything else JSON lacks as its text."""
+    if isinstance(value, bytes):
+        import base64
+
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def _json_cell(value: Any) -> str:
+    if isinstance(value, bytes):
+        return _json_default(value)  # a cell of bytes is the base64 text, not a quoted JSON string
+    return json.dumps(_clean_nested(value), ensure_ascii=False, default=_json_default)
+
+
+def csv_cells(table: pa.Table) -> pa.Table:
+    """Nested columns JSON-encoded and bytes base64-encoded, one cell each: what CSV can hold (a
+    dataset's struct and list columns pass through; parquet and JSONL keep them as they are)."""
+    for i, field in enumerate(table.schema):
+        if _as_text(field.type):
+            cells = [None if v is None else _json_cell(v) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.with_type(pa.string()), pa.array(cells, pa.string()))
+    return table
+
+
+def _csv_schema_of(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_type(pa.string()) if _as_text(f.type) else f for f in schema], schema.metadata)
+
+
 class _Csv:
     def __init__(self, stream: BinaryIO, schema: pa.Schema, provenance: dict[str, Any]) -> None:
-        self._schema = defused_schema(schema)
+        self._schema = defused_schema(_csv_schema_of(schema))
         self._writer = pacsv.CSVWriter(stream, self._schema)
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(defuse_formulas(table).rename_columns(self._schema.names))
+        self._writer.write_table(defuse_formulas(csv_cells(table)).rename_columns(self._schema.names))
 
     def close(self) -> None:
         self._writer.close()
@@ -165,9 +204,18 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _clean_nested(value: Any) -> Any:
+    """``_clean`` inside structs and lists too (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _clean_nested(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_nested(v) for v in value]
+    return _clean(value)
+
+
 def _json_line(row: dict[str, Any]) -> bytes:
-    cleaned = {k: _clean(v) for k, v in row.items()}
-    return (json.dumps(cleaned, ensure_ascii=False, default=str) + "\n").encode()
+    cleaned = {k: _clean_nested(v) for k, v in row.items()}
+    return (json.dumps(cleaned, ensure_ascii=False, default=_json_default) + "\n").encode()
 
 
 def read_csv_scores(source: str | BinaryIO) -> pa.Table:
