@@ -86,6 +86,18 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         None,
     ),
+    "image_column": (
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Dataset column holding the image bytes (parquet/arrow files; found when there is one).",
+                show_default="the one image column",
+                metavar="COLUMN",
+                rich_help_panel="Inputs",
+            ),
+        ],
+        None,
+    ),
     "recursive": (
         Annotated[
             bool, typer.Option(help="Descend into sub-folders of folder inputs.", rich_help_panel="Inputs")

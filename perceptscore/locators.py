@@ -8,6 +8,8 @@
   network or the shard, and engines in other processes receive the bytes themselves (``to_wire``).
 - ``TarMember``: ``tar://name::shard`` rows found again later (``explain``, ``report``): the shard is read
   front to back up to the member.
+- ``DatasetRow``: ``<file>::<column>[<row>]`` rows of a parquet or arrow dataset found again later
+  (``tables``): the file is read up to the row (a parquet file: only the row group holding it).
 - ``Unavailable``: a row that cannot be opened, with the reason (an unknown URL scheme, say).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -174,6 +177,25 @@ class TarMember:
         return io.BytesIO(found[0].data or b"")
 
 
+# a dataset row's ``path`` (``tables.row_uri``): the file's name ends in .parquet or .arrow
+DATASET_ROW = re.compile(
+    r"^(?P<file>.+\.(?:parquet|arrow))::(?P<column>[^\n]+)\[(?P<row>\d+)\]$", re.IGNORECASE
+)
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    uri: str
+
+    def stat(self) -> tuple[int, int] | None:
+        return None  # as a tar member's: its bytes come from the file only when opened
+
+    def open(self) -> BinaryIO:
+        from perceptscore import tables
+
+        return io.BytesIO(tables.row_bytes(self.uri))
+
+
 def open_shard(shard: str) -> Any:
     """A shard's bytes as a sequential stream (local, or remote with retried reads); ``DecodeError``
     when it cannot be opened."""
@@ -188,9 +210,12 @@ def open_shard(shard: str) -> Any:
 
 
 def locate(uri: str) -> Locator:
-    """The locator for a ``uri`` (what ``Locator.uri`` gave): a local path, a URL, or a tar member."""
+    """The locator for a ``uri`` (what ``Locator.uri`` gave): a local path, a URL, a tar member, or a
+    dataset's row."""
     if uri.startswith(TAR_SCHEME) and "::" in uri:
         return TarMember(uri)
+    if DATASET_ROW.match(uri):
+        return DatasetRow(uri)
     name = remote.scheme(uri)
     if name is None:
         return LocalFile(uri)

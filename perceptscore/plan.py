@@ -40,6 +40,7 @@ class ScoreOptions:
     follow_links: bool = False
     max_pixels: int = MAX_PIXELS
     tar_fields: tuple[str, ...] = ()  # what tar rows bring besides shard and key (shards.parse_fields)
+    image_column: str | None = None  # a dataset's column of image bytes (tables.choose_column)
     storage: remote.Settings = field(default_factory=remote.Settings)  # never in a plan, a file or a log
 
     def task_specs(self) -> list[Task]:
@@ -55,7 +56,7 @@ class ScoreOptions:
         reserved = output_columns(self.task_specs())
         remote.configure(self.storage)  # before any URL is looked at
         return Sources(inputs, self.recursive, self.path_column, reserved, stdin, self.follow_links,
-                       skip_folders, self.tar_fields, retry_errors)  # fmt: skip
+                       skip_folders, self.tar_fields, retry_errors, self.image_column)  # fmt: skip
 
     def weights(self) -> dict[str, Weights]:
         """Each task's weights file, found or downloaded, without loading anything (no torch)."""
@@ -92,6 +93,7 @@ class ScoringPlan:
     input_files: tuple[tuple[str, int, int], ...] = ()  # the named files' (absolute path, size, mtime_ns)
     tar_fields: tuple[str, ...] = ()
     retry_errors: str | None = None
+    image_column: str | None = None
 
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
@@ -129,6 +131,7 @@ class ScoringPlan:
             "incremental": remote.without_secrets(self.incremental) if self.incremental else None,
             "tar_fields": list(self.tar_fields),
             "retry_errors": remote.without_secrets(self.retry_errors) if self.retry_errors else None,
+            "image_column": self.image_column,  # another column is other images
         }
 
     def on_device(self, device: str, cpu_threads: int = 0) -> ScoringPlan:
@@ -182,6 +185,7 @@ def make_plan(
         input_files=_stats(sorted(listings(inputs))),
         tar_fields=tuple(options.tar_fields),
         retry_errors=retry_errors,
+        image_column=options.image_column,
     )
 
 

@@ -9,7 +9,8 @@ such paths already, so their relative paths are taken as relative to the working
 
 Any of these may be a URL (``s3://bucket/photos/`` lists a prefix recursively; ``https://`` objects;
 remote manifests), and ``.tar`` shards (named, globbed, brace-expanded, or listed in a manifest) give a
-row per image member (``shards``).
+row per image member (``shards``). Datasets as published (parquet or arrow files holding the image bytes,
+a ``save_to_disk`` or hub-layout folder) give a row per table row (``tables``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from perceptscore import remote, shards
+from perceptscore import remote, shards, tables
 from perceptscore.columns import ERROR, PATH
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import FORMATS, format_of, is_scores_file, restore_formulas
@@ -211,7 +212,8 @@ class Sources:
     enter below a folder input (``explain``'s output folder); a folder named as an input is still walked.
     ``tar_fields``: what tar rows bring besides ``shard`` and ``key`` (``shards.parse_fields``).
     ``retry_errors``: the one input is a scores file whose rows are produced again, the failed tar shards
-    among them read again whole (``--retry-errors``).
+    among them read again whole (``--retry-errors``). ``image_column``: a dataset's column of image bytes
+    (``--image-column``; else found by ``tables.choose_column``).
     """
 
     def __init__(
@@ -225,6 +227,7 @@ class Sources:
         skip_folders: Iterable[str] = (),
         tar_fields: Sequence[str] = (),
         retry_errors: bool = False,
+        image_column: str | None = None,
     ) -> None:
         if not inputs:
             raise UsageError("no inputs given: name image files, folders, globs, @lists, manifests or -")
@@ -233,6 +236,8 @@ class Sources:
         self.stdin = stdin if stdin is not None else sys.stdin
         self.tar_fields = tuple(tar_fields)
         reserved = list(reserved)
+        self.image_column, self._reserved = image_column, reserved
+        self._path_column = path_column  # as given: one naming a column of bytes is the image column
         self._rename = {name: shards.input_name(name) for name in reserved}
         self.tar_columns = shards.columns(self.tar_fields, reserved)  # json.path is no second path column
         if retry_errors:
@@ -270,8 +275,11 @@ class Sources:
             return self._classify_url(text, path_column)
         text = remote.local_path(text)
         if os.path.isdir(text):
-            return "dir", text
+            found = tables.folder_files(text)
+            return ("dir", text) if found is None else ("dataset", self._dataset(found[1], text))
         if os.path.isfile(text):
+            if tables.is_table_file(text) and self._is_dataset(text, path_column):
+                return "dataset", self._dataset([text], text)
             if text.lower().endswith(MANIFEST_SUFFIXES):
                 return "manifest", _Manifest(text, path_column)
             if shards.is_shard(text):
@@ -281,6 +289,10 @@ class Sources:
             matches = sorted(glob.iglob(text, recursive=True))
             if not matches:
                 raise UsageError(f"no files match {text!r}")
+            if all(tables.is_table_file(m) and os.path.isfile(m) for m in matches) and self._is_dataset(
+                matches[0], path_column
+            ):
+                return "dataset", self._dataset(matches, text)
             return "glob", matches
         if os.path.lexists(text):
             return "file", text  # a dangling symlink: an error row, not a usage error
@@ -290,6 +302,8 @@ class Sources:
         """A URL input. Shards are not looked at until read (a missing one is an error row: a list of a
         thousand shards costs no thousand requests up front); anything else is checked now."""
         name = remote.scheme(url)
+        if name == "hf":  # huggingface_hub's file system: datasets only
+            return "dataset", tables.hub_dataset(url, self._asked_columns(), self._reserved)
         if name not in remote.READABLE:
             known = ", ".join(f"{s}://" for s in remote.READABLE)
             shown_as = remote.without_secrets(url)
@@ -300,8 +314,13 @@ class Sources:
         path = url.split("?", 1)[0]
         if shards.is_shard(path):
             return "shard", url
-        if path.lower().endswith(MANIFEST_SUFFIXES):
-            return "manifest", _Manifest(remote.local_copy(url), path_column, url)
+        if path.lower().endswith(MANIFEST_SUFFIXES) or tables.is_table_file(path):
+            local = remote.local_copy(url)  # a dataset too is read from this copy: seekable, on disk
+            if tables.is_table_file(path) and self._is_dataset(local, path_column):
+                return "dataset", tables.open_files(
+                    [(url, local)], url, self._asked_columns(), self._reserved
+                )
+            return "manifest", _Manifest(local, path_column, url)
         if _is_glob(path.split("://", 1)[1]) and name not in ("http", "https"):
             found = self._listed(url)
             if not found:
@@ -319,6 +338,30 @@ class Sources:
             return "remote_dir", url.rstrip("/") + "/"
         return "remote_file", RemoteFile(url, remote.stat_of(about))
 
+    def _is_dataset(self, file: str, path_column: str) -> bool:
+        """A parquet or arrow file scored from its bytes, not read as a manifest (``tables.is_dataset``);
+        a scores file never is (its rows name their images)."""
+        if file.lower().endswith(".arrow"):
+            return True
+        if not remote.is_remote(file) and is_scores_file(file):
+            return False
+        asked = None if path_column == PATH else path_column
+        try:
+            with tables.open_table(file) as f:
+                schema = pq.read_schema(f)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            shown_as = remote.without_secrets(file)
+            raise UsageError(
+                f"manifest {shown_as}: unreadable ({' '.join(str(exc).split())[:200]})"
+            ) from None
+        return tables.is_dataset(schema, self.image_column, asked)
+
+    def _dataset(self, files: Sequence[str], named: str) -> tables.Dataset:
+        return tables.open_files([(f, f) for f in files], named, self._asked_columns(), self._reserved)
+
+    def _asked_columns(self) -> tables.Asked:
+        return tables.Asked(self.image_column, self._path_column)
+
     def _exists(self, url: str) -> bool:
         try:
             return remote.exists(url)
@@ -334,6 +377,7 @@ class Sources:
     def _passthrough_schema(self) -> pa.Schema:
         fields: dict[str, pa.Field] = {}
         tables = [(m.named, m.extras) for m in self.manifests]
+        tables += [(d.named, d.passthrough) for kind, d in self._plan if kind == "dataset"]
         if self.tar_fields or any(self._has_shards(kind, value) for kind, value in self._plan):
             tables.append(("tar shards", shards.schema(self.tar_columns)))
         for where, extras in tables:
@@ -422,6 +466,8 @@ class Sources:
                     yield from self._named(p)
             elif kind == "retry":
                 yield from self._retry_rows(value)
+            elif kind == "dataset":
+                yield from value  # its read tasks' rows, in order (``tables``)
             else:
                 manifest: _Manifest = value
                 for path, extras in manifest.rows():
@@ -491,6 +537,8 @@ class Sources:
                 total += pq.ParquetFile(value.path).metadata.num_rows
             elif kind == "remote_file" or kind == "file":
                 total += 1
+            elif kind == "dataset" and (rows := value.count()) is not None:
+                total += rows
             elif kind == "glob" and not any(shards.is_shard(p) for p in value):
                 total += len(value)
             else:
