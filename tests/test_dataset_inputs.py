@@ -1,0 +1,314 @@
+"""Datasets as published, as inputs (issue 23, item 4): parquet files, a ``save_to_disk`` folder and a
+hub-layout folder written by the real ``datasets`` library score each row from its bytes, exactly as the
+same images score as loose files; the other columns pass through (nested ones too, JSON in CSV); rows are
+found again by their ``path`` (``--incremental``, ``--retry-errors``, ``locate``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import perceptscore
+from perceptscore.errors import UsageError
+from perceptscore.locators import DatasetRow, InMemory, locate
+from perceptscore.sources import Sources
+
+from test_cli_score import EXE
+
+datasets = pytest.importorskip("datasets")
+
+RESERVED = ["path", "memorability", "error", "file_size", "file_mtime_ns"]
+
+
+def image_features(**more: Any) -> Any:
+    return datasets.Features({"image": datasets.Image(), **more})
+
+
+def hf_dataset(photos: list[Path]) -> Any:
+    """The photos as ``datasets`` holds them: an ``Image`` feature (bytes and the file's name), with a
+    label, a list and a struct column beside it."""
+    features = image_features(
+        label=datasets.Value("int64"),
+        tags=datasets.Sequence(datasets.Value("string")),
+        meta={"w": datasets.Value("int32"), "note": datasets.Value("string")},
+    )
+    return datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": p.read_bytes(), "path": p.name} for p in photos],
+            "label": list(range(len(photos))),
+            "tags": [[p.suffix, "=SUM(A1)"] for p in photos],
+            "meta": [{"w": i, "note": None if i % 2 else f"n{i}"} for i in range(len(photos))],
+        },
+        features=features,
+    )
+
+
+@pytest.fixture(scope="module")
+def scorer(release_checkpoints) -> perceptscore.Scorer:  # type: ignore[no-untyped-def]
+    return perceptscore.Scorer(
+        "mem", {"mem": release_checkpoints["memorability"][0]}, device="cpu", workers=0
+    )
+
+
+@pytest.fixture(scope="module")
+def photos(photo_dir: Path) -> list[Path]:
+    return sorted(photo_dir.iterdir())
+
+
+@pytest.fixture(scope="module")
+def loose(scorer: perceptscore.Scorer, photos: list[Path]) -> pd.DataFrame:
+    return scorer.score([str(p) for p in photos])
+
+
+@pytest.fixture(scope="module")
+def published(photos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same dataset three ways: ``to_parquet`` (row groups of 2 rows), ``save_to_disk``, and the hub
+    layout pushed by hand (two parquet shards under ``data/``, a README at the top)."""
+    root = tmp_path_factory.mktemp("published")
+    ds = hf_dataset(photos)
+    ds.to_parquet(str(root / "ds.parquet"), batch_size=2)
+    ds.save_to_disk(str(root / "saved"))
+    hub = root / "hub"
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nconfigs:\n- config_name: default\n---\n")
+    half = len(photos) // 2
+    ds.select(range(half)).to_parquet(str(hub / "data" / "train-00000-of-00002.parquet"))
+    ds.select(range(half, len(photos))).to_parquet(str(hub / "data" / "train-00001-of-00002.parquet"))
+    return {"parquet": root / "ds.parquet", "saved": root / "saved", "hub": hub}
+
+
+def expected_paths(kind: str, where: Path, n: int) -> list[str]:
+    if kind == "parquet":
+        return [f"{where}::image[{i}]" for i in range(n)]
+    if kind == "saved":
+        return [f"{where / 'data-00000-of-00001.arrow'}::image[{i}]" for i in range(n)]
+    half = n // 2
+    files = [where / "data" / f"train-0000{i}-of-00002.parquet" for i in (0, 1)]
+    return [f"{files[i >= half]}::image[{i - half if i >= half else i}]" for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "saved", "hub"])
+def test_published_rows_equal_loose_files_and_pass_columns_through(
+    kind: str,
+    scorer: perceptscore.Scorer,
+    loose: pd.DataFrame,
+    published: dict[str, Path],
+    photos: list[Path],
+) -> None:
+    got = scorer.score(str(published[kind]))
+    assert got["error"].isna().all(), got["error"].tolist()
+    assert float(np.max(np.abs(got["memorability"].to_numpy() - loose["memorability"].to_numpy()))) == 0.0
+    paths = expected_paths(kind, published[kind], len(photos))
+    assert got["path"].tolist() == paths
+    assert got["shard"].tolist() == [p.rpartition("::")[0] for p in paths]
+    assert got["row"].tolist() == [int(p.rpartition("[")[2][:-1]) for p in paths]
+    assert got["image_path"].tolist() == [p.name for p in photos]  # the Image feature's own path
+    assert "image" not in got.columns  # the bytes never pass through
+    assert got["label"].tolist() == list(range(len(photos)))
+    assert [list(t) for t in got["tags"]] == [[p.suffix, "=SUM(A1)"] for p in photos]
+    assert got["file_size"].tolist() == [p.stat().st_size for p in photos]
+
+
+def test_a_row_is_opened_again_from_its_path(published: dict[str, Path], photos: list[Path]) -> None:
+    """``locate`` reads the row back from its file (explain, report, --retry-errors): the same bytes."""
+    for kind in published:
+        for i, path in enumerate(expected_paths(kind, published[kind], len(photos))):
+            found = locate(path)
+            assert isinstance(found, DatasetRow)
+            assert found.open().read() == photos[i].read_bytes()
+    with pytest.raises(perceptscore.errors.DecodeError, match="no row 99"):
+        locate(f"{published['saved'] / 'data-00000-of-00001.arrow'}::image[99]").open()
+
+
+def test_several_row_groups_stream_in_order(published: dict[str, Path], photos: list[Path]) -> None:
+    """Row groups of 2 rows are read one task at a time; the items come in file order with their bytes,
+    and the stat is (size, a digest of the bytes), the same for the same bytes in another file."""
+    metadata = pq.ParquetFile(published["parquet"]).metadata
+    assert metadata.num_row_groups == 3
+    sources = Sources([str(published["parquet"])], reserved=RESERVED)
+    (kind, dataset), = sources._plan  # fmt: skip
+    assert kind == "dataset"
+    assert [(t.part, t.first_row) for t in dataset.read_tasks()] == [(0, 0), (1, 2), (2, 4)]
+    assert sources.count() == len(photos)
+    assert Sources([str(published["saved"])], reserved=RESERVED).count() == len(photos)  # arrow, mapped
+    items = list(sources)
+    assert [i.index for i in items] == list(range(len(photos)))
+    assert all(isinstance(i.locator, InMemory) for i in items)
+    assert [i.locator.open().read() for i in items] == [p.read_bytes() for p in photos]
+    assert [i.locator.stat()[0] for i in items] == [p.stat().st_size for p in photos]
+    hub = [i.locator.stat() for i in Sources([str(published["hub"])], reserved=RESERVED)]
+    assert hub == [i.locator.stat() for i in items]  # other files, the same bytes: the same stat
+
+
+def test_image_column_is_found_or_asked_for_in_one_line(tmp_path: Path, photos: list[Path]) -> None:
+    """Plain binary columns: the one found; two ask for ``--image-column`` naming them; a column that
+    holds no bytes is refused naming its type."""
+    jpeg = photos[0].read_bytes()
+    one = datasets.Dataset.from_dict(
+        {"jpg": [jpeg], "caption": ["a"]},
+        features=datasets.Features({"jpg": datasets.Value("binary"), "caption": datasets.Value("string")}),
+    )
+    one.to_parquet(str(tmp_path / "one.parquet"))
+    (item,) = Sources([str(tmp_path / "one.parquet")], reserved=RESERVED)
+    assert item.path == f"{tmp_path / 'one.parquet'}::jpg[0]" and item.extras["caption"] == "a"
+    two = datasets.Dataset.from_dict(
+        {"jpg": [jpeg], "mask": [jpeg]},
+        features=datasets.Features({"jpg": datasets.Value("binary"), "mask": datasets.Value("binary")}),
+    )
+    two.to_parquet(str(tmp_path / "two.parquet"))
+    with pytest.raises(
+        UsageError, match=r"several columns of image bytes \(jpg, mask\); choose one with --image-column"
+    ):
+        Sources([str(tmp_path / "two.parquet")], reserved=RESERVED)
+    (item,) = Sources([str(tmp_path / "two.parquet")], reserved=RESERVED, image_column="mask")
+    assert item.path.endswith("::mask[0]") and item.extras["jpg"] == jpeg  # other bytes pass through
+    with pytest.raises(UsageError, match="column 'caption' holds string, not image bytes"):
+        Sources([str(tmp_path / "one.parquet")], reserved=RESERVED, image_column="caption")
+    with pytest.raises(UsageError, match=r"has no column 'nope' \(columns found: jpg, caption\)"):
+        Sources([str(tmp_path / "one.parquet")], reserved=RESERVED, image_column="nope")
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_writes_nested_columns_to_every_format_and_path_column_names_the_images(
+    release_checkpoints,
+    published: dict[str, Path],
+    photos: list[Path],
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The issue's command (``--path-column image``, which was a pyarrow traceback) scores the rows; the
+    struct and list columns are JSON in CSV (formula-like text still defused), as they are in JSONL and
+    parquet. ``--processes 2`` children receive each row's bytes and score them the same (batches of
+    one row everywhere: the same sums whoever scores a row)."""
+    base = [
+        "score",
+        "-t",
+        "mem",
+        "--checkpoint",
+        release_checkpoints["memorability"][0],
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+    ]
+    csv, jsonl, parquet = tmp_path / "s.csv", tmp_path / "s.jsonl", tmp_path / "s.parquet"
+    done = run(*base, published["parquet"], "--path-column", "image", "-o", csv)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    table = pd.read_csv(csv)
+    assert [json.loads(m) for m in table["meta"]] == [
+        {"w": i, "note": None if i % 2 else f"n{i}"} for i in range(len(photos))
+    ]
+    assert json.loads(table["tags"][0]) == [photos[0].suffix, "=SUM(A1)"]  # one cell: not a formula
+    done = run(*base, published["saved"], "-o", jsonl)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines[1]["meta"] == {"w": 1, "note": None} and lines[1]["tags"] == [photos[1].suffix, "=SUM(A1)"]
+    done = run(*base, published["hub"], "--processes", "2", "-o", parquet)
+    assert done.returncode == 0, done.stderr
+    schema = pq.read_schema(parquet)
+    assert str(schema.field("meta").type) == "struct<w: int32, note: string>"
+    np.testing.assert_array_equal(pd.read_parquet(parquet)["memorability"], table["memorability"])
+    np.testing.assert_array_equal([r["memorability"] for r in lines], table["memorability"])
+
+
+def test_incremental_reuses_unchanged_rows_and_retry_errors_opens_failed_rows_again(
+    release_checkpoints,
+    photos: list[Path],
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A row without bytes and a row of corrupt bytes are error rows. Written again as another file of
+    the same rows, ``--incremental`` reuses every scored row (the stat is the bytes' size and digest);
+    ``--retry-errors`` keeps the scored rows and opens each failed row again from its file."""
+    rows = [
+        {"bytes": photos[0].read_bytes(), "path": "a.jpg"},
+        None,
+        {"bytes": b"not an image", "path": "x.jpg"},
+    ]
+    ds = datasets.Dataset.from_dict({"image": rows}, features=image_features())
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    base = [
+        "score",
+        "-t",
+        "mem",
+        "--checkpoint",
+        release_checkpoints["memorability"][0],
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+    ]
+    first, again, retried = tmp_path / "1.parquet", tmp_path / "2.parquet", tmp_path / "3.parquet"
+    done = run(*base, tmp_path / "d.parquet", "-o", first)
+    assert done.returncode == 1, done.stderr
+    errors = pq.read_table(first).column("error").to_pylist()
+    assert errors[0] is None and errors[1] == "no image bytes in this row" and errors[2]
+    ds.to_parquet(str(tmp_path / "d.parquet"))  # written again: a new mtime, the same rows
+    done = run(*base, tmp_path / "d.parquet", "--incremental", first, "-o", again, "--json")
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["reused"], summary["scored"], summary["errors"]) == (1, 0, 2)
+    done = run(*base, "--retry-errors", first, "-o", retried, "--json")
+    assert done.returncode == 1, done.stderr
+    old, new = pq.read_table(first).to_pydict(), pq.read_table(retried).to_pydict()
+    assert new["path"] == old["path"] and new["row"] == [0, 1, 2]
+    assert new["memorability"][0] == old["memorability"][0]
+    assert new["error"][1:] == old["error"][1:]  # opened again from the file: still no image
+    assert json.loads(done.stdout)["reused"] == 1
+
+
+def test_a_dataset_over_http_scores_as_local_and_its_rows_open_again_by_url(
+    http_server,  # type: ignore[no-untyped-def]
+    scorer: perceptscore.Scorer,
+    loose: pd.DataFrame,
+    published: dict[str, Path],
+    photos: list[Path],
+) -> None:
+    """A parquet dataset named by URL: read from one download, rows named by the URL (``hf://`` works the
+    same way through huggingface_hub's file system, which cannot be reached offline)."""
+    http_server.files["/d/ds.parquet"] = published["parquet"].read_bytes()
+    try:
+        url = http_server.url("/d/ds.parquet")
+        got = scorer.score(url)
+        assert got["path"].tolist() == [f"{url}::image[{i}]" for i in range(len(loose))]
+        assert float(np.max(np.abs(got["memorability"].to_numpy() - loose["memorability"].to_numpy()))) == 0.0
+        assert locate(f"{url}::image[3]").open().read() == photos[3].read_bytes()  # range reads
+    finally:
+        http_server.reset()
+
+
+def test_csv_cells_hold_nested_values_as_json_and_bytes_as_base64() -> None:
+    """What a CSV output makes of passed-through columns pyarrow's CSV writer refuses: a struct, a list
+    and bytes, each one cell read back by ``json.loads`` / base64 (NaN inside a struct is null)."""
+    import base64
+    import io
+
+    import pyarrow as pa
+
+    from perceptscore.formats import FORMATS, read_csv_scores
+
+    table = pa.table(
+        {
+            "path": ["a", "b"],
+            "meta": [{"w": 1.5, "x": float("nan")}, None],
+            "tags": [["=1+1", "ü"], []],
+            "blob": [b"\x00\xff", None],
+        }
+    )
+    stream = io.BytesIO()
+    writer = FORMATS[".csv"].open_writer(stream, table.schema, {})
+    writer.write(table)
+    writer.close()
+    back = read_csv_scores(io.BytesIO(stream.getvalue())).to_pydict()
+    assert [None if m is None else json.loads(m) for m in back["meta"]] == [{"w": 1.5, "x": None}, None]
+    assert [json.loads(t) for t in back["tags"]] == [["=1+1", "ü"], []]
+    assert base64.b64decode(back["blob"][0]) == b"\x00\xff" and back["blob"][1] is None
