@@ -30,8 +30,8 @@ app = typer.Typer(
 )
 # No markup: paths and messages are shown as they are ("photo[1].jpg", "[Errno 27]"); never wrapped, so a
 # path is never broken across lines.
-console = Console(highlight=False, soft_wrap=True, markup=False)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+console = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)  # "x:fire:.csv" stays as named
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def _examples(*lines: str) -> str:
@@ -302,7 +302,16 @@ def rank(
         _print_ranking(rows, plan.shown)
     elif not out:
         write_rows(rows, "-", scored.provenance)
+    _unscored(scored.outcome)
     raise typer.Exit(scored.outcome.exit_code)
+
+
+def _unscored(outcome) -> None:  # type: ignore[no-untyped-def]
+    """Rows that could not be scored are said on stderr, whatever -q says: an exit code 1 explained."""
+    from perceptscore import summary
+
+    if outcome.errors:
+        err_console.print(Text.assemble(("error:", "red"), f" {summary.errors_line(outcome, None)}"))
 
 
 def _print_ranking(ranked, columns: list[str]) -> None:  # type: ignore[no-untyped-def]
@@ -441,6 +450,7 @@ def filter_(
             err_console.print(Text.assemble(("not placed:", "red"), f" {shown(message)}"))
     if not scoring.quiet:
         err_console.print(f"kept {len(kept.rows)} of {kept.scored.outcome.rows} files")
+    _unscored(kept.scored.outcome)
     raise typer.Exit(kept.exit_code)
 
 

@@ -60,8 +60,8 @@ class Reporter:
     def count_in_background(self, counts: Iterator[int] | None) -> None:
         """Take the total from ``counts`` (a running count, its last value the total) on a thread, while
         the run goes on; None: the total stays unknown."""
-        if counts is None or self.total is not None:
-            return
+        if counts is None or self.total is not None or (self._bar is None and self._silent()):
+            return  # nothing would show the total: no second walk of the folders
         threading.Thread(target=self._count, args=(counts,), name="perceptscore-count", daemon=True).start()
 
     def _count(self, counts: Iterator[int]) -> None:
@@ -91,6 +91,9 @@ class Reporter:
         elif not self._quiet and time.monotonic() - self._last_log >= self.interval:
             self._last_log = time.monotonic()
             self.console.print(self.line(), highlight=False, soft_wrap=True)  # a log line is never wrapped
+
+    def _silent(self) -> bool:
+        return self._quiet or self.interval == float("inf")
 
     # ---- what it shows --------------------------------------------------------------------------------
     @property

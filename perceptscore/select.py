@@ -191,10 +191,13 @@ class Record:
     rows: list[tuple[str, str]] = field(default_factory=list)  # (source, destination)
 
     def names_of(self) -> dict[str, list[str]]:
-        """source -> the names in the folder the record says hold its copy."""
+        """source -> the names in the folder the record says hold its copy. A name holds one file: where
+        the record names several sources for one name (an older record, a copy deleted and its name
+        taken by another file since), only its latest row counts."""
+        owner = {Path(destination).name: source for source, destination in self.rows}
         found: dict[str, list[str]] = {}
-        for source, destination in self.rows:
-            found.setdefault(source, []).append(Path(destination).name)
+        for name, source in owner.items():
+            found.setdefault(source, []).append(name)
         return found
 
 
@@ -319,13 +322,15 @@ def write_placement_map(folder: str | Path, mapped: list[tuple[str, Path]]) -> P
         return None
     folder = Path(folder)
     record = read_record(folder)
-    rows: dict[tuple[str, str], None] = {}
+    owner: dict[str, str] = {}  # name in the folder -> the source its copy is of: one source a name
     for source, destination in record.rows:
         if os.path.lexists(folder / Path(destination).name):
-            rows[(source, Path(destination).name)] = None
-    for source, target in mapped:
-        rows[(source, target.name)] = None
-    lines = "".join(f"{_csv_cell(src)},{_csv_cell(str(folder / name))}\n" for src, name in rows)
+            owner[Path(destination).name] = source
+    for source, target in mapped:  # this run's word on a name is the last: it looked at the file
+        if owner.get(target.name) != source:
+            owner.pop(target.name, None)  # another source's row for this name is stale: it goes
+            owner[target.name] = source
+    lines = "".join(f"{_csv_cell(src)},{_csv_cell(str(folder / name))}\n" for name, src in owner.items())
     write_atomic(record.path, (_RECORD_HEADER + "\n" + lines).encode("utf-8", "surrogateescape"))
     return record.path
 

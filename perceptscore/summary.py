@@ -59,7 +59,9 @@ def line(
     parts = [f"{n['scored']} scored", _plural(n["errors"], "error")]
     if n["reused"] or incremental or retry_errors:
         parts.append(f"{n['reused']} reused")
-    if n["resumed"] or outcome.resumed:
+    if outcome.uploaded_earlier:  # the earlier run finished; only its upload had failed
+        parts.append(f"{n['resumed']} from the earlier run's finished file")
+    elif n["resumed"] or outcome.resumed:
         parts.append(f"{n['resumed']} resumed from an interrupted run")
     if outcome.gone is not None:
         parts.append(f"{outcome.gone} gone since the last run")
@@ -69,10 +71,14 @@ def line(
     return f"{', '.join(parts)} -> {where} in {_elapsed(seconds)}{extra}"
 
 
-def errors_line(outcome: Outcome, out: str) -> str:
-    """What ``-q`` still says: how many rows have no score, and where their reasons are."""
+def errors_line(outcome: Outcome, out: str | None) -> str:
+    """What ``-q`` still says: how many rows have no score, and where their reasons are (``out`` None:
+    the command's rows are not a file, e.g. rank's table)."""
+    said = f"{_plural(outcome.errors, 'file')} could not be scored"
+    if out is None:
+        return f"{said} (their rows' error column says why)"
     where = "stdout" if out == "-" else _where(out)
-    return f"{_plural(outcome.errors, 'file')} could not be scored (the error column says why) -> {where}"
+    return f"{said} (the error column says why) -> {where}"
 
 
 def as_json(

@@ -149,3 +149,30 @@ def test_symlink_to_twice_links_nothing_again(tmp_path: Path, photos: list[Path]
     }
     assert _record(links) == [(str(photos[0]), "pic.jpg"), (str(photos[1]), "pic-1.jpg"),
                               (str(photos[2]), "other-1.jpg")]  # fmt: skip
+
+
+def test_a_name_taken_by_another_file_since_is_not_the_old_sources_copy(tmp_path: Path) -> None:
+    """a's copy deleted, b (other bytes, same size and mtime) takes its name: a placed again gets a number,
+    and the record names one source a copy."""
+    from perceptscore import select
+
+    a, b, out = tmp_path / "a" / "IMG.raw", tmp_path / "b" / "IMG.raw", tmp_path / "out"
+    for path, byte in ((a, b"A"), (b, b"B")):
+        path.parent.mkdir()
+        path.write_bytes(byte * 100)
+        os.utime(path, ns=(10**18, 10**18))  # whole seconds, as FAT cards and archives give
+
+    def place(src: Path) -> select.Placement:
+        placement = select.place([(str(src), str(src))], out)
+        select.write_placement_map(out, placement.mapped)
+        return placement
+
+    place(a)
+    (out / "IMG.raw").unlink()
+    place(b)
+    again = place(a)
+    assert (again.placed, again.already) == (1, 0)
+    assert (out / "IMG.raw").read_bytes() == b"B" * 100 and (out / "IMG-1.raw").read_bytes() == b"A" * 100
+    with open(out / "perceptscore-placed.csv", newline="") as f:
+        rows = [(Path(s).parent.name, Path(d).name) for s, d in list(csv.reader(f))[1:]]
+    assert sorted(rows) == [("a", "IMG-1.raw"), ("b", "IMG.raw")]

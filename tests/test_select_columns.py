@@ -224,3 +224,17 @@ def test_filter_images_scores_the_task_of_the_column(
     rows = pd.read_csv(kept)
     assert "emotion_sadness" in rows and "memorability" not in rows and "quality" not in rows
     assert rows["path"].tolist() == everything.loc[everything["emotion_sadness"] >= low, "path"].tolist()
+
+
+def test_a_scores_file_named_with_a_dash_is_an_input_after_double_dash(
+    scores: tuple[Path, pd.DataFrame], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, frame = scores
+    dashed = tmp_path / "-s.csv"
+    dashed.write_bytes(path.read_bytes())
+    Path(f"{dashed}.meta.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    done = _cli("filter", "--min-memorability", "0.6", "-o", "kept.txt", "--", "-s.csv")
+    assert done.exit_code == 0, (done.output, done.exception)
+    kept = frame[frame["memorability"] >= 0.6]["path"].tolist()
+    assert (tmp_path / "kept.txt").read_text().splitlines() == kept

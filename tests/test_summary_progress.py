@@ -125,3 +125,42 @@ def test_the_reporter_takes_the_total_from_the_count(tmp_path: Path) -> None:
     first, second = (tmp_path / "log").read_text().splitlines()
     assert " scoring: 2/3+ files (counting), " in first
     assert " scoring: 3/7 files (43%), " in second and ", ETA " in second and second.endswith(", 1 errors")
+
+
+def test_the_loading_label_counts_the_base_files_too(release_checkpoints, tmp_path: Path) -> None:
+    import perceptscore
+    from perceptscore.checkpoints import read_metadata, save_converted
+    from perceptscore.commands.score import _weight_files
+    from perceptscore.plan import make_plan
+    from perceptscore.progress import weights_phase
+    from perceptscore.tasks import get_task
+
+    files = {}
+    for task in ("memorability", "quality"):  # split files: a task file and the base both share
+        model = perceptscore.load_model(task, checkpoint=release_checkpoints[task][0], merge=False)
+        files[task] = tmp_path / f"{task}.safetensors"
+        save_converted(model, get_task(task), files[task], "test", "0" * 64, split=True)
+    bases = {tmp_path / read_metadata(p)["base"] for p in files.values()}  # the test towers differ
+    plan = make_plan(ScoreOptions(["memorability", "quality"], {t: str(p) for t, p in files.items()}), ["x"])
+    assert _weight_files(plan) == {str(p) for p in (*files.values(), *bases)}
+    total = sum(p.stat().st_size for p in (*files.values(), *bases))
+    assert weights_phase([p.stat().st_size for p in (*files.values(), *bases)]) == (
+        f"loading weights ({total / 1e6:.1f} MB)"
+    )
+
+
+def test_names_are_printed_as_they_are_not_as_emoji(tmp_path: Path, ckpt: str) -> None:
+    folder, out = photos(tmp_path / "p", 1), tmp_path / "x:fire:.csv"
+    done = invoke("score", folder, "-t", "mem", "--checkpoint", ckpt, "-o", out, "--json")
+    assert json.loads(done.stdout)["output"] == str(out) and out.exists()
+    again = invoke("score", folder, "-t", "mem", "--checkpoint", ckpt, "-o", out)
+    assert f"-> {out} in " in again.stderr
+
+
+@pytest.mark.parametrize("command", [["rank", "-t", "mem"], ["filter", "--min-memorability", "-100"]])
+def test_quiet_rank_and_filter_still_say_rows_failed(tmp_path: Path, ckpt: str, command: list[str]) -> None:
+    folder = photos(tmp_path / "p", 2)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    done = invoke(command[0], folder, *command[1:], "--checkpoint", ckpt, "-q", "-o", tmp_path / "o.csv")
+    assert done.exit_code == 1
+    assert done.stderr.splitlines() == ["error: 1 file could not be scored (their rows' error column says why)"]

@@ -148,6 +148,11 @@ def test_the_task_is_read_from_the_name_the_head_or_our_metadata(
                        r"memorability or quality\): add --task"):  # fmt: skip
         weights_commands.import_weights(str(one_output))
     assert not (cache / "memorability.safetensors").exists()
+    # the quality release named for memorability: both have one output, only the name tells
+    iqa = copy_as(release_checkpoints["quality"][0], tmp_path / "rel", "perceptCLIP_IQA.pth")
+    with pytest.raises(UsageError, match=r"perceptCLIP_IQA\.pth is the quality release, not memorability's"):
+        weights_commands.import_weights(str(iqa), "memorability")
+    assert not (cache / "memorability.safetensors").exists()
 
     # one of our own files (from `weights convert`), named anyhow: its metadata says the task
     own = tmp_path / "own" / "run7.safetensors"

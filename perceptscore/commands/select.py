@@ -85,7 +85,8 @@ def column_options(
     bounds: dict[str, dict[str, float]] = {"min": {}, "max": {}}
     tokens = iter(args)
     for token in tokens:
-        if token == "-" or not token.startswith("-"):
+        # a file whose name starts with "-" (given after "--", which Click takes away) is an input
+        if token == "-" or not token.startswith("-") or os.path.lexists(token):
             inputs.append(token)
             continue
         option, eq, value = token.partition("=")

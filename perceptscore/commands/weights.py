@@ -17,7 +17,13 @@ def task_of_file(path: str | Path, task: str | None) -> Task:
     name says (the release's file name, or a task name or alias as a word: ``iqa_finetune.pth``); else the
     one task with as many outputs as the file's head (8: emotion)."""
     if task:
-        return get_task(task)
+        asked, released = get_task(task), _release_named(Path(path).name)
+        if released is not None and released.name != asked.name:  # both have one output: nothing else tells
+            raise UsageError(
+                f"{Path(path).name} is the {released.name} release, not {asked.name}'s: drop --task, or "
+                f"rename the file if it really holds {asked.name} weights"
+            )
+        return asked
     if Path(path).suffix.lower() == ".safetensors":
         from perceptscore.checkpoints import read_metadata
 
@@ -25,13 +31,19 @@ def task_of_file(path: str | Path, task: str | None) -> Task:
     return _task_named_by(Path(path).name) or _task_by_outputs(Path(path))
 
 
+def _release_named(name: str) -> Task | None:
+    """The task whose released file has this name, if one has."""
+    from perceptscore.tasks import all_tasks
+
+    return next((t for t in all_tasks().values() if name.lower() == t.release.filename.lower()), None)
+
+
 def _task_named_by(name: str) -> Task | None:
     from perceptscore.tasks import all_tasks
 
+    if (released := _release_named(name)) is not None:
+        return released
     specs = list(all_tasks().values())
-    for spec in specs:
-        if name.lower() == spec.release.filename.lower():
-            return spec
     words = set(re.split(r"[^a-z0-9]+", Path(name).stem.lower()))
     named = [spec for spec in specs if words & {spec.name, *spec.aliases}]
     return named[0] if len(named) == 1 else None  # two tasks named: the content decides
