@@ -206,6 +206,7 @@ _INPUT_KEYS = {
     "input_files",
     "recursive",
     "path_column",
+    "image_column",
     "follow_links",
     "incremental",
     "max_pixels",

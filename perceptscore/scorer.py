@@ -75,14 +75,16 @@ class Scorer:
         path_column: str | None = None,
         tar_fields: Sequence[str] = (),
         storage_options: Mapping[str, Any] | None = None,
+        image_column: str | None = None,
     ) -> pd.DataFrame:
-        """Score files, folders, globs, @lists, manifests or tar shards, local or URLs; a DataFrame with the
-        CLI's columns. ``tar_fields``: txt, json, json.NAME; ``storage_options``: for fsspec, as
-        ``--storage-options``."""
+        """Score files, folders, globs, @lists, manifests, tar shards or datasets (parquet/arrow with image
+        bytes), local or URLs; a DataFrame with the CLI's columns. ``tar_fields``: txt, json, json.NAME;
+        ``storage_options``: for fsspec, as ``--storage-options``; ``image_column``: a dataset's column of
+        image bytes, when it has several."""
         storage = Settings.parse(json.dumps(storage_options)) if storage_options else Settings()
         fields = parse_fields(",".join(tar_fields))
         options = ScoreOptions(self.plan.tasks, recursive=recursive, path_column=path_column,
-                               tar_fields=fields, storage=storage)  # fmt: skip
+                               tar_fields=fields, storage=storage, image_column=image_column)  # fmt: skip
         sources: Sources = options.sources([inputs] if isinstance(inputs, str) else inputs)
         batches = [batch for _, batch in scored(self.engine, self.plan, sources, sources.passthrough)]
         schema = self.plan.schema(sources.passthrough)

@@ -34,9 +34,15 @@ def placeholder() -> str:
 
 def local_path(path: str, root: str) -> str | None:
     """Where a scores file's ``path`` is on this machine (relative to the folder it was scored from), or
-    None for a remote URI."""
+    None for a remote URI or a dataset's row (``ds.parquet::image[3]``: bytes inside a file, as a tar
+    member's)."""
     if "://" in path:
         return None
+    if "::" in path:
+        from perceptscore.tables import parse_row_uri
+
+        if parse_row_uri(path) is not None:
+            return None
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 

@@ -312,3 +312,13 @@ def test_csv_cells_hold_nested_values_as_json_and_bytes_as_base64() -> None:
     assert [None if m is None else json.loads(m) for m in back["meta"]] == [{"w": 1.5, "x": None}, None]
     assert [json.loads(t) for t in back["tags"]] == [["=1+1", "ü"], []]
     assert base64.b64decode(back["blob"][0]) == b"\x00\xff" and back["blob"][1] is None
+
+
+def test_a_rows_path_is_no_local_file_and_names_its_heatmap_by_file_and_row() -> None:
+    from perceptscore.commands.explain import output_stem
+    from perceptscore.thumbnails import local_path
+
+    row = "ds/data/train-00000-of-00002.parquet::image[12]"
+    assert local_path(row, "/somewhere") is None  # a report shows no link and no thumbnail of "a file"
+    assert output_stem(row) == "train-00000-of-00002_12"
+    assert output_stem("ds/x.parquet::jpg[0]") != output_stem("ds/x.parquet::jpg[1]")

@@ -125,7 +125,8 @@ def plan_outputs(items: Sequence[Item], out_dir: Path, suffix: str) -> list[Plan
 
 def output_stem(path: str) -> str:
     """The name a heatmap is named after: a local file's stem; for a URL, the last part of its path only
-    (never its query, a presigned signature, nor its user info); for a tar member, the member's."""
+    (never its query, a presigned signature, nor its user info); for a tar member, the member's; for a
+    dataset's row, ``<file stem>_<row>``."""
     import posixpath
     import urllib.parse
 
@@ -134,6 +135,12 @@ def output_stem(path: str) -> str:
 
     if path.startswith(TAR_SCHEME) and "::" in path:
         return output_stem(path[len(TAR_SCHEME) :].rpartition("::")[0])
+    if "::" in path:
+        from perceptscore.tables import parse_row_uri
+
+        row = parse_row_uri(path)
+        if row is not None:  # a dataset's row: its file's stem and its row, so rows of one file differ
+            return f"{output_stem(row[0])}_{row[2]}"
     if scheme(path) is None:
         return Path(path).stem
     name = posixpath.basename(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
