@@ -24,7 +24,11 @@ def cpu_plan(release_checkpoints, **kwargs) -> ScoringPlan:  # type: ignore[no-u
 
 def test_every_auto_is_resolved_and_json_round_trips(release_checkpoints) -> None:
     plan = cpu_plan(release_checkpoints)
-    assert (plan.device, plan.precision, plan.batch_size) == ("cpu", "fp32", 8)  # no GPU on these machines
+    import torch
+
+    # what auto means where the tests run: the CPU (conftest hides a GPU unless PERCEPTSCORE_TEST_GPU=1)
+    expected = ("cuda", "fp16", 64) if torch.cuda.is_available() else ("cpu", "fp32", 8)
+    assert (plan.device.split(":")[0], plan.precision, plan.batch_size) == expected
     assert plan.workers >= 1
     (weights,) = plan.weights
     assert weights.sha256 == file_sha256(release_checkpoints["memorability"][0])

@@ -216,6 +216,7 @@ def _decoded(uri: str) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
 
 
+@pytest.mark.browser
 def test_report_loads_in_chromium_without_errors_and_draws_every_image(scores, tmp_path: Path) -> None:
     out, page_path = scores
     explained = tmp_path / "explained.html"
@@ -592,6 +593,7 @@ def many_report(many_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return folder / "scores.html", many_photos
 
 
+@pytest.mark.browser
 def test_chromium_shows_a_compact_page_with_readable_axes_and_links_to_the_files(
     many_report, tmp_path
 ) -> None:
