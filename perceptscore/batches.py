@@ -14,8 +14,8 @@ import numpy as np
 
 from perceptscore.errors import DecodeError
 from perceptscore.images import MAX_PIXELS, decode
+from perceptscore.items import Item
 from perceptscore.preprocess import prepare
-from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
 
 if TYPE_CHECKING:  # torch is imported by ``collate``: an isolated decoder process starts without it

@@ -50,7 +50,7 @@ from perceptscore.formats import format_of, meta_path, read_scores
 from perceptscore.sinks import process_alive
 
 if TYPE_CHECKING:
-    from perceptscore.sources import Item
+    from perceptscore.items import Item
 
 _PRIVATE_FILE = 0o600
 

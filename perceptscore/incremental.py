@@ -13,7 +13,7 @@ from perceptscore import remote
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import UsageError
 from perceptscore.formats import is_scores_file, read_scores
-from perceptscore.sources import Item
+from perceptscore.items import Item
 from perceptscore.tasks import Task
 
 

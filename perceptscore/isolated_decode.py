@@ -201,8 +201,8 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes:
 
 def _child_main() -> int:
     from perceptscore.batches import decode_item
+    from perceptscore.items import Item
     from perceptscore.locators import InMemory, Locator, locate
-    from perceptscore.sources import Item
 
     # The answers go to a private copy of stdout; fd 1 itself goes to /dev/null, so a library that
     # prints there cannot corrupt them.

@@ -28,9 +28,9 @@ from typing import Any
 
 from perceptscore import remote
 from perceptscore.errors import DecodeError
+from perceptscore.items import Item
 from perceptscore.locators import InMemory, RemoteFile, Unavailable
 from perceptscore.remote import Stopped, stop_requested
-from perceptscore.sources import Item
 
 __all__ = ["Stopped", "prefetched", "stop_requested"]  # the stop flag lives in ``remote`` (streams use it)
 _SLICE_SECONDS = 0.25

@@ -103,9 +103,9 @@ class Scorer:
     def _decode(self, uris: list[str | None]) -> list[Decoded]:
         """Every uri decoded; decoder k takes every n-th from the k-th, all at once (each on its child).
         URLs are fetched first, many at once, so no decoder waits on the network under its time limit."""
+        from perceptscore.items import Item
         from perceptscore.locators import InMemory, Unavailable, locate
         from perceptscore.prefetch import prefetched
-        from perceptscore.sources import Item
 
         items = list(prefetched(Item(i, locate(u or "")) for i, u in enumerate(uris)))
         n = len(self._decoders)

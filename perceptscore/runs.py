@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 from perceptscore._text import redacted_command
 from perceptscore.columns import FILE_SIZE, PATH
 from perceptscore.errors import PerceptScoreError, UsageError
+from perceptscore.items import Item
 from perceptscore.prefetch import stop_requested
 from perceptscore.sinks import one_line, write_atomic
-from perceptscore.sources import Item
 
 
 def shard_limits() -> tuple[int, float]:

@@ -13,12 +13,13 @@ import pyarrow as pa
 
 from perceptscore.engines.local import LocalEngine
 from perceptscore.hub import Weights, resolve
+from perceptscore.items import Item
 from perceptscore.plan import ScoreOptions, make_plan
 from perceptscore.predict import Predictor
 from perceptscore.remote import Settings
 from perceptscore.scoring import scored
 from perceptscore.shards import parse_fields
-from perceptscore.sources import Item, Sources
+from perceptscore.sources import Sources
 from perceptscore.tasks import get_task
 
 

@@ -17,9 +17,9 @@ import pyarrow as pa
 from perceptscore.columns import core_schema, error_count, with_passthrough
 from perceptscore.engines import Engine
 from perceptscore.incremental import Previous
+from perceptscore.items import Item
 from perceptscore.plan import ScoringPlan
 from perceptscore.progress import Reporter
-from perceptscore.sources import Item
 
 Rows = tuple[list[int], pa.RecordBatch]  # the input indices of a batch's rows, and the rows
 

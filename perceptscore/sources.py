@@ -21,7 +21,6 @@ import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import pyarrow as pa
@@ -32,24 +31,10 @@ from perceptscore.columns import ERROR, PATH
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import FORMATS, format_of, is_scores_file, restore_formulas
 from perceptscore.images import IMAGE_EXTENSIONS, looks_like_image
+from perceptscore.items import Item
 from perceptscore.locators import TAR_SCHEME, Locator, RemoteFile, Unavailable, locate, member_uri
 
 MANIFEST_SUFFIXES = tuple(FORMATS)  # every table format is also read as a manifest
-
-
-@dataclass(frozen=True)
-class Item:
-    """One row to produce: where its bytes are, the manifest columns to pass through, or why it can't be."""
-
-    index: int
-    locator: Locator
-    extras: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def path(self) -> str:
-        """The ``path`` column's value."""
-        return self.locator.uri
 
 
 def _sniffed_image(path: str) -> bool:

@@ -22,8 +22,8 @@ import pytest
 import perceptscore
 from perceptscore.cli import main
 from perceptscore.engines import local
+from perceptscore.items import Item
 from perceptscore.locators import LocalFile
-from perceptscore.sources import Item
 
 from servers import FaultyHTTPServer
 from test_cli_score import EXE
@@ -213,6 +213,7 @@ class Unsendable:
         raise RecursionError("maximum recursion depth exceeded while pickling an object")
 
 
+@pytest.mark.slow
 def test_passthrough_values_stay_here_and_an_item_that_cant_reach_a_worker_is_an_error_row(
     release_checkpoints, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,8 +12,8 @@ import pytest
 
 from perceptscore.batches import decode_item
 from perceptscore.isolated_decode import IsolatedDecoder, crashed
+from perceptscore.items import Item
 from perceptscore.locators import LocalFile
-from perceptscore.sources import Item
 from perceptscore.tasks import get_task
 
 FAULTS = str(Path(__file__).parent / "decoder_faults")

@@ -83,6 +83,7 @@ def within(seconds: float, call: Callable[[], Any]) -> tuple[Any, float]:
     return out[0], time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_an_outage_shorter_than_the_deadline_costs_no_rows(
     scorer: perceptscore.Scorer, photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -158,6 +159,7 @@ def test_a_remote_manifest_or_list_cannot_name_this_machines_files(
             assert got["error"].isna().tolist() == [False] * 5 + [True]
 
 
+@pytest.mark.slow
 def test_a_trickling_shard_is_given_up_and_a_sigterm_ends_its_read(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,9 +236,9 @@ def test_prefetch_holds_no_more_than_its_bound_when_servers_send_no_length(
     """Sixteen 4 MiB objects sent without a length, a 4 MiB PERCEPTSCORE_PREFETCH_BYTES and a slow
     consumer: the memory held stays near the bound (plus the object waited for, the one handed on, and
     the buffers of the connections open), where all sixteen used to be fetched at once (64 MiB)."""
+    from perceptscore.items import Item
     from perceptscore.locators import RemoteFile
     from perceptscore.prefetch import prefetched
-    from perceptscore.sources import Item
 
     size, count, bound = 4 << 20, 16, 4 << 20
     monkeypatch.setenv("PERCEPTSCORE_PREFETCH_BYTES", str(bound))

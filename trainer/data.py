@@ -25,11 +25,11 @@ from perceptscore.columns import ERROR
 from perceptscore.engines.local import LocalEngine, worker_init
 from perceptscore.errors import DecodeError
 from perceptscore.images import decode
+from perceptscore.items import Item
 from perceptscore.locators import locate
 from perceptscore.plan import ScoringPlan
 from perceptscore.predict import Predictor
 from perceptscore.preprocess import resize
-from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess, Task
 from perceptscore.trainer.datasets import Example
 

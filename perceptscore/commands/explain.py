@@ -13,10 +13,10 @@ from perceptscore._version import __version__
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.folders import check_output_folder
 from perceptscore.heatmap import METHODS
+from perceptscore.items import Item
 from perceptscore.plan import ScoreOptions
 from perceptscore.replacing import PNG_SOFTWARE, refuse_replacing
 from perceptscore.sinks import write_atomic
-from perceptscore.sources import Item
 from perceptscore.tasks import get_task
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from perceptscore.engines import Engine
 from perceptscore.errors import DecodeError, EngineFailed, PerceptScoreError, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
+from perceptscore.items import Item
 from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
 from perceptscore.progress import Reporter, weights_phase
 from perceptscore.provenance import provenance
@@ -40,7 +41,7 @@ from perceptscore.runs import InputsChanged, Interrupted, OutputLock, ShardedRun
 from perceptscore.safety import refuse_overwriting_an_input
 from perceptscore.scoring import Outcome, consume, scored
 from perceptscore.sinks import Sink, check_output, write_atomic
-from perceptscore.sources import Item, Sources
+from perceptscore.sources import Sources
 
 MakeReporter = Callable[[int | None], Reporter]
 

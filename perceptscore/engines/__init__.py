@@ -21,8 +21,8 @@ import pyarrow as pa
 from perceptscore.errors import UsageError
 
 if TYPE_CHECKING:
+    from perceptscore.items import Item
     from perceptscore.plan import ScoringPlan
-    from perceptscore.sources import Item
 
 
 class Engine(Protocol):

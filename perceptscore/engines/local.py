@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from perceptscore.batches import Batch, Decoded, collate, decode_item
 from perceptscore.images import draft_side
+from perceptscore.items import Item
 from perceptscore.plan import ScoringPlan
 from perceptscore.predict import Predictor
 from perceptscore.prefetch import prefetched
-from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
 
 

@@ -33,9 +33,9 @@ import pyarrow as pa
 from perceptscore import remote
 from perceptscore.columns import core_schema
 from perceptscore.errors import UsageError
+from perceptscore.items import Item
 from perceptscore.locators import from_wire, to_wire
 from perceptscore.plan import ScoringPlan
-from perceptscore.sources import Item
 
 # an item as a child rebuilds it: bytes already read (a tar member) travel with it (``locators.to_wire``)
 ITEM_SCHEMA = pa.schema(

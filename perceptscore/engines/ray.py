@@ -47,10 +47,10 @@ from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH, core_schema
 from perceptscore.errors import EngineFailed, PerceptScoreError, UsageError
 from perceptscore.images import draft_side
 from perceptscore.isolated_decode import Decoded, IsolatedDecoder, settings_for
+from perceptscore.items import Item
 from perceptscore.locators import InMemory, Unavailable, from_wire, to_wire
 from perceptscore.plan import ScoringPlan
 from perceptscore.prefetch import prefetched
-from perceptscore.sources import Item
 from perceptscore.tasks import Preprocess
 
 ROW_INDEX = "row_index"
