@@ -174,7 +174,7 @@ def moto_s3() -> Iterator[MotoS3]:
 # Marked by what a test uses, so a new test is put in its tier without anyone remembering to: a Ray
 # cluster (ray), a server on 127.0.0.1 standing in for a remote store (remote), the trainer (train).
 # `browser` and `slow` are marked where the test is written (tests that drive Chromium; tests that take
-# more than ~10 s on 2 cores).
+# more than ~5 s on 2 cores).
 _TIER_FIXTURES = {"ray_address": "ray", "moto_s3": "remote", "http_server": "remote"}
 _TIER_MODULES = {
     "test_ray": "ray", "test_train_cli": "train", "test_trainer_parts": "train", "test_remote": "remote",

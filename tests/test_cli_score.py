@@ -35,6 +35,7 @@ def scores_parquet(
     return out
 
 
+@pytest.mark.slow
 def test_score_to_parquet_matches_the_release_and_records_provenance(
     scores_parquet: Path, photo_dir: Path, release_checkpoints
 ) -> None:
@@ -58,6 +59,7 @@ def test_score_to_parquet_matches_the_release_and_records_provenance(
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.slow
 def test_csv_and_jsonl_outputs_hold_the_same_rows(
     tmp_path: Path, photo_dir: Path, checkpoint_args, scores_parquet, fmt: str
 ) -> None:
@@ -77,6 +79,7 @@ def test_csv_and_jsonl_outputs_hold_the_same_rows(
     assert not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_score_to_stdout_from_a_manifest_passes_columns_through(
     tmp_path: Path, photo_dir: Path, release_checkpoints
 ) -> None:
@@ -95,6 +98,7 @@ def test_score_to_stdout_from_a_manifest_passes_columns_through(
     assert lines[2].endswith('"person1"')
 
 
+@pytest.mark.slow
 def test_rank_from_images_and_from_a_scores_file(
     tmp_path: Path, photo_dir: Path, scores_parquet: Path, release_checkpoints
 ) -> None:
@@ -165,6 +169,7 @@ def test_copy_to_copies_exactly_the_selection_and_never_overwrites(tmp_path: Pat
     assert linked == [(tmp_path / "two" / "other.jpg").resolve()]
 
 
+@pytest.mark.slow
 def test_a_folder_with_bad_files_finishes_with_exit_code_1(
     tmp_path: Path, photo_dir: Path, release_checkpoints
 ) -> None:
@@ -214,6 +219,7 @@ def test_user_mistakes_exit_with_their_code_and_one_line(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_paths_with_brackets_are_printed_as_they_are(
     tmp_path: Path, photo_dir: Path, release_checkpoints
 ) -> None:

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from test_cli_score import EXE
 
@@ -24,6 +25,7 @@ def pipeline(first: list[str], second: list[str]) -> tuple[subprocess.CompletedP
     return consumer, producer_err
 
 
+@pytest.mark.slow
 def test_find_piped_into_filter(photo_dir: Path, release_checkpoints, tmp_path: Path) -> None:
     checkpoint = ["--checkpoint", str(release_checkpoints["quality"][0])]
     reference = tmp_path / "all.csv"
@@ -43,6 +45,7 @@ def test_find_piped_into_filter(photo_dir: Path, release_checkpoints, tmp_path: 
     assert f"kept {len(expected)} of {len(jpegs)} files" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_scores_stream_piped_into_filter_and_rank(photo_dir: Path, release_checkpoints) -> None:
     score = [
         EXE,
@@ -62,6 +65,7 @@ def test_a_scores_stream_piped_into_filter_and_rank(photo_dir: Path, release_che
     assert len(ranked) == 3 and ranked["quality"].is_monotonic_increasing
 
 
+@pytest.mark.slow
 def test_a_stream_with_error_rows_keeps_its_scored_rows(
     photo_dir: Path, release_checkpoints, tmp_path
 ) -> None:

@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from test_cli_score import EXE, run
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and cursor moves: keep what a person reads
@@ -37,6 +39,7 @@ def run_in_pty(*args: str | Path) -> str:
     return ANSI.sub("", b"".join(chunks).decode(errors="replace"))
 
 
+@pytest.mark.slow
 def test_terminal_gets_a_progress_bar_and_a_ranking_table(photo_dir: Path, release_checkpoints) -> None:
     screen = run_in_pty("rank", photo_dir, "-t", "memorability", "--top", "2",
                         "--checkpoint", release_checkpoints["memorability"][0])  # fmt: skip
@@ -46,6 +49,7 @@ def test_terminal_gets_a_progress_bar_and_a_ranking_table(photo_dir: Path, relea
     assert len(table_rows) == 2
 
 
+@pytest.mark.slow
 def test_off_a_terminal_progress_is_plain_log_lines(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -68,6 +72,7 @@ LOG_LINE = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_log_lines_carry_the_total_percent_and_eta_when_the_total_is_known(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -86,6 +91,7 @@ def test_log_lines_carry_the_total_percent_and_eta_when_the_total_is_known(
     assert logged[-1]["eta"] == "0s"
 
 
+@pytest.mark.slow
 def test_a_folder_gets_a_bar_with_its_total_on_a_terminal(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:

@@ -123,6 +123,7 @@ def test_resolution_order(release_checkpoints, tmp_path: Path, monkeypatch: pyte
         hub.resolve(task, tmp_path / "typo.pth")
 
 
+@pytest.mark.slow
 def test_weights_commands_from_the_shell(release_checkpoints, tmp_path: Path) -> None:
     from test_cli_score import run
 

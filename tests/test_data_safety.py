@@ -44,6 +44,7 @@ def scored(photo_dir: Path, release_checkpoints, tmp_path: Path) -> Path:
 # ---- 1, 2: outputs never land on inputs or on anything that is not theirs --------------------------
 
 
+@pytest.mark.slow
 def test_filter_never_writes_a_list_over_a_photo_and_dash_is_stdout(scored: Path) -> None:
     photo = scored.parent / "photos" / "a_square.jpg"
     before = photo.read_bytes()
@@ -56,6 +57,7 @@ def test_filter_never_writes_a_list_over_a_photo_and_dash_is_stdout(scored: Path
     assert len(done.stdout.splitlines()) == 6 and not (scored.parent / "-").exists()
 
 
+@pytest.mark.slow
 def test_an_input_is_never_the_output(scored: Path, release_checkpoints, tmp_path: Path) -> None:
     original = scored.read_bytes()
     for args in (
@@ -86,6 +88,7 @@ def interrupted_run(args: list[str], out: Path, cwd: Path | None = None, at: int
     assert shards(out) >= at and not out.exists()
 
 
+@pytest.mark.slow
 def test_resume_checks_every_row_of_a_changed_manifest(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path
 ) -> None:
@@ -118,6 +121,7 @@ def test_resume_checks_every_row_of_a_changed_manifest(
     np.testing.assert_allclose(got_scores, expected_scores, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_shorter_input_is_one_line_with_resume(
     many_photos: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -136,6 +140,7 @@ def test_a_shorter_input_is_one_line_with_resume(
     assert "the inputs changed since the interrupted run (they end at row 9; row " in done.stderr
 
 
+@pytest.mark.slow
 def test_a_resume_from_another_folder_never_mixes_two_trees(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path
 ) -> None:
@@ -157,6 +162,7 @@ def test_a_resume_from_another_folder_never_mixes_two_trees(
     assert pd.read_parquet(out)["memorability"].tolist() == expected
 
 
+@pytest.mark.slow
 def test_a_rerun_continues_the_interrupted_run_and_restart_discards_it(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path
 ) -> None:
@@ -219,6 +225,7 @@ def test_the_lock_is_never_held_twice(tmp_path: Path) -> None:
         third.communicate("\n", timeout=30)
 
 
+@pytest.mark.slow
 def test_a_symlinked_output_stays_a_link_to_the_file_written(photo_dir: Path, release_checkpoints,
                                                              tmp_path: Path) -> None:  # fmt: skip
     (tmp_path / "real").mkdir()
@@ -237,6 +244,7 @@ def test_a_symlinked_output_stays_a_link_to_the_file_written(photo_dir: Path, re
 # ---- 6-11: security -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_copy_to_places_only_the_files_that_were_scored(scored: Path, tmp_path: Path) -> None:
     forged = tmp_path / "forged.csv"
     frame = pd.read_csv(scored)
@@ -257,6 +265,7 @@ def test_copy_to_places_only_the_files_that_were_scored(scored: Path, tmp_path: 
     assert len(mapping) == 5 and mapping["source"].str.startswith("photos/").all()
 
 
+@pytest.mark.slow
 def test_folder_walks_stay_under_their_root_unless_asked(photo_dir: Path, release_checkpoints,
                                                          tmp_path: Path) -> None:  # fmt: skip
     outside = tmp_path / "outside"
@@ -274,6 +283,7 @@ def test_folder_walks_stay_under_their_root_unless_asked(photo_dir: Path, releas
     assert "secret.jpg" in done.stdout
 
 
+@pytest.mark.slow
 def test_csv_cells_are_never_formulas_and_read_back_exactly(photo_dir: Path, release_checkpoints,
                                                             tmp_path: Path) -> None:  # fmt: skip
     folder = tmp_path / "photos"
@@ -293,6 +303,7 @@ def test_csv_cells_are_never_formulas_and_read_back_exactly(photo_dir: Path, rel
     assert "1 unchanged, reused" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_names_with_escapes_and_newlines_cannot_fake_output(photo_dir: Path, release_checkpoints,
                                                             tmp_path: Path) -> None:  # fmt: skip
     folder = tmp_path / "photos"
@@ -311,6 +322,7 @@ def test_names_with_escapes_and_newlines_cannot_fake_output(photo_dir: Path, rel
     assert "\x1b" not in done.stderr and "red\\x1b[31m" in done.stderr
 
 
+@pytest.mark.slow
 def test_credentials_are_never_printed_or_stored(release_checkpoints, tmp_path: Path) -> None:
     from fake_hub import FakeHub
 
@@ -327,6 +339,7 @@ def test_credentials_are_never_printed_or_stored(release_checkpoints, tmp_path: 
 # ---- 12-16: robustness ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_images_over_the_pixel_limit_are_refused_rows(photo_dir: Path, release_checkpoints,
                                                       tmp_path: Path) -> None:  # fmt: skip
     folder = tmp_path / "photos"
@@ -343,6 +356,7 @@ def test_images_over_the_pixel_limit_are_refused_rows(photo_dir: Path, release_c
     assert "over the 1,000 pixel limit" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_very_deep_folder_tree_is_walked(photo_dir: Path, release_checkpoints, tmp_path: Path) -> None:
     deep = tmp_path / "tree"
     deep.mkdir()
@@ -362,6 +376,7 @@ def test_a_very_deep_folder_tree_is_walked(photo_dir: Path, release_checkpoints,
             folder = folder.parent
 
 
+@pytest.mark.slow
 def test_damaged_inputs_and_odd_outputs_are_one_line(
     scored: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -393,6 +408,7 @@ def test_damaged_inputs_and_odd_outputs_are_one_line(
         load_base(str(bad_tensors), get_task("quality").architecture)
 
 
+@pytest.mark.slow
 def test_many_copies_of_one_name_are_all_placed_and_mapped(photo_dir: Path, release_checkpoints,
                                                            tmp_path: Path) -> None:  # fmt: skip
     data = (photo_dir / "a_square.jpg").read_bytes()
@@ -413,6 +429,7 @@ def test_many_copies_of_one_name_are_all_placed_and_mapped(photo_dir: Path, rele
     assert mapping["source"].tolist() == files and mapping["destination"].nunique() == 300
 
 
+@pytest.mark.slow
 def test_a_killed_writers_partial_files_are_cleaned_up(photo_dir: Path, release_checkpoints,
                                                        tmp_path: Path) -> None:  # fmt: skip
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -179,6 +179,7 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_writes_nested_columns_to_every_format_and_path_column_names_the_images(
     release_checkpoints,
     published: dict[str, Path],
@@ -221,6 +222,7 @@ def test_cli_writes_nested_columns_to_every_format_and_path_column_names_the_ima
     np.testing.assert_array_equal([r["memorability"] for r in lines], table["memorability"])
 
 
+@pytest.mark.slow
 def test_incremental_reuses_unchanged_rows_and_retry_errors_opens_failed_rows_again(
     release_checkpoints,
     photos: list[Path],

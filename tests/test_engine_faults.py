@@ -123,6 +123,7 @@ def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenClu
         cluster.stop()
 
 
+@pytest.mark.slow
 def test_a_cluster_that_wants_a_token_says_so_in_one_line(
     token_cluster: TokenCluster, photo_dir: Path, checkpoint_args: list[str], tmp_path: Path
 ) -> None:
@@ -147,6 +148,7 @@ def test_a_cluster_that_wants_a_token_says_so_in_one_line(
         assert "InvalidAuthToken" not in done.stderr  # not 20 retries of a second each
 
 
+@pytest.mark.slow
 def test_a_cluster_lost_mid_run_exits_4_with_the_rows_it_returned_saved(
     token_cluster: TokenCluster, many_photos: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -200,6 +202,7 @@ def test_a_cluster_lost_mid_run_exits_4_with_the_rows_it_returned_saved(
     assert json.loads(table.schema.metadata[b"perceptscore"])["resumed_rows"] == saved
 
 
+@pytest.mark.slow
 def test_processes_children_end_within_seconds_of_a_killed_driver(
     http_server, photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

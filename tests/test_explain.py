@@ -122,6 +122,7 @@ def _shares(maps: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return inside / maps.sum(dim=(1, 2))
 
 
+@pytest.mark.slow
 def test_localisation_most_relevance_falls_in_the_quadrant_the_label_depends_on(quadrant_models) -> None:
     x = _images()
     for quadrant, (rows, cols) in (("top-left", (0, 0)), ("bottom-right", (1, 1))):
@@ -133,6 +134,7 @@ def test_localisation_most_relevance_falls_in_the_quadrant_the_label_depends_on(
         assert float(pooled) >= 0.6, (quadrant, float(pooled))
 
 
+@pytest.mark.slow
 def test_localisation_of_a_class_logit_with_chefers_exact_rule() -> None:
     """Emotion's path: the predicted class's logit, positive part (clamp) kept, on a 2-class tower."""
     model = train_quadrant_model("top-left", seed=0, classes=True)
@@ -373,6 +375,7 @@ def test_explain_refuses_to_write_over_an_input_with_an_output_name(release_chec
         assert _contents(photos) == before  # byte for byte, and nothing added
 
 
+@pytest.mark.slow
 def test_explain_into_the_photo_folder_explains_only_the_photos_and_a_rerun_is_refused(
     release_checkpoints, tmp_path
 ) -> None:
@@ -392,6 +395,7 @@ def test_explain_into_the_photo_folder_explains_only_the_photos_and_a_rerun_is_r
     assert (photos / "a.memorability.relevance.png").read_bytes() == heatmap
 
 
+@pytest.mark.slow
 def test_explain_into_a_folder_inside_the_input_never_explains_its_outputs(release_checkpoints, tmp_path):
     photos = tmp_path / "p2"
     (photos / "sub").mkdir(parents=True)

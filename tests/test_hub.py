@@ -53,6 +53,7 @@ def hub(release_checkpoints) -> FakeHub:  # type: ignore[no-untyped-def]
         yield server
 
 
+@pytest.mark.slow
 def test_fetch_downloads_verifies_and_converts_then_cache_hits_make_no_request(
     hub: FakeHub, tmp_path: Path, photo_dir: Path
 ) -> None:
@@ -85,6 +86,7 @@ def test_fetch_downloads_verifies_and_converts_then_cache_hits_make_no_request(
     assert abs(same) < 1e-6  # converted fp32 weights score exactly like the release file
 
 
+@pytest.mark.slow
 def test_score_downloads_on_first_use(hub: FakeHub, tmp_path: Path, photo_dir: Path) -> None:
     done = perceptscore(
         env_for(tmp_path, hub), "score", photo_dir / "c_cat.webp", "-t", "iqa", "-o", tmp_path / "s.csv"
@@ -94,6 +96,7 @@ def test_score_downloads_on_first_use(hub: FakeHub, tmp_path: Path, photo_dir: P
     assert '"origin": "downloaded"' in (tmp_path / "s.csv.meta.json").read_text()
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_resumes_where_it_stopped(hub: FakeHub, tmp_path: Path) -> None:
     # huggingface_hub keeps what it received in 10 MB chunks: the file must be larger than the tiny one.
     content = (
@@ -115,6 +118,7 @@ def test_a_dropped_connection_resumes_where_it_stopped(hub: FakeHub, tmp_path: P
     assert blob.read_bytes() == hub.files["/".join(QUALITY)]
 
 
+@pytest.mark.slow
 def test_a_killed_fetch_leaves_no_partial_file_for_long(hub: FakeHub, tmp_path: Path) -> None:
     """huggingface_hub 2 never reuses a killed process's partial file; a stale one is removed next time."""
     env = env_for(tmp_path, hub)
@@ -138,6 +142,7 @@ def test_a_killed_fetch_leaves_no_partial_file_for_long(hub: FakeHub, tmp_path: 
     assert hub_blobs(tmp_path)[0].read_bytes() == hub.files["/".join(QUALITY)]
 
 
+@pytest.mark.slow
 def test_a_corrupt_download_is_refused_and_not_cached(hub: FakeHub, tmp_path: Path) -> None:
     env = env_for(tmp_path, hub)
     hub.etags["/".join(QUALITY)] = "ab" * 32  # the hub advertises a hash the bytes do not have
@@ -195,6 +200,7 @@ def test_each_hub_refusal_says_what_it_is_and_what_to_do(
     assert source == f"file: {QUALITY_URL} (1.23 GB)"
 
 
+@pytest.mark.slow
 def test_an_unresolvable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
     """No network and HF_HUB_OFFLINE unset: a name that does not resolve is not retried (it took 24 s and
     ten lines of retry log)."""

@@ -38,6 +38,7 @@ def test_heic_and_avif_decode_to_the_photo(formats: Path) -> None:
         assert np.abs(pixels - reference).mean() < 3.0, name  # lossy at quality 95, but the same photo
 
 
+@pytest.mark.slow
 def test_heic_avif_and_extensionless_files_are_scored(formats: Path, release_checkpoints) -> None:
     out = formats.parent / "formats.csv"
     done = run(
@@ -51,6 +52,7 @@ def test_heic_avif_and_extensionless_files_are_scored(formats: Path, release_che
     assert np.ptp(df["memorability"]) < 0.05 * max(1e-3, abs(df["memorability"]).max())
 
 
+@pytest.mark.slow
 def test_without_the_heif_extra_a_heic_row_says_what_to_install(formats: Path, release_checkpoints) -> None:
     out = formats.parent / "no_heif.csv"
     code = (
@@ -74,6 +76,7 @@ def test_without_the_heif_extra_a_heic_row_says_what_to_install(formats: Path, r
     assert pd.read_csv(out)["error"].tolist() == ["HEIC/HEIF image: install perceptscore[heif] to read it"]
 
 
+@pytest.mark.slow
 def test_an_extensionless_text_file_is_named_in_the_summary(tmp_path: Path, release_checkpoints) -> None:
     Image.new("RGB", (300, 240), "green").save(tmp_path / "5f2b9c", format="WEBP")
     (tmp_path / "LICENSE").write_text("MIT")

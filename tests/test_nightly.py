@@ -60,6 +60,7 @@ def cron_block() -> str:
     return block
 
 
+@pytest.mark.slow
 def test_the_readmes_cron_block_night_after_night(tmp_path: Path, weights_folder: Path) -> None:
     data = tmp_path / "data"
     photos(data / "photos", 6)
@@ -234,6 +235,7 @@ def _limited(size: int):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("size", [0, 500], ids=["full-at-start", "full-at-first-shard"])
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_never_blocks_the_next_night(
     size: int, tmp_path: Path, release_checkpoints
 ) -> None:

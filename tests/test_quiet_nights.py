@@ -55,6 +55,7 @@ def test_a_night_with_nothing_new_loads_no_model(
     assert len(_loads(caplog)) == 1
 
 
+@pytest.mark.slow
 def test_score_into_head_ends_quietly(tmp_path: Path, photo_dir: Path, release_checkpoints) -> None:
     """`perceptscore score DIR | head -1`: the reader goes after one line; the writer ends by the SIGPIPE
     convention (141) with nothing on stderr: no "error: Broken pipe", no traceback, no "Exception ignored"."""
@@ -73,6 +74,7 @@ def test_score_into_head_ends_quietly(tmp_path: Path, photo_dir: Path, release_c
     assert code in (141, -signal.SIGPIPE)
 
 
+@pytest.mark.slow
 def test_csv_on_a_terminal_gets_no_live_progress_bar(photo_dir: Path, release_checkpoints) -> None:
     """stdout and stderr on one terminal: the CSV rows are not drawn over by a bar (the summary comes)."""
     ckpt = release_checkpoints["memorability"][0]

@@ -29,6 +29,8 @@ import pytest
 
 from photos import sample
 
+pytestmark = pytest.mark.slow  # ~27 commands, each a fresh process: minutes, not seconds
+
 README = Path(__file__).parent.parent / "README.md"
 BIN = Path(sysconfig.get_path("scripts"))
 SHELL_FENCES = ("bash", "sh", "shell")

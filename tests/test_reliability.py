@@ -48,6 +48,7 @@ def same_as_reference(out: Path, reference: pd.DataFrame) -> None:
     np.testing.assert_allclose(df["memorability"], reference["memorability"], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path
 ) -> None:
@@ -75,6 +76,7 @@ def test_sigkill_at_random_points_then_resume(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_sigterm_and_sigint_stop_cleanly_and_resume(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path, sig: int
 ) -> None:
@@ -95,6 +97,7 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(
     same_as_reference(out, reference)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_inputs(many_photos: Path, release_checkpoints, tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -112,6 +115,7 @@ def test_resume_refuses_changed_inputs(many_photos: Path, release_checkpoints, t
     assert "the inputs changed since the interrupted run (rows 0-7 are other files" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_taken_over(
     many_photos: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -141,6 +145,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_taken_o
     assert len(pd.read_parquet(out)) == 300
 
 
+@pytest.mark.slow
 def test_incremental_scores_only_new_and_changed_files(
     many_photos: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -215,6 +220,7 @@ def make_hostile_corpus(folder: Path, good: Path) -> dict[str, str]:
     return errors | dict.fromkeys(scored, "")
 
 
+@pytest.mark.slow
 def test_every_hostile_input_is_a_row_or_a_reported_skip(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -254,6 +260,7 @@ def test_every_hostile_input_is_a_row_or_a_reported_skip(
     assert tail["error"].tolist() == ["", "no such file", ""]  # a named file is scored whatever its name
 
 
+@pytest.mark.slow
 def test_a_decoder_that_kills_its_worker_becomes_an_error_row(
     photo_dir: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,6 +280,7 @@ def test_a_decoder_that_kills_its_worker_becomes_an_error_row(
     assert errors.drop("c_cat.webp").isna().all()
 
 
+@pytest.mark.slow
 def test_a_decoder_that_hangs_becomes_an_error_row(
     photo_dir: Path, release_checkpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -294,6 +302,7 @@ def test_a_decoder_that_hangs_becomes_an_error_row(
     assert errors.drop("d_portrait.jpg").isna().all() and len(df) == 6
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_a_clear_error_and_leaves_no_complete_looking_file(
     many_photos: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -333,6 +342,7 @@ def test_an_unwritable_output_folder_is_one_line(folder: str, photo_dir: Path, r
     assert done.stderr.startswith(f"error: cannot write in {folder}: ") and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_several_processes_give_the_single_process_output(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path
 ) -> None:
@@ -351,6 +361,7 @@ def test_several_processes_give_the_single_process_output(
     assert json.loads(pq.read_schema(out).metadata[b"perceptscore"])["device"] == "2 processes on cpu"
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_every_process_and_the_run_resumes(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path
 ) -> None:
@@ -373,6 +384,7 @@ def test_sigterm_reaches_every_process_and_the_run_resumes(
     same_as_reference(out, reference)
 
 
+@pytest.mark.slow
 def test_with_processes_an_input_that_fails_mid_stream_is_one_line_not_a_hang(
     release_checkpoints, tmp_path: Path
 ) -> None:
@@ -392,6 +404,7 @@ def test_with_processes_an_input_that_fails_mid_stream_is_one_line_not_a_hang(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_stop_sent_to_the_whole_process_group_stops_cleanly_and_resumes(
     many_photos: Path, release_checkpoints, reference, tmp_path: Path
 ) -> None:

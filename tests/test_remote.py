@@ -109,6 +109,7 @@ def test_http_rows_score_as_local_bytes_and_failures_say_what_happened(
     ]
 
 
+@pytest.mark.slow
 def test_s3_prefix_to_s3_output_equals_the_local_run_and_incremental_sees_changes(
     s3: tuple[MotoS3, str, dict[str, str]], photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -147,6 +148,7 @@ def test_s3_prefix_to_s3_output_equals_the_local_run_and_incremental_sees_change
     assert rows["path"].tolist() == [f"s3://{bucket}/{k}" for k in photos if k.endswith(".jpg")]
 
 
+@pytest.mark.slow
 def test_an_output_never_lands_on_an_input_however_spelled(
     s3: tuple[MotoS3, str, dict[str, str]], photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -171,6 +173,7 @@ def test_an_output_never_lands_on_an_input_however_spelled(
     assert len(done.stderr.strip().splitlines()) == 1  # one line, no traceback
 
 
+@pytest.mark.slow
 def test_storage_options_reach_the_backend_and_are_never_written(
     s3: tuple[MotoS3, str, dict[str, str]], release_checkpoints, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -199,6 +202,7 @@ def test_storage_options_reach_the_backend_and_are_never_written(
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+@pytest.mark.slow
 def test_remote_shards_read_once_and_a_dropped_one_is_an_error_row(
     http: FaultyHTTPServer, photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -294,6 +298,7 @@ def test_command_lines_in_lock_files_hide_storage_options_and_signed_queries() -
     assert redacted_command(argv) == shown + " -o out.parquet"
 
 
+@pytest.mark.slow
 def test_a_stop_does_not_wait_for_a_stalled_object(
     http: FaultyHTTPServer, photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:

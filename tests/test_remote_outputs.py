@@ -252,7 +252,7 @@ def test_after_a_failed_upload_changed_files_are_scored_and_the_rest_reused(
     finished = failed_run()
     (photos / PHOTOS[1]).write_bytes((photos / PHOTOS[0]).read_bytes())  # edited in place: same path
     code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)
-    assert code == 0 and "2 unchanged, reused" in err, err  # only the edited file is scored
+    assert code == 0 and "1 scored, 0 errors, 2 reused" in err, err  # only the edited file is scored
     rows = uploaded()
     assert rows["memorability"][1] == pytest.approx(rows["memorability"][0], abs=1e-6)  # its fresh score
     assert rows["file_size"][1] == (photos / PHOTOS[1]).stat().st_size
@@ -261,7 +261,7 @@ def test_after_a_failed_upload_changed_files_are_scored_and_the_rest_reused(
     finished = failed_run()
     (photos / "d_new.jpg").write_bytes((photos / PHOTOS[2]).read_bytes())  # one new file
     code, err = cli(monkeypatch, capfd, checkpoint, str(photos), "-o", out)
-    assert code == 0 and "3 unchanged, reused" in err, err  # the finished copy is not thrown away
+    assert code == 0 and "1 scored, 0 errors, 3 reused" in err, err  # the finished copy is not thrown away
     rows = uploaded()
     assert rows["path"].map(lambda p: Path(p).name).tolist() == [*PHOTOS, "d_new.jpg"]
     assert rows["memorability"].tolist()[:3] == finished["memorability"].tolist()

@@ -131,6 +131,7 @@ def _report(*args: str | Path) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_report_structure_is_the_data(scores, tmp_path: Path) -> None:
     out, _ = scores
     page_path = tmp_path / "report.html"
@@ -217,6 +218,7 @@ def _decoded(uri: str) -> bytes:
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_report_loads_in_chromium_without_errors_and_draws_every_image(scores, tmp_path: Path) -> None:
     out, page_path = scores
     explained = tmp_path / "explained.html"
@@ -337,6 +339,7 @@ def test_malformed_provenance_shows_not_recorded_instead_of_a_traceback(tmp_path
         assert cells[-1] == "not recorded (not recorded)sha256 not recorded", cells
 
 
+@pytest.mark.slow
 def test_score_report_failure_still_prints_the_summary_then_one_error_and_exits_2(
     release_checkpoints, tmp_path: Path
 ) -> None:

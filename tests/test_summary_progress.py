@@ -163,4 +163,6 @@ def test_quiet_rank_and_filter_still_say_rows_failed(tmp_path: Path, ckpt: str, 
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     done = invoke(command[0], folder, *command[1:], "--checkpoint", ckpt, "-q", "-o", tmp_path / "o.csv")
     assert done.exit_code == 1
-    assert done.stderr.splitlines() == ["error: 1 file could not be scored (their rows' error column says why)"]
+    assert done.stderr.splitlines() == [
+        "error: 1 file could not be scored (their rows' error column says why)"
+    ]

@@ -112,6 +112,7 @@ def test_hostile_archive_members_are_error_rows_and_nothing_is_written(
     assert errors[8:] == ["duplicate member name in this shard", None]  # the second good.jpg: ambiguous
 
 
+@pytest.mark.slow
 def test_a_truncated_shard_is_one_error_row_then_retry_errors_reads_it_again(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -149,6 +150,7 @@ def test_a_truncated_shard_is_one_error_row_then_retry_errors_reads_it_again(
     assert retried["key"].notna().all() and (retried["shard"] == str(good)).sum() == 2
 
 
+@pytest.mark.slow
 def test_processes_receive_member_bytes_and_never_reopen_the_shard(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -170,6 +172,7 @@ def test_processes_receive_member_bytes_and_never_reopen_the_shard(
     )
 
 
+@pytest.mark.slow
 def test_retry_errors_from_a_csv_keeps_keys_as_text_and_a_repeated_name_never_takes_anothers_score(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:

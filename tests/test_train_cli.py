@@ -49,6 +49,7 @@ def quality_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_regression_learns_blur_and_score_reproduces_the_trainers_values(
     quality_run: Path, data: Path
 ) -> None:
@@ -110,6 +111,7 @@ def test_regression_learns_blur_and_score_reproduces_the_trainers_values(
     assert log["step"].tolist() == list(range(1, 8 * (train // 16) + 1))  # full batches of 16, 8 epochs
 
 
+@pytest.mark.slow
 def test_classification_learns_colours_and_score_gives_the_same_labels(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "emotion"
     done = perceptscore(
@@ -143,6 +145,7 @@ def test_classification_learns_colours_and_score_gives_the_same_labels(data: Pat
     assert np.mean(hits) == pytest.approx(results["test"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_two_stage_training_exports_one_checkpoint_per_target(data: Path, tmp_path: Path) -> None:
     # Two datasets sharing a signal (blur) on different label scales: radius in px, and 25 x radius + 1.
     a = blur_set(tmp_path / "a", 160, seed=1, name="a")
@@ -191,6 +194,7 @@ def _train_args(data: Path, out: Path) -> list[str | Path]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
     data: Path, tmp_path: Path
 ) -> None:
@@ -239,6 +243,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_errors(data: Path, tmp_path: Path) -> None:
     done = perceptscore(
         "train",
@@ -282,6 +287,7 @@ def test_user_mistakes_are_one_line_errors(data: Path, tmp_path: Path) -> None:
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_init_openai_downloads_the_tower_once(data: Path, tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -311,6 +317,7 @@ def test_init_openai_downloads_the_tower_once(data: Path, tmp_path: Path) -> Non
     )
 
 
+@pytest.mark.slow
 def test_eval_scores_a_released_checkpoint_against_labels(
     release_checkpoints, photo_dir: Path, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -333,6 +340,7 @@ def test_eval_scores_a_released_checkpoint_against_labels(
     )
 
 
+@pytest.mark.slow
 def test_bf16_on_cpu_trains_and_unreadable_images_are_skipped_not_fatal(data: Path, tmp_path: Path) -> None:
     frame = pd.read_csv(data / "blur.csv").head(48)
     frame["path"] = [str(data / p) for p in frame["path"]]

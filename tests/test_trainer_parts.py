@@ -361,6 +361,7 @@ def test_a_tower_built_from_open_clip_weights_computes_what_open_clip_computes(t
         assert net(x, "a").shape == (3, 1)
 
 
+@pytest.mark.slow
 def test_evaluation_isolates_a_decoder_that_kills_its_worker(
     release_checkpoints, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

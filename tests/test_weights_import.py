@@ -99,6 +99,7 @@ def pin(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 # ---- import, then score with no flag -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_imported_release_file_scores_with_no_flag_and_no_network(
     release_checkpoints, photo_dir: Path, tmp_path: Path
 ) -> None:
