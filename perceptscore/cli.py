@@ -15,6 +15,32 @@ from rich.console import Console
 from rich.text import Text
 
 from perceptscore._cli_options import Command, Group, ScoringArgs, scoring_options
+from perceptscore._cli_types import (
+    FilterBy,
+    FilterCopyTo,
+    FilterEmotion,
+    FilterMaxMemorability,
+    FilterMaxQuality,
+    FilterMinMemorability,
+    FilterMinQuality,
+    FilterOut,
+    FilterPrint0,
+    FilterSymlinkTo,
+    FilterTopFraction,
+    ScoreAllowEmpty,
+    ScoreEngine,
+    ScoreIncremental,
+    ScoreJsonSummary,
+    ScoreMaxDelete,
+    ScoreOut,
+    ScoreProcesses,
+    ScoreRayAddress,
+    ScoreReport,
+    ScoreRestart,
+    ScoreResume,
+    ScoreRetryErrors,
+    ScoreTask,
+)
 from perceptscore._text import redact, shown
 from perceptscore._version import __version__
 from perceptscore.errors import PerceptScoreError
@@ -125,99 +151,21 @@ _EXAMPLES_SCORE = _examples(
 def score(
     inputs: ScoreInputs = None,
     *,
-    task: Annotated[
-        list[str],
-        typer.Option(
-            "-t", "--task", help="Task(s): memorability, quality, emotion; a,b.", metavar="TASK",
-            rich_help_panel="Model",
-        ),
-    ],
+    task: ScoreTask,
     scoring: ScoringArgs,
-    out: Annotated[
-        str,
-        typer.Option(
-            "-o", "--out", help="Output .csv/.parquet/.jsonl (or s3://...), or - for CSV on stdout.",
-            metavar="FILE", rich_help_panel="Output",
-        ),
-    ] = "-",
-    resume: Annotated[
-        bool,
-        typer.Option(
-            help="Insist on continuing an interrupted run: refuse if its inputs or options changed. "
-            "(Without it, a run with the same inputs and options continues anyway.)",
-            rich_help_panel="Output",
-        ),
-    ] = False,
-    restart: Annotated[
-        bool,
-        typer.Option(
-            help="Discard an interrupted run's saved rows and start over.", rich_help_panel="Output"
-        ),
-    ] = False,
-    incremental: Annotated[
-        str | None,
-        typer.Option(
-            help="An earlier scores file: reuse its scores where a file's size and mtime are unchanged.",
-            metavar="FILE", rich_help_panel="Output",
-        ),
-    ] = None,
-    processes: Annotated[
-        int | None,
-        typer.Option(
-            help="Scoring processes, each with its own model.", show_default="one per visible GPU",
-            metavar="N", rich_help_panel="Performance",
-        ),
-    ] = None,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="local (this machine) or ray (Ray Data, on a cluster: pip install 'perceptscore[ray]').",
-            metavar="local|ray", rich_help_panel="Ray",
-        ),
-    ] = "local",
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            help="The Ray cluster for --engine ray.", show_default="$RAY_ADDRESS, else a local Ray",
-            metavar="ADDRESS", rich_help_panel="Ray",
-        ),
-    ] = None,
-    report: Annotated[
-        str | None,
-        typer.Option(
-            help="Also write an HTML report of the output once it is complete.", metavar="FILE",
-            rich_help_panel="Output",
-        ),
-    ] = None,
-    retry_errors: Annotated[
-        str | None,
-        typer.Option(
-            help="An earlier scores file (no inputs): keep its scored rows, score its error rows again.",
-            metavar="FILE", rich_help_panel="Inputs",
-        ),
-    ] = None,
+    out: ScoreOut = "-",
+    resume: ScoreResume = False,
+    restart: ScoreRestart = False,
+    incremental: ScoreIncremental = None,
+    processes: ScoreProcesses = None,
+    engine: ScoreEngine = "local",
+    ray_address: ScoreRayAddress = None,
+    report: ScoreReport = None,
+    retry_errors: ScoreRetryErrors = None,
     overwrite: Overwrite = False,
-    allow_empty: Annotated[
-        bool,
-        typer.Option(
-            help="Inputs with no image write an empty output (else: exit 2, nothing written).",
-            rich_help_panel="Output",
-        ),
-    ] = False,
-    max_delete: Annotated[
-        str,
-        typer.Option(
-            help="How many of the output's earlier rows may go because their files are gone: N, N% or all.",
-            metavar="N|N%|all", rich_help_panel="Output",
-        ),
-    ] = "50%",
-    json_summary: Annotated[
-        bool,
-        typer.Option(
-            "--json", help="The summary as one JSON object on stdout (on stderr when the rows go to stdout).",
-            rich_help_panel="Output",
-        ),
-    ] = False,
+    allow_empty: ScoreAllowEmpty = False,
+    max_delete: ScoreMaxDelete = "50%",
+    json_summary: ScoreJsonSummary = False,
 ) -> None:
     """Score images into a CSV, parquet or JSONL file (rows in input order, one per file)."""
     from perceptscore import summary
@@ -346,69 +294,17 @@ def filter_(
     inputs: InputsOrStdin = None,
     *,
     scoring: ScoringArgs,
-    min_quality: Annotated[
-        float | None,
-        typer.Option(
-            help="Keep quality >= X (display score, ~0-1). Any column: --min-COLUMN X, --max-COLUMN X.",
-            metavar="X", rich_help_panel="Thresholds",
-        ),
-    ] = None,
-    max_quality: Annotated[
-        float | None, typer.Option(help="Keep quality <= X.", metavar="X", rich_help_panel="Thresholds")
-    ] = None,
-    min_memorability: Annotated[
-        float | None, typer.Option(help="Keep memorability >= X.", metavar="X", rich_help_panel="Thresholds")
-    ] = None,
-    max_memorability: Annotated[
-        float | None, typer.Option(help="Keep memorability <= X.", metavar="X", rich_help_panel="Thresholds")
-    ] = None,
-    emotion: Annotated[
-        str | None,
-        typer.Option(
-            help="Keep these predicted emotions: a,b.", metavar="NAMES", rich_help_panel="Thresholds"
-        ),
-    ] = None,
-    top_fraction: Annotated[
-        float | None,
-        typer.Option(help="Keep the best F (0-1] by --by.", metavar="F", rich_help_panel="Thresholds"),
-    ] = None,
-    by: Annotated[
-        str | None,
-        typer.Option(
-            help="For --top-fraction: a numeric column, or a task's score.", metavar="COLUMN",
-            rich_help_panel="Thresholds",
-        ),
-    ] = None,
-    copy_to: Annotated[
-        Path | None,
-        typer.Option(
-            help="Copy the kept files here (never overwrites; run again, copies nothing twice).",
-            metavar="FOLDER", rich_help_panel="Output",
-        ),
-    ] = None,
-    symlink_to: Annotated[
-        Path | None,
-        typer.Option(help="Symlink the kept files here.", metavar="FOLDER", rich_help_panel="Output"),
-    ] = None,
-    print0: Annotated[
-        bool,
-        typer.Option(
-            "--print0",
-            help="End each listed path with NUL, not a newline (xargs -0).",
-            rich_help_panel="Output",
-        ),
-    ] = False,
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "-o",
-            "--out",
-            help="A list of paths (.txt/.lst, or - for stdout), or rows (.csv/.parquet/.jsonl).",
-            show_default="paths on stdout",
-            metavar="FILE",
-            rich_help_panel="Output",
-        ),
-    ] = None,
+    min_quality: FilterMinQuality = None,
+    max_quality: FilterMaxQuality = None,
+    min_memorability: FilterMinMemorability = None,
+    max_memorability: FilterMaxMemorability = None,
+    emotion: FilterEmotion = None,
+    top_fraction: FilterTopFraction = None,
+    by: FilterBy = None,
+    copy_to: FilterCopyTo = None,
+    symlink_to: FilterSymlinkTo = None,
+    print0: FilterPrint0 = False,
+    out: FilterOut = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Keep the images that meet thresholds; list, copy or symlink them.
