@@ -76,25 +76,11 @@ def score(
     notes: list[str] = []
     remote.configure(options.storage)  # before any URL is looked at (an output, --retry-errors' file)
     out = out if out == "-" else remote.local_path(out)  # file:// is a local path, checked as one
-    incremental = remote.local_path(incremental) if incremental else None
-    if incremental and not _exists(incremental):  # the first night of a cron job: nothing to reuse yet
-        notes.append(f"nothing to reuse: {shown(remote.without_secrets(incremental))} does not exist yet")
-        incremental = None
     inputs = [_local(text) for text in inputs]
-    if retry_errors:
-        if inputs or incremental:
-            raise UsageError("--retry-errors takes its rows from the scores file it names: no inputs, no "
-                             "--incremental")  # fmt: skip
-        retry_errors = remote.local_path(retry_errors)
+    incremental, retry_errors = _earlier_files(inputs, incremental, retry_errors, notes)
     destination = RemoteOutput(out) if remote.is_remote(out) else None
     _check_outputs(out, destination, inputs, incremental, retry_errors, report, guards)
-    if out == "-" and (resume or restart or incremental or retry_errors or (processes or 1) > 1):
-        raise UsageError(
-            "--resume, --restart, --incremental, --retry-errors and --processes need a file output "
-            "(-o scores.parquet)"
-        )
-    if resume and restart:
-        raise UsageError("choose one of --resume and --restart")
+    _refuse_flag_mistakes(out, resume, restart, bool(incremental or retry_errors), processes)
     # bad inputs and outputs fail before seconds of model loading
     sources, previous, old = _read_inputs(options, inputs, incremental, retry_errors)
     weights = options.weights()  # a missing weights file is reported before torch loads
@@ -130,6 +116,35 @@ def score(
     outcome.notes[:0] = notes
     outcome.reused_from = incremental
     return outcome
+
+
+def _earlier_files(
+    inputs: Sequence[str], incremental: str | None, retry_errors: str | None, notes: list[str]
+) -> tuple[str | None, str | None]:
+    """``--incremental``'s and ``--retry-errors``' files as local paths where they are local; an
+    ``--incremental`` file that does not exist yet is the first night of a cron job: nothing to reuse."""
+    incremental = remote.local_path(incremental) if incremental else None
+    if incremental and not _exists(incremental):
+        notes.append(f"nothing to reuse: {shown(remote.without_secrets(incremental))} does not exist yet")
+        incremental = None
+    if retry_errors:
+        if inputs or incremental:
+            raise UsageError("--retry-errors takes its rows from the scores file it names: no inputs, no "
+                             "--incremental")  # fmt: skip
+        retry_errors = remote.local_path(retry_errors)
+    return incremental, retry_errors
+
+
+def _refuse_flag_mistakes(
+    out: str, resume: bool, restart: bool, earlier_file: bool, processes: int | None
+) -> None:
+    if out == "-" and (resume or restart or earlier_file or (processes or 1) > 1):
+        raise UsageError(
+            "--resume, --restart, --incremental, --retry-errors and --processes need a file output "
+            "(-o scores.parquet)"
+        )
+    if resume and restart:
+        raise UsageError("choose one of --resume and --restart")
 
 
 def _locked(
