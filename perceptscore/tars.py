@@ -201,6 +201,56 @@ def _pax_records(payload: bytes, offset: int) -> dict[str, bytes]:
     return records
 
 
+def _size_and_mtime(block: bytes, start: int) -> tuple[int, int]:
+    """A header's size and mtime fields. A bad size makes the rest of the stream unreadable (where the
+    next header starts is unknown), so it ends the shard; a bad mtime only costs the mtime (0)."""
+    try:
+        size = _number(block[124:136])
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise ShardError(f"not a tar archive, or corrupt at byte {start} (size field)")
+    try:
+        mtime = _mtime(_number(block[136:148]))
+    except ValueError:
+        mtime = 0
+    return size, mtime
+
+
+def _extended_fields(
+    block: bytes, long_name: str | None, pax: dict[str, bytes], start: int, size: int, mtime: int
+) -> tuple[str, int, int]:
+    """The member's name, size and mtime: the header's own fields, overridden by a GNU long name and
+    then by pax records (GNU.sparse.name before path), the more specific source winning."""
+    raw_name = _cstring(block[0:100])
+    if block[257:263] == POSIX_MAGIC:
+        prefix = _cstring(block[345:500])
+        if prefix:
+            raw_name = prefix + b"/" + raw_name
+    name = _text(raw_name)
+    if long_name is not None:
+        name = long_name
+    if "GNU.sparse.name" in pax:
+        name = _text(pax["GNU.sparse.name"])
+    elif "path" in pax:
+        name = _text(pax["path"])
+    if "size" in pax:
+        # A bad pax size, like a bad header size, leaves the next header's position unknown.
+        if not _DECIMAL.fullmatch(pax["size"]) or len(pax["size"]) > SIZE_DIGITS:
+            raise ShardError(f"not a tar archive, or corrupt at byte {start} (pax size)", name, mtime)
+        size = int(pax["size"])
+    if "mtime" in pax:
+        with contextlib.suppress(ValueError, OverflowError):  # unparsable: the header's mtime stands
+            mtime = _mtime(int(float(pax["mtime"])))
+    return name, size, mtime
+
+
+def _is_skipped(kind: bytes, name: str) -> bool:
+    """Headers that are neither samples nor error rows (directories, dump directories, volume labels).
+    Old (v7) tars mark directories only by a trailing slash (tarfile's rule: type NUL only)."""
+    return kind in SKIPPED or (kind == b"\x00" and name.endswith("/"))
+
+
 class _Reader:
     """One shard's headers and data, read front to back."""
 
@@ -282,105 +332,99 @@ class _Reader:
         """The next row: a regular file's member or an error member; None at the end of the archive."""
         if self._ended:
             return None
+        # Extended headers (GNU long name, pax records) describe the next real header, so they are
+        # gathered across loop turns and dropped once a header consumes them.
         long_name: str | None = None
         pax: dict[str, bytes] = {}
         while True:
             block = self._header()
             if block is None:
-                self._ended = True
-                if long_name is not None or "path" in pax:
-                    name = _text(pax["path"]) if "path" in pax else long_name or ""
-                    raise ShardError(
-                        "truncated shard: the archive ends after an extended header, before its member", name
-                    )
+                self._end_of_archive(long_name, pax)
                 return None
             start = self._offset - BLOCK  # a lone zero block may have been passed over
             kind = block[156:157]
-            try:
-                size = _number(block[124:136])
-            except ValueError:
-                size = -1
-            if size < 0:
-                raise ShardError(f"not a tar archive, or corrupt at byte {start} (size field)")
-            try:
-                mtime = _mtime(_number(block[136:148]))
-            except ValueError:
-                mtime = 0
-
+            size, mtime = _size_and_mtime(block, start)
             if kind in METADATA:
-                if size > METADATA_CAP:
-                    raise ShardError(
-                        f"corrupt shard: a tar metadata record at byte {start} declares {size} bytes "
-                        f"(limit {METADATA_CAP})"
-                    )
-                what = f"a tar metadata record at byte {start}"
-                payload = self._data(size, what, "", 0, keep=True) or b""
-                if kind in PAX:
-                    pax.update(_pax_records(payload, start))
-                    # An empty value unsets a keyword (POSIX): the header's own field applies again.
-                    pax = {k: v for k, v in pax.items() if v}
-                elif kind == b"L":
-                    long_name = _text(_cstring(payload))
-                # "g" (global pax) and "K" (long link name) say nothing this reader uses.
+                long_name, pax = self._metadata(kind, size, start, long_name, pax)
                 continue
-
-            raw_name = _cstring(block[0:100])
-            if block[257:263] == POSIX_MAGIC:
-                prefix = _cstring(block[345:500])
-                if prefix:
-                    raw_name = prefix + b"/" + raw_name
-            name = _text(raw_name)
-            if long_name is not None:
-                name = long_name
-            if "GNU.sparse.name" in pax:
-                name = _text(pax["GNU.sparse.name"])
-            elif "path" in pax:
-                name = _text(pax["path"])
-            if "size" in pax:
-                if not _DECIMAL.fullmatch(pax["size"]) or len(pax["size"]) > SIZE_DIGITS:
-                    raise ShardError(f"not a tar archive, or corrupt at byte {start} (pax size)", name, mtime)
-                size = int(pax["size"])
-            if "mtime" in pax:
-                with contextlib.suppress(ValueError, OverflowError):  # unparsable: the header's mtime stands
-                    mtime = _mtime(int(float(pax["mtime"])))
+            name, size, mtime = _extended_fields(block, long_name, pax, start, size, mtime)
             sparse = kind == b"S" or SPARSE in pax
-
-            # Old (v7) tars mark directories only by a trailing slash (tarfile's rule: type NUL only).
-            if kind in SKIPPED or (kind == b"\x00" and name.endswith("/")):
+            if _is_skipped(kind, name):
                 if kind in (b"D", b"V"):  # GNU dump directories carry data; the others have none
                     self._data(size, f"member {name!r}", name, mtime, keep=False)
                 long_name, pax = None, {}
                 continue
+            return self._file_member(block, kind, name, size, mtime, sparse)
 
-            if kind in LINKS:
-                return self._row(name, "a link, not a file (tar member)", mtime)
-            if kind in SPECIAL:
-                return self._row(name, "not a regular file (tar member)", mtime)
-            if kind == b"S":
-                self._sparse_extensions(block, name, mtime)
-            if sparse:
-                error = "a sparse file, not supported (tar member)"
-            elif kind not in REGULAR:
-                error = "not a regular file (tar member)"
-            elif name == "":
-                error = "no member name (tar member)"
-            elif _is_unsafe(name):
-                error = "unsafe member name (absolute or ..)"
-            elif name in self._seen:
-                error = "duplicate member name in this shard"
-            elif size == 0:
-                error = "empty file"
-            elif size > self._max:
-                error = f"{size} bytes, over the limit of {self._max} per member"
-            else:
-                error = None
-            # Data is consumed before the row is made: a member cut short is the shard's final error
-            # member instead, never a row of its own as well.
-            data = self._data(size, f"member {name!r}", name, mtime, keep=error is None)
-            if error is not None:
-                return self._row(name, error, mtime)
-            self._seen.add(name)
-            return _member(name, data, None, mtime)
+    def _end_of_archive(self, long_name: str | None, pax: dict[str, bytes]) -> None:
+        """Mark the shard ended; an extended header with no member after it means the stream was cut
+        short, which is the shard's final error rather than a silent end."""
+        self._ended = True
+        if long_name is not None or "path" in pax:
+            name = _text(pax["path"]) if "path" in pax else long_name or ""
+            raise ShardError(
+                "truncated shard: the archive ends after an extended header, before its member", name
+            )
+
+    def _metadata(
+        self, kind: bytes, size: int, start: int, long_name: str | None, pax: dict[str, bytes]
+    ) -> tuple[str | None, dict[str, bytes]]:
+        """Read one metadata record (pax, GNU long name, ...) and fold it into the pending long name and
+        pax records. Its size is capped first: metadata is held in memory, member data is not."""
+        if size > METADATA_CAP:
+            raise ShardError(
+                f"corrupt shard: a tar metadata record at byte {start} declares {size} bytes "
+                f"(limit {METADATA_CAP})"
+            )
+        what = f"a tar metadata record at byte {start}"
+        payload = self._data(size, what, "", 0, keep=True) or b""
+        if kind in PAX:
+            pax.update(_pax_records(payload, start))
+            # An empty value unsets a keyword (POSIX): the header's own field applies again.
+            pax = {k: v for k, v in pax.items() if v}
+        elif kind == b"L":
+            long_name = _text(_cstring(payload))
+        # "g" (global pax) and "K" (long link name) say nothing this reader uses.
+        return long_name, pax
+
+    def _file_member(
+        self, block: bytes, kind: bytes, name: str, size: int, mtime: int, sparse: bool
+    ) -> Member:
+        """The row for a non-metadata, non-skipped header: links and special files have no data to
+        consume; anything else has its data read (kept only if the member is usable)."""
+        if kind in LINKS:
+            return self._row(name, "a link, not a file (tar member)", mtime)
+        if kind in SPECIAL:
+            return self._row(name, "not a regular file (tar member)", mtime)
+        if kind == b"S":
+            self._sparse_extensions(block, name, mtime)
+        error = self._member_error(kind, name, size, sparse)
+        # Data is consumed before the row is made: a member cut short is the shard's final error
+        # member instead, never a row of its own as well.
+        data = self._data(size, f"member {name!r}", name, mtime, keep=error is None)
+        if error is not None:
+            return self._row(name, error, mtime)
+        self._seen.add(name)
+        return _member(name, data, None, mtime)
+
+    def _member_error(self, kind: bytes, name: str, size: int, sparse: bool) -> str | None:
+        """Why this member can't be a sample, or None if it can; the first reason that applies wins,
+        so the order of the checks is the order of the messages' precedence."""
+        if sparse:
+            return "a sparse file, not supported (tar member)"
+        if kind not in REGULAR:
+            return "not a regular file (tar member)"
+        if name == "":
+            return "no member name (tar member)"
+        if _is_unsafe(name):
+            return "unsafe member name (absolute or ..)"
+        if name in self._seen:
+            return "duplicate member name in this shard"
+        if size == 0:
+            return "empty file"
+        if size > self._max:
+            return f"{size} bytes, over the limit of {self._max} per member"
+        return None
 
     def _row(self, name: str, error: str, mtime: int) -> Member:
         self._seen.add(name)
