@@ -138,17 +138,14 @@ def save_converted(
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    from perceptscore.sinks import replaced_whole
+
+    with replaced_whole(path, follow=False) as tmp:
         save_file(tensors, tmp, metadata=metadata)
         # safetensors creates its file private (0600); a weights file is meant to be shared like any other
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

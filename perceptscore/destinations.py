@@ -47,7 +47,7 @@ from perceptscore._text import redacted_command
 from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import format_of, meta_path, read_scores
-from perceptscore.sinks import process_alive
+from perceptscore.sinks import process_alive, write_atomic
 
 if TYPE_CHECKING:
     from perceptscore.items import Item
@@ -115,12 +115,7 @@ def _read_private(path: Path) -> bytes | None:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``, 0600, never writing through a link planted at the name."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _PRIVATE_FILE)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=_PRIVATE_FILE, follow=False)
 
 
 def _make_private(path: Path) -> None:

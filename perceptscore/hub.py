@@ -338,10 +338,10 @@ def file_sha256(path: str | Path) -> str:
             digest.update(chunk)
     memo[key] = digest.hexdigest()
     try:
+        from perceptscore.sinks import write_atomic
+
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".sha256.json.{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        write_atomic(memo_path, json.dumps(memo).encode())
     except OSError:
         pass  # a read-only cache only costs recomputing next time
     return memo[key]

@@ -35,7 +35,7 @@ from perceptscore.columns import FILE_SIZE, PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.items import Item
 from perceptscore.prefetch import stop_requested
-from perceptscore.sinks import one_line, write_atomic
+from perceptscore.sinks import one_line, replaced_whole, write_atomic
 
 
 def shard_limits() -> tuple[int, float]:
@@ -388,14 +388,12 @@ class ShardedRun:
         info = {"first": first, "last": last, "first_path": paths[0], "paths_sha256": paths_digest(paths)}
         table = table.replace_schema_metadata({"shard": json.dumps(info)})
         final = self.folder / f"shard-{first:012d}-{last:012d}.parquet"
-        tmp = self.folder / f".{final.name}.partial"
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+        try:  # the clean-up of a killed run knows this temporary name (.shard-*.partial)
+            with replaced_whole(
+                final, durable=True, follow=False, tmp=final.with_name(f".{final.name}.partial")
+            ) as tmp:
+                pq.write_table(table, tmp)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             if not self.shards:  # a run folder holding no row is no use to anyone: not left behind
                 shutil.rmtree(self.folder, ignore_errors=True)
             raise UsageError(

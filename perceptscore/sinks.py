@@ -13,6 +13,7 @@ import json
 import os
 import select
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -66,16 +67,23 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
-    """``path`` holds ``data`` whole, or keeps what it held: a new temporary file, renamed into place.
-    ``durable``: synced first, and the folder after the rename, so a power loss keeps it too."""
-    path = Path(os.path.realpath(path))  # a symlink stays one: its target is replaced
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+@contextlib.contextmanager
+def replaced_whole(
+    path: Path, durable: bool = False, follow: bool = True, tmp: Path | None = None
+) -> Iterator[Path]:
+    """A temporary name beside ``path`` for a writer to fill (bytes, a parquet table, safetensors), renamed
+    over ``path`` when the block ends and removed if it fails: ``path`` holds the new content whole or
+    keeps what it held. The package's temp-file-and-rename for a file written whole (``Sink``, which
+    streams rows into its file, renames its own). ``durable``: the file is synced before
+    the rename and the folder after, so a power loss keeps it too. ``follow``: a symlink at ``path`` stays
+    one and its target is replaced (else the link itself is replaced). ``tmp``: a name of the caller's
+    (one its own clean-up knows), else ``.<name>.partial-<pid>`` (``remove_orphaned_partials``')."""
+    path = Path(os.path.realpath(path)) if follow else Path(path)
+    tmp = tmp or path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        with os.fdopen(create_new(tmp), "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -83,6 +91,15 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
         raise
     if durable:
         sync_folder(path.parent)
+
+
+def write_atomic(
+    path: Path, data: bytes, durable: bool = False, mode: int = 0o666, follow: bool = True
+) -> None:
+    """``path`` holds ``data`` whole, or keeps what it held (``replaced_whole``); the temporary file is
+    created new with ``mode`` (before the umask), never opened through something planted at its name."""
+    with replaced_whole(path, durable, follow) as tmp, os.fdopen(create_new(tmp, mode), "wb") as f:
+        f.write(data)
 
 
 def sync_folder(folder: Path) -> None:
@@ -95,15 +112,15 @@ def sync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def create_new(path: Path) -> int:
+def create_new(path: Path, mode: int = 0o666) -> int:
     """A new file at ``path`` for writing, never opened through something planted there: in a folder
     others can write in, a link at a temporary name would otherwise send this write into its target."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     try:
-        return os.open(path, flags, 0o666)
+        return os.open(path, flags, mode)
     except FileExistsError:  # our own leftover (same pid), or something planted: removed, never followed
         path.unlink()
-        return os.open(path, flags, 0o666)
+        return os.open(path, flags, mode)
 
 
 SIGPIPE_EXIT = 141  # what a shell reports for a writer ended by SIGPIPE (128 + 13): `set -o pipefail` sees it
