@@ -132,7 +132,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _json_cell(value: Any) -> str:
+def json_cell(value: Any) -> str:
     if isinstance(value, bytes):
         return _json_default(value)  # a cell of bytes is the base64 text, not a quoted JSON string
     return json.dumps(_clean_nested(value), ensure_ascii=False, default=_json_default)
@@ -143,7 +143,7 @@ def csv_cells(table: pa.Table) -> pa.Table:
     dataset's struct and list columns pass through; parquet and JSONL keep them as they are)."""
     for i, field in enumerate(table.schema):
         if _as_text(field.type):
-            cells = [None if v is None else _json_cell(v) for v in table.column(i).to_pylist()]
+            cells = [None if v is None else json_cell(v) for v in table.column(i).to_pylist()]
             table = table.set_column(i, field.with_type(pa.string()), pa.array(cells, pa.string()))
     return table
 
@@ -205,9 +205,15 @@ def _clean(value: Any) -> Any:
 
 
 def _clean_nested(value: Any) -> Any:
-    """``_clean`` inside structs and lists too (JSON has no NaN)."""
+    """``_clean`` inside structs and lists too (JSON has no NaN); a map (pyarrow gives its entries as
+    (key, value) tuples) as an object when its keys are text, else as a list of {key, value}: a list of
+    mixed pairs would be JSON that pyarrow's own reader refuses."""
     if isinstance(value, dict):
         return {k: _clean_nested(v) for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        if all(isinstance(k, str) for k, _ in value):
+            return {k: _clean_nested(v) for k, v in value}
+        return [{"key": _clean_nested(k), "value": _clean_nested(v)} for k, v in value]
     if isinstance(value, (list, tuple)):
         return [_clean_nested(v) for v in value]
     return _clean(value)

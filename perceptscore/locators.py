@@ -179,7 +179,7 @@ class TarMember:
 
 # a dataset row's ``path`` (``tables.row_uri``): the file's name ends in .parquet or .arrow
 DATASET_ROW = re.compile(
-    r"^(?P<file>.+\.(?:parquet|arrow))::(?P<column>[^\n]+)\[(?P<row>\d+)\]$", re.IGNORECASE
+    r"^(?P<file>.+\.(?:parquet|arrow)(?:\?[^\n]*?)?)::(?P<column>[^\n]+)\[(?P<row>\d+)\]$", re.IGNORECASE
 )
 
 

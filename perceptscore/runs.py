@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,9 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from perceptscore._text import redacted_command
-from perceptscore.columns import FILE_SIZE, PATH
+from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.items import Item
+from perceptscore.locators import DATASET_ROW
 from perceptscore.prefetch import stop_requested
 from perceptscore.sinks import one_line, replaced_whole, write_atomic
 
@@ -188,11 +190,25 @@ class Shard:
     path: Path
 
 
-def paths_digest(paths: Iterable[str]) -> str:
+def paths_digest(paths: Iterable[str], stats: Iterable[tuple[int, int] | None] | None = None) -> str:
     digest = hashlib.sha256()
-    for p in paths:
-        digest.update(p.encode("utf-8", "surrogateescape") + b"\n")
+    for p, known in zip(paths, stats if stats is not None else repeat(None), strict=False):
+        digest.update(row_key(p, known))
     return digest.hexdigest()
+
+
+def row_key(path: str, known: tuple[int, int] | None) -> bytes:
+    """What a shard's digest holds of a row: its path; for a dataset's row, whose path is a position in a
+    file (``ds.parquet::image[3]``), also its bytes' size and digest: a dataset downloaded again under the
+    same file names must not take the scores of the rows it replaced."""
+    key = path.encode("utf-8", "surrogateescape")
+    if known is not None and is_dataset_row(path):
+        key += f"\t{known[0]}\t{known[1]}".encode()
+    return key + b"\n"
+
+
+def is_dataset_row(path: str) -> bool:
+    return "::" in path and DATASET_ROW.match(path) is not None
 
 
 class InputsChanged(UsageError):
@@ -327,7 +343,8 @@ class ShardedRun:
                 shard = shards[position]
                 if item.index == shard.first:
                     seen = hashlib.sha256()
-                seen.update(item.path.encode("utf-8", "surrogateescape") + b"\n")
+                known = item.locator.stat() if is_dataset_row(item.path) else None  # in memory: no I/O
+                seen.update(row_key(item.path, known))
                 if item.index == shard.last and seen.hexdigest() != shard.paths_sha256:
                     raise self._changed(f"rows {shard.first}-{shard.last} are other files than were scored")
                 continue
@@ -385,7 +402,12 @@ class ShardedRun:
             raise UsageError(f"cannot write in {self.folder.parent}: {one_line(exc)}") from None
         table = pa.Table.from_batches(self._batches).cast(self.schema)
         paths = table.column(PATH).to_pylist()
-        info = {"first": first, "last": last, "first_path": paths[0], "paths_sha256": paths_digest(paths)}
+        info = {
+            "first": first,
+            "last": last,
+            "first_path": paths[0],
+            "paths_sha256": paths_digest(paths, _stats(table)),
+        }
         table = table.replace_schema_metadata({"shard": json.dumps(info)})
         final = self.folder / f"shard-{first:012d}-{last:012d}.parquet"
         try:  # the clean-up of a killed run knows this temporary name (.shard-*.partial)
@@ -443,3 +465,9 @@ def _check_ours(folder: Path) -> None:
         raise UsageError(f"{folder} is not a folder (a link or a file): remove it to run")
     if st.st_uid != os.geteuid():
         raise UsageError(f"{folder} belongs to uid {st.st_uid}, not to this user: remove it to run")
+
+
+def _stats(table: pa.Table) -> list[tuple[int, int] | None]:
+    """Each row's (size, mtime) as the shard records them (None where not recorded)."""
+    sizes, mtimes = table.column(FILE_SIZE).to_pylist(), table.column(FILE_MTIME).to_pylist()
+    return [None if s is None or m is None else (s, m) for s, m in zip(sizes, mtimes, strict=True)]

@@ -216,7 +216,6 @@ class Dataset:
     def _set_passthrough(self, schema: pa.Schema, reserved: set[str]) -> None:
         """``shard``, ``row``, then the table's columns in order: the image column's own ``path`` in its
         place (as ``<column>_path``), a name an output column or ours has renamed ``input_<name>``."""
-        from perceptscore.shards import input_name
 
         taken = reserved | {SHARD, ROW}
         fields = [pa.field(SHARD, pa.string()), pa.field(ROW, pa.int64())]
@@ -231,7 +230,8 @@ class Dataset:
                         self._inner_path = name
                         fields.append(pa.field(name, pa.string()))
                 continue
-            name = input_name(f.name) if f.name in taken else f.name
+            name = _free_name(f.name, taken, schema.names) if f.name in taken else f.name
+            taken.add(name)
             self._sources.append((f.name, name))
             fields.append(f.with_name(name))
         self.passthrough = pa.schema(fields)
@@ -465,3 +465,14 @@ def _row_batches(file: str, column: str, row: int) -> Iterator[tuple[pa.RecordBa
         for batch in _arrow_batches(_arrow_reader(f)):
             yield batch, first
             first += batch.num_rows
+
+
+def _free_name(name: str, taken: set[str], names: list[str]) -> str:
+    """``input_<name>`` for a column whose name is ours, or ``input_<name>_2``, ``_3`` ... when the table
+    has that column too: no column is ever dropped for a clash."""
+    from perceptscore.shards import input_name
+
+    free, n = input_name(name), 2
+    while free in taken or free in names:
+        free, n = f"{input_name(name)}_{n}", n + 1
+    return free

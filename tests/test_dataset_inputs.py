@@ -324,3 +324,76 @@ def test_a_rows_path_is_no_local_file_and_names_its_heatmap_by_file_and_row() ->
     assert local_path(row, "/somewhere") is None  # a report shows no link and no thumbnail of "a file"
     assert output_stem(row) == "train-00000-of-00002_12"
     assert output_stem("ds/x.parquet::jpg[0]") != output_stem("ds/x.parquet::jpg[1]")
+
+
+@pytest.mark.slow
+def test_map_columns_and_clashing_names_survive_every_output_and_read_back(
+    release_checkpoints, tmp_path: Path
+) -> None:
+    """A map column (rank/filter gave it back through pandas as a traceback; JSONL wrote pairs its own
+    reader refused) and a dataset's own ``row`` beside an ``input_row`` (one of them was dropped)."""
+    import pyarrow as pa
+    from test_nightly import photos as make_photos
+
+    pics = sorted(make_photos(tmp_path / "p", 3).iterdir())
+    table = pa.table({
+        "jpg": pa.array([p.read_bytes() for p in pics], pa.binary()),
+        "m": pa.array([[("k", i)] for i in range(3)], pa.map_(pa.string(), pa.int64())),
+        "row": [10, 11, 12],
+        "input_row": [20, 21, 22],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "d.parquet")
+    ckpt = str(release_checkpoints["memorability"][0])
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return done
+
+    for suffix in ("parquet", "jsonl", "csv"):
+        out = tmp_path / f"o.{suffix}"
+        run("score", tmp_path / "d.parquet", "-t", "mem", "--checkpoint", ckpt, "-o", out)
+        kept = tmp_path / f"kept.{suffix}"
+        run("filter", out, "--min-memorability", "-100", "-o", kept)
+        run("rank", out, "-t", "mem", "--top", "0", "-o", tmp_path / f"ranked.{suffix}")
+        back = pd.read_parquet(kept) if suffix == "parquet" else (
+            pd.read_json(kept, lines=True) if suffix == "jsonl" else pd.read_csv(kept)
+        )  # fmt: skip
+        assert sorted(back["input_row_2"]) == [10, 11, 12] and sorted(back["input_row"]) == [20, 21, 22]
+        assert sorted(back["row"]) == [0, 1, 2]  # ours: the row in its file
+    assert pq.read_table(tmp_path / "kept.parquet").schema.field("m").type == table.schema.field("m").type
+    first = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
+    assert first["m"] == {"k": 0}
+
+
+def test_a_presigned_rows_path_opens_as_that_row() -> None:
+    row = locate("https://host/ds.parquet?X-Amz-Signature=a:b::image[3]")
+    assert isinstance(row, DatasetRow)
+
+
+def test_a_resumed_run_does_not_give_a_rows_score_to_the_row_that_replaced_it(tmp_path: Path) -> None:
+    """A dataset downloaded again between a kill and the rerun: same file names and row count, other
+    bytes. Its rows' paths are positions, so the shards' digest holds each row's (size, digest) too."""
+    import pyarrow as pa
+
+    from perceptscore.columns import output_schema
+    from perceptscore.items import Item
+    from perceptscore.runs import InputsChanged, ShardedRun
+    from perceptscore.tasks import get_task
+
+    schema, out = output_schema([get_task("memorability")]), tmp_path / "s.parquet"
+
+    def items(version: int) -> list[Item]:
+        return [
+            Item(i, InMemory(f"ds.parquet::image[{i}]", b"x", (100 + i, version * 10 + i))) for i in range(3)
+        ]
+
+    run = ShardedRun(out, schema, {"run": 1})
+    rows = [{"path": it.path, "memorability": 0.5, "error": None, "file_size": it.locator.known[0],
+             "file_mtime_ns": it.locator.known[1]} for it in items(1)[:2]]  # fmt: skip
+    run.add([0, 1], pa.RecordBatch.from_pylist(rows, schema=schema))
+    run.flush()
+    again = ShardedRun(out, schema, {"run": 1})
+    assert [it.index for it in again.pending(items(1))] == [2]  # the same rows: continued
+    with pytest.raises(InputsChanged, match="other files than were scored"):
+        list(ShardedRun(out, schema, {"run": 1}).pending(items(2)))

@@ -567,8 +567,11 @@ class Scored:
 
 
 def frame_of(table: pa.Table) -> pd.DataFrame:
-    """A table as pandas, integers kept exact where some are null (float64 would round an mtime in ns)."""
-    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    """A table as pandas, integers kept exact where some are null (float64 would round an mtime in ns);
+    its Arrow schema kept in ``attrs``, so ``write_rows`` gives a dataset's map columns back as maps."""
+    frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    frame.attrs["arrow_schema"] = table.schema
+    return frame
 
 
 def scored_rows(
@@ -653,9 +656,31 @@ class _Lines(io.TextIOBase):
 
 def write_rows(frame: pd.DataFrame, out: str, about: dict[str, Any]) -> None:
     """A selection as a scores file (.csv/.parquet/.jsonl or - for CSV on stdout)."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = _arrow_of(frame)
     with Sink(out, table.schema, about) as sink:
         sink.write(table)
+
+
+def _arrow_of(frame: pd.DataFrame) -> pa.Table:
+    """The rows as Arrow again: with the schema they were read with where it is known (pandas alone cannot
+    rebuild a map column), else as pandas infers; a column it cannot rebuild becomes JSON text."""
+    schema = frame.attrs.get("arrow_schema")
+    if schema is not None and set(frame.columns) <= set(schema.names):
+        with contextlib.suppress(pa.ArrowException):
+            fields = pa.schema([schema.field(c) for c in frame.columns])
+            return pa.Table.from_pandas(frame, schema=fields, preserve_index=False)
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except pa.ArrowException:
+        from perceptscore.formats import json_cell
+
+        fixed = frame.copy()
+        for column in [c for c in fixed.columns if fixed[c].dtype == "object"]:
+            try:
+                pa.array(fixed[column])
+            except pa.ArrowException:
+                fixed[column] = [None if v is None else json_cell(v) for v in fixed[column]]
+        return pa.Table.from_pandas(fixed, preserve_index=False)
 
 
 def write_list(paths: Sequence[str], out: str, end: str = "\n") -> None:
