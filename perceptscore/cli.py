@@ -139,9 +139,9 @@ def _reporter(total: int | None, rows_on_stdout: bool = False, quiet: bool = Fal
 
 
 _EXAMPLES_SCORE = _examples(
-    'perceptscore score photos/ -t memorability -o scores.csv',
-    'perceptscore score photos/ -t quality,emotion -o scores.parquet --incremental scores.parquet',
-    'perceptscore score manifest.parquet --path-column file -t quality -o - | head',
+    "perceptscore score photos/ -t memorability -o scores.csv",
+    "perceptscore score photos/ -t quality,emotion -o scores.parquet --incremental scores.parquet",
+    "perceptscore score manifest.parquet --path-column file -t quality -o - | head",
     "perceptscore score 'shards/{00000..00099}.tar' -t mem -o s3://bucket/scores.parquet --engine ray",
 )
 
@@ -197,9 +197,9 @@ def score(
 
 
 _EXAMPLES_RANK = _examples(
-    'perceptscore rank photos/ -t memorability --top 10',
-    'perceptscore rank scores.parquet -t quality --ascending --top 0 -o worst-first.csv',
-    'perceptscore rank scores.parquet --by emotion_awe --top 20',
+    "perceptscore rank photos/ -t memorability --top 10",
+    "perceptscore rank scores.parquet -t quality --ascending --top 0 -o worst-first.csv",
+    "perceptscore rank scores.parquet --by emotion_awe --top 20",
 )
 
 
@@ -218,7 +218,8 @@ def rank(
         str | None,
         typer.Option(
             help="Rank by this numeric column (emotion_awe, quality_raw, ...) or task's score.",
-            metavar="COLUMN", rich_help_panel="Output",
+            metavar="COLUMN",
+            rich_help_panel="Output",
         ),
     ] = None,
     scoring: ScoringArgs,
@@ -276,8 +277,8 @@ def _print_ranking(ranked, columns: list[str]) -> None:  # type: ignore[no-untyp
 
 
 _EXAMPLES_FILTER = _examples(
-    'perceptscore filter scores.parquet --min-quality 0.7 --copy-to keep/',
-    'perceptscore filter scores.parquet --min-emotion-awe 0.3 --max-quality-raw 0 -o awe.txt',
+    "perceptscore filter scores.parquet --min-quality 0.7 --copy-to keep/",
+    "perceptscore filter scores.parquet --min-emotion-awe 0.3 --max-quality-raw 0 -o awe.txt",
     "find photos -name '*.jpg' | perceptscore filter --min-quality 0.7 --print0 | xargs -0 ls -l",
 )
 
@@ -285,7 +286,9 @@ _EXAMPLES_FILTER = _examples(
 # --min-COLUMN/--max-COLUMN for any task's column: no signature can declare them, so Typer hands unknown
 # options to the command among its arguments, where it parses them (any other is still an error)
 @app.command(
-    "filter", cls=Command, epilog=_EXAMPLES_FILTER,
+    "filter",
+    cls=Command,
+    epilog=_EXAMPLES_FILTER,
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 @scoring_options
@@ -351,7 +354,7 @@ def filter_(
 
 
 _EXAMPLES_TASKS = _examples(
-    'perceptscore tasks',
+    "perceptscore tasks",
 )
 
 
@@ -371,8 +374,10 @@ def tasks() -> None:
 
 
 weights_app = typer.Typer(
-    help="List, download, import, convert and check model weights.", no_args_is_help=True,
-    context_settings=HELP_OPTIONS, cls=Group,
+    help="List, download, import, convert and check model weights.",
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
+    cls=Group,
 )
 app.add_typer(weights_app, name="weights")
 WeightsTask = Annotated[
@@ -381,7 +386,7 @@ WeightsTask = Annotated[
 
 
 _EXAMPLES_WEIGHTS_LIST = _examples(
-    'perceptscore weights list',
+    "perceptscore weights list",
 )
 
 
@@ -399,7 +404,7 @@ def weights_list() -> None:
 
 
 _EXAMPLES_WEIGHTS_CARD = _examples(
-    'perceptscore weights card quality',
+    "perceptscore weights card quality",
 )
 
 
@@ -414,7 +419,7 @@ def weights_card(task: Annotated[str, typer.Argument(help="The task.", show_defa
 
 
 _EXAMPLES_WEIGHTS_FETCH = _examples(
-    'perceptscore weights fetch all',
+    "perceptscore weights fetch all",
 )
 
 
@@ -435,7 +440,7 @@ def weights_fetch(
 
 
 _EXAMPLES_WEIGHTS_IMPORT = _examples(
-    'perceptscore weights import perceptCLIP_Memorability.pth',
+    "perceptscore weights import perceptCLIP_Memorability.pth",
 )
 
 
@@ -469,7 +474,7 @@ def weights_import(
 
 
 _EXAMPLES_WEIGHTS_PATH = _examples(
-    'perceptscore weights path',
+    "perceptscore weights path",
 )
 
 
@@ -495,7 +500,7 @@ def weights_path(
 
 
 _EXAMPLES_WEIGHTS_CONVERT = _examples(
-    'perceptscore weights convert perceptCLIP_IQA.pth iqa.safetensors --precision fp16',
+    "perceptscore weights convert perceptCLIP_IQA.pth iqa.safetensors --precision fp16",
 )
 
 
@@ -514,7 +519,7 @@ def weights_convert(
 
 
 _EXAMPLES_WEIGHTS_VERIFY = _examples(
-    'perceptscore weights verify perceptCLIP_IQA.pth',
+    "perceptscore weights verify perceptCLIP_IQA.pth",
 )
 
 
@@ -565,8 +570,8 @@ SplitId = Annotated[int, typer.Option(help="LaMem's official split (1-5).")]
 
 
 _EXAMPLES_TRAIN = _examples(
-    'perceptscore train -t memorability --data lamem=~/data/lamem -o runs/mem',
-    'perceptscore train -t quality --data koniq=~/data/koniq --data spaq=~/data/spaq -o runs/iqa',
+    "perceptscore train -t memorability --data lamem=~/data/lamem -o runs/mem",
+    "perceptscore train -t quality --data koniq=~/data/koniq --data spaq=~/data/spaq -o runs/iqa",
 )
 
 
@@ -625,8 +630,8 @@ def train(
 
 
 _EXAMPLES_EVAL = _examples(
-    'perceptscore eval ~/data/lamem -t memorability --dataset lamem --split test',
-    'perceptscore eval labelled.csv -t quality --checkpoint runs/iqa/export/quality.safetensors',
+    "perceptscore eval ~/data/lamem -t memorability --dataset lamem --split test",
+    "perceptscore eval labelled.csv -t quality --checkpoint runs/iqa/export/quality.safetensors",
 )
 
 
@@ -695,8 +700,8 @@ MapPrecision = Annotated[
 
 
 _EXAMPLES_EXPLAIN = _examples(
-    'perceptscore explain photo.jpg -t quality -o maps/',
-    'perceptscore explain photos/ -t emotion --class awe -o maps/ --raw',
+    "perceptscore explain photo.jpg -t quality -o maps/",
+    "perceptscore explain photos/ -t emotion --class awe -o maps/ --raw",
 )
 
 
@@ -747,8 +752,8 @@ def explain(
 
 
 _EXAMPLES_REPORT = _examples(
-    'perceptscore report scores.parquet -o report.html',
-    'perceptscore report scores.parquet -o report.html --explain --top 12',
+    "perceptscore report scores.parquet                     # writes scores.html beside it",
+    "perceptscore report scores.parquet -o report.html --explain --top 12",
 )
 
 

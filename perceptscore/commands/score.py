@@ -665,6 +665,8 @@ def _arrow_of(frame: pd.DataFrame) -> pa.Table:
     """The rows as Arrow again: with the schema they were read with where it is known (pandas alone cannot
     rebuild a map column), else as pandas infers; a column it cannot rebuild becomes JSON text."""
     schema = frame.attrs.get("arrow_schema")
+    frame = frame.copy(deep=False)
+    frame.attrs = {}  # pyarrow would try to keep them as metadata, and a schema is no JSON
     if schema is not None and set(frame.columns) <= set(schema.names):
         with contextlib.suppress(pa.ArrowException):
             fields = pa.schema([schema.field(c) for c in frame.columns])
