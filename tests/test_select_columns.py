@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,26 +14,18 @@ import numpy as np
 import pandas as pd
 import pytest
 from rich.console import Console
+from test_cli_words import _main  # the console script in-process: exit code, stderr
 from typer.testing import CliRunner
 
 import perceptscore.cli
 from perceptscore import tasks
-from perceptscore.cli import app, main
+from perceptscore.cli import app
 
 LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 
 
 def _cli(*args: str | Path):  # type: ignore[no-untyped-def]
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
-
-
-def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """The console script in-process (how a usage error becomes one line): exit code, stderr."""
-    monkeypatch.setattr(sys, "argv", ["perceptscore", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    return int(exit_.value.code or 0), capsys.readouterr().err
 
 
 @pytest.fixture
