@@ -10,9 +10,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pandas as pd
 import pyarrow as pa
@@ -42,6 +42,10 @@ from perceptscore.safety import refuse_overwriting_an_input
 from perceptscore.scoring import Outcome, consume, scored
 from perceptscore.sinks import Sink, check_output, write_atomic
 from perceptscore.sources import Sources
+from perceptscore.tasks import Task
+
+if TYPE_CHECKING:
+    from perceptscore.hub import Weights
 
 MakeReporter = Callable[[int | None], Reporter]
 
@@ -61,61 +65,222 @@ def score(
     retry_errors: str | None = None,
     guards: Safeguards | None = None,
 ) -> Outcome:
-    """Score every input into ``out``. A file output is locked, written in resumable shards and appears
-    only when complete; an interrupted run of the same plan is continued (``resume`` says so explicitly,
-    ``restart`` discards it instead); ``incremental`` reuses the scores of an
-    earlier scores file for files whose size and mtime did not change. ``-`` streams CSV to stdout; an
-    object-store URL (``s3://b/scores.parquet``) is written locally and uploaded once complete
-    (``destinations``). ``retry_errors``: an earlier scores file whose rows are kept, its error rows
-    scored again (no ``inputs``). ``guards``: what may happen to an existing output (``replacing``).
-    ``processes``: score in that many processes, each with its own model (default: one per visible GPU on
-    CUDA, else one). ``engine``: "local" (this machine), or "ray" (a Ray cluster at ``ray_address``,
-    ``$RAY_ADDRESS``, or a local Ray started for the run)."""
-    _refuse_engine_mistakes(engine, out, processes, ray_address, inputs)
-    guards = guards or Safeguards()
-    notes: list[str] = []
-    remote.configure(options.storage)  # before any URL is looked at (an output, --retry-errors' file)
-    out = out if out == "-" else remote.local_path(out)  # file:// is a local path, checked as one
-    inputs = [_local(text) for text in inputs]
-    incremental, retry_errors = _earlier_files(inputs, incremental, retry_errors, notes)
-    destination = RemoteOutput(out) if remote.is_remote(out) else None
-    _check_outputs(out, destination, inputs, incremental, retry_errors, report, guards)
-    _refuse_flag_mistakes(out, resume, restart, bool(incremental or retry_errors), processes)
-    # bad inputs and outputs fail before seconds of model loading
-    sources, previous, old = _read_inputs(options, inputs, incremental, retry_errors)
-    weights = options.weights()  # a missing weights file is reported before torch loads
-    if destination is not None:
-        destination.prepare()  # a bucket that refuses writes fails now, not after the run
-    earlier = _guard_output(out, destination is not None, incremental, old, options, guards)
-    with contextlib.ExitStack() as stack:
-        target, stop = _locked(stack, out, destination)
-        cluster = stack.enter_context(engines.create("ray", address=ray_address)) if engine == "ray" else None
-        device = cluster.device(options.device) if cluster is not None else None
-        plan_inputs = [retry_errors] if retry_errors else inputs
-        plan = make_plan(options, plan_inputs, target, incremental, weights, device, retry_errors)
-        if stop is None:
-            return _score_to_stream(plan, sources, make_reporter, cluster, guards)
-        upload_as_is, previous = (
-            _finished_before(destination, plan, sources, previous) if destination and not restart
-            else (False, previous)
+    """Score every input into ``out``: a ``ScoreJob`` validated, then run (its fields say what each
+    argument means)."""
+    job = ScoreJob(
+        list(inputs), out, options, make_reporter, resume, incremental, processes, restart, engine,
+        ray_address, report, retry_errors, guards or Safeguards(),
+    )  # fmt: skip
+    job.validate()
+    return job.run()
+
+
+@dataclass
+class Checked:
+    """What ``ScoreJob.validate`` found, before any model loads: the items to score, the rows to reuse
+    (``--incremental``'s or ``--retry-errors``'), each task's weights file, and the earlier scores file the
+    run's losses are checked against."""
+
+    sources: Sources
+    previous: Previous | None
+    weights: dict[str, Weights]
+    earlier: Earlier | None
+
+
+@dataclass
+class ScoreJob:
+    """One ``score`` command: ``validate`` (every mistake refused before seconds of model loading), ``plan``
+    (once the output is locked), ``run``.
+
+    A file output is locked, written in resumable shards and appears only when complete; an interrupted
+    run of the same plan is continued (``resume`` says so explicitly, ``restart`` discards it instead);
+    ``incremental`` reuses the scores of an earlier scores file for files whose size and mtime did not
+    change. ``-`` streams CSV to stdout; an object-store URL (``s3://b/scores.parquet``) is written locally
+    and uploaded once complete (``destinations``). ``retry_errors``: an earlier scores file whose rows are
+    kept, its error rows scored again (no ``inputs``). ``guards``: what may happen to an existing output
+    (``replacing``). ``processes``: score in that many processes, each with its own model (default: one per
+    visible GPU on CUDA, else one). ``engine``: "local" (this machine), or "ray" (a Ray cluster at
+    ``ray_address``, ``$RAY_ADDRESS``, or a local Ray started for the run). ``report``: an HTML page of the
+    output, made once it is complete."""
+
+    inputs: list[str]
+    out: str
+    options: ScoreOptions
+    make_reporter: MakeReporter
+    resume: bool = False
+    incremental: str | None = None
+    processes: int | None = None
+    restart: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+    report: str | None = None
+    retry_errors: str | None = None
+    guards: Safeguards = field(default_factory=Safeguards)
+    notes: list[str] = field(default_factory=list)  # said in the summary, before the run's own
+    destination: RemoteOutput | None = field(default=None, init=False)  # -o URL: written here, uploaded
+    checked: Checked | None = field(default=None, init=False)
+
+    def validate(self) -> Checked:
+        """Refuse what cannot work (flags, output, report), then read what the run needs (the inputs, the
+        earlier files, the weights files) and probe a remote output: a mistake fails in one line now."""
+        _refuse_engine_mistakes(self.engine, self.out, self.processes, self.ray_address, self.inputs)
+        remote.configure(self.options.storage)  # before any URL is looked at (an output, --retry-errors')
+        self.out = self.out if self.out == "-" else remote.local_path(self.out)  # file:// is a local path
+        self.inputs = [_local(text) for text in self.inputs]
+        self.incremental, self.retry_errors = _earlier_files(
+            self.inputs, self.incremental, self.retry_errors, self.notes
+        )
+        self.destination = RemoteOutput(self.out) if remote.is_remote(self.out) else None
+        _check_outputs(
+            self.out, self.destination, self.inputs, self.incremental, self.retry_errors, self.report,
+            self.guards,
         )  # fmt: skip
-        if upload_as_is:
-            outcome = _already_scored(target)  # every row's file is as it was scored: uploaded as it is
-        else:
-            outcome = _score_to_file(
-                plan, sources, make_reporter, restart, resume, previous, processes, stop, cluster,
-                guards, earlier,
+        earlier_file = bool(self.incremental or self.retry_errors)
+        _refuse_flag_mistakes(self.out, self.resume, self.restart, earlier_file, self.processes)
+        sources, previous, old = _read_inputs(self.options, self.inputs, self.incremental, self.retry_errors)
+        weights = self.options.weights()  # a missing weights file is reported before torch loads
+        if self.destination is not None:
+            self.destination.prepare()  # a bucket that refuses writes fails now, not after the run
+        remote_output = self.destination is not None
+        earlier = _guard_output(self.out, remote_output, self.incremental, old, self.options, self.guards)
+        self.checked = Checked(sources, previous, weights, earlier)
+        return self.checked
+
+    def plan(self, target: str, device: str | None = None) -> ScoringPlan:
+        """The resolved plan writing ``target`` (the locked file); ``device``: as a cluster resolved it."""
+        checked = self.checked or self.validate()
+        inputs = [self.retry_errors] if self.retry_errors else self.inputs
+        return make_plan(
+            self.options, inputs, target, self.incremental, checked.weights, device, self.retry_errors
+        )
+
+    def run(self) -> Outcome:
+        """Score (validating first if that was not done): lock the output, start the engine, plan, write;
+        then the report, and the upload of a remote output."""
+        checked = self.checked or self.validate()
+        with contextlib.ExitStack() as stack:
+            target, stop = _locked(stack, self.out, self.destination)
+            cluster = (
+                stack.enter_context(engines.create("ray", address=self.ray_address))
+                if self.engine == "ray" else None
             )  # fmt: skip
-        if report:  # the HTML report of the output, made once the output is complete
-            _write_report(target, report, outcome, guards.overwrite)
-        if destination is not None:
-            destination.finished(plan.fingerprint())
-            destination.upload()
-    if destination is not None:
-        destination.tidy()
-    outcome.notes[:0] = notes
-    outcome.reused_from = incremental
-    return outcome
+            plan = self.plan(target, cluster.device(self.options.device) if cluster is not None else None)
+            if stop is None:
+                return self._to_stream(plan, checked.sources, cluster)
+            outcome = self._to_file(plan, checked, stop, cluster)
+            if self.report:  # the HTML report of the output, made once the output is complete
+                _write_report(target, self.report, outcome, self.guards.overwrite)
+            if self.destination is not None:
+                self.destination.finished(plan.fingerprint())
+                self.destination.upload()
+        if self.destination is not None:
+            self.destination.tidy()
+        outcome.notes[:0] = self.notes
+        outcome.reused_from = self.incremental
+        return outcome
+
+    def _to_stream(self, plan: ScoringPlan, sources: Sources, cluster: Engine | None) -> Outcome:
+        """CSV on standard output, each batch as it is scored."""
+        engine, outcome = _engine(plan, 1, cluster), Outcome()
+        schema = plan.schema(sources.passthrough)
+        with (
+            Sink("-", schema, provenance(plan)) as sink,
+            _reporting(self.make_reporter, sources) as reporter,
+            contextlib.closing(
+                scored(engine, plan, sources, sources.passthrough, None, _loading(plan, reporter))
+            ) as rows,
+        ):
+            consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
+        outcome.ignored, outcome.scored = sources.ignored, outcome.rows - outcome.errors
+        if outcome.rows == 0 and not self.guards.allow_empty:
+            raise UsageError(no_images(plan.inputs, sources.ignored))
+        return outcome
+
+    def _to_file(
+        self, plan: ScoringPlan, checked: Checked, stop: StopOnSignal, cluster: Engine | None
+    ) -> Outcome:
+        """Score into the run's shards, then assemble the output. A remote output whose earlier run
+        finished but failed to upload is uploaded as it is when every row's file is as it was scored.
+        Nothing is replaced when the inputs held no image, or when more of the output's rows (or of
+        ``earlier``'s) would go than ``guards`` allow: the scored rows stay in the run's shards."""
+        previous = checked.previous
+        if self.destination is not None and not self.restart:
+            as_is, previous = _finished_before(self.destination, plan, checked.sources, previous)
+            if as_is:  # every row's file is as it was scored: uploaded as it is
+                return _already_scored(plan.output)
+        engine, outcome = _engine(plan, self.processes, cluster), Outcome()
+        started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
+        with _reporting(self.make_reporter, checked.sources) as reporter:
+            filled = self._fill_shards(plan, engine, previous, reporter, stop, outcome)
+        outcome.skipped = filled.previous.skipped if filled.previous else 0
+        outcome.scored = filled.fresh.rows - filled.fresh.errors - outcome.skipped
+        if filled.counted.count == 0 and not self.guards.allow_empty:
+            raise UsageError(no_images(plan.inputs, checked.sources.ignored))
+        outcome.gone = _rows_gone(checked.earlier, filled.run, plan.cwd, self.guards)
+        about = provenance(plan, engine.describe(plan)) | {
+            "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
+            "seconds": round(time.monotonic() - started, 3),
+        }  # fmt: skip
+        sink = Sink(plan.output, plan.schema(checked.sources.passthrough), about)
+        _assemble(filled.run, filled.counted.count, sink, outcome)
+        outcome.ignored = checked.sources.ignored
+        return outcome
+
+    def _fill_shards(
+        self, plan: ScoringPlan, engine: Engine, previous: Previous | None, reporter: Reporter,
+        stop: StopOnSignal, outcome: Outcome,
+    ) -> _Filled:  # fmt: skip
+        """The run's shards, filled: an interrupted run of the same plan continued; one whose inputs
+        changed is not continued but salvaged (its rows reused where a file is unchanged, as
+        ``--incremental`` does) and started over (``--resume`` insists on continuing: refused)."""
+        sources, tasks = self._sources(), plan.task_specs()
+        while True:
+            run = ShardedRun(
+                Path(plan.output), plan.schema(sources.passthrough), plan.fingerprint(), self.restart,
+                strict=self.resume,
+            )  # fmt: skip
+            if run.not_a_run:
+                outcome.notes.append(
+                    f"removed {run.folder.name}: an unfinished run's folder without run.json"
+                )
+            if run.salvaged is not None:
+                previous = _salvaged(previous, tasks, run.salvaged, outcome)
+            outcome.discarded, outcome.resumed = outcome.discarded + run.discarded, run.saved_rows
+            counted = _Counted(sources)
+            items = previous.tracked(counted) if previous is not None and previous.keep else counted
+            fresh = Outcome()  # the rows this attempt scores (or reuses) itself
+            try:
+                _fill(run, plan, engine, items, sources.passthrough, previous, reporter, stop, fresh)
+                return _Filled(run, counted, fresh, previous)
+            except InputsChanged:
+                if self.resume or "-" in plan.inputs:  # stdin cannot be read a second time
+                    raise
+                if counted.count == 0 and not self.guards.allow_empty:  # refused: nothing to salvage for
+                    raise UsageError(no_images(plan.inputs, sources.ignored)) from None
+                run.salvage()  # the rows it holds go on as reusable rows in a fresh run
+                previous = _salvaged(previous, tasks, run.salvaged, outcome)
+
+    def _sources(self) -> Sources:
+        return (self.checked or self.validate()).sources
+
+
+@dataclass
+class _Filled:
+    """A run's shards once filled: the items counted as they went by, the rows this attempt scored or
+    reused itself, and the rows reusable (--incremental's, plus any an interrupted run left)."""
+
+    run: ShardedRun
+    counted: _Counted
+    fresh: Outcome
+    previous: Previous | None
+
+
+def _salvaged(previous: Previous | None, tasks: Sequence[Task], rows: pa.Table, outcome: Outcome) -> Previous:
+    """An interrupted run's rows, reusable where a file is unchanged."""
+    previous = previous or Previous(tasks)
+    previous.absorb(rows)
+    outcome.salvaged += rows.num_rows
+    return previous
 
 
 def _earlier_files(
@@ -377,26 +542,6 @@ def _size(path: str) -> int:
         return 0
 
 
-def _score_to_stream(
-    plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter, cluster: Engine | None,
-    guards: Safeguards,
-) -> Outcome:  # fmt: skip
-    engine, outcome = _engine(plan, 1, cluster), Outcome()
-    schema = plan.schema(sources.passthrough)
-    with (
-        Sink("-", schema, provenance(plan)) as sink,
-        _reporting(make_reporter, sources) as reporter,
-        contextlib.closing(
-            scored(engine, plan, sources, sources.passthrough, None, _loading(plan, reporter))
-        ) as rows,
-    ):
-        consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
-    outcome.ignored, outcome.scored = sources.ignored, outcome.rows - outcome.errors
-    if outcome.rows == 0 and not guards.allow_empty:
-        raise UsageError(no_images(plan.inputs, sources.ignored))
-    return outcome
-
-
 def no_images(inputs: Sequence[str], ignored: Sequence[str]) -> str:
     """The one line for inputs that resolved to no images (an empty or unmounted folder, a glob matching
     nothing, an empty manifest): a cron job must not replace its scores with nothing."""
@@ -405,68 +550,6 @@ def no_images(inputs: Sequence[str], ignored: Sequence[str]) -> str:
     )
     skipped = f" ({len(ignored)} files that are not images)" if ignored else ""
     return f"no images found in {named}{skipped}: nothing written (--allow-empty writes an empty output)"
-
-
-def _score_to_file(
-    plan: ScoringPlan,
-    sources: Sources,
-    make_reporter: MakeReporter,
-    restart: bool,
-    resume: bool,
-    previous: Previous | None,
-    processes: int | None,
-    stop: StopOnSignal,
-    cluster: Engine | None,
-    guards: Safeguards,
-    earlier: Earlier | None = None,
-) -> Outcome:
-    """Score into the run's shards (continuing an interrupted run of the same plan), then assemble the
-    output. An interrupted run whose inputs changed is not continued but salvaged: its rows are reused
-    where a file is unchanged, as ``--incremental`` does (``--resume`` insists on continuing: refused).
-    Nothing is replaced when the inputs held no image, or when more of the output's rows (or of
-    ``earlier``'s) would go than ``guards`` allow: the scored rows stay in the run's shards."""
-    out, engine, outcome = Path(plan.output), _engine(plan, processes, cluster), Outcome()
-    started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
-    schema, tasks = plan.schema(sources.passthrough), plan.task_specs()
-    with _reporting(make_reporter, sources) as reporter:
-        while True:
-            run = ShardedRun(out, schema, plan.fingerprint(), restart, strict=resume)
-            if run.not_a_run:
-                outcome.notes.append(
-                    f"removed {run.folder.name}: an unfinished run's folder without run.json"
-                )
-            if run.salvaged is not None:
-                previous = previous or Previous(tasks)
-                previous.absorb(run.salvaged)
-                outcome.salvaged += run.salvaged.num_rows
-            outcome.discarded, outcome.resumed = outcome.discarded + run.discarded, run.saved_rows
-            counted = _Counted(sources)
-            items = previous.tracked(counted) if previous is not None and previous.keep else counted
-            try:
-                fresh = Outcome()  # the rows this attempt scores (or reuses) itself
-                _fill(run, plan, engine, items, sources.passthrough, previous, reporter, stop, fresh)
-                break
-            except InputsChanged:
-                if resume or "-" in plan.inputs:  # stdin cannot be read a second time
-                    raise
-                if counted.count == 0 and not guards.allow_empty:  # refused below: nothing to salvage for
-                    raise UsageError(no_images(plan.inputs, sources.ignored)) from None
-                run.salvage()  # the rows it holds go on as reusable rows in a fresh run
-                previous = previous or Previous(tasks)
-                previous.absorb(run.salvaged)
-                outcome.salvaged += run.salvaged.num_rows
-    outcome.skipped = previous.skipped if previous else 0
-    outcome.scored = fresh.rows - fresh.errors - outcome.skipped
-    if counted.count == 0 and not guards.allow_empty:
-        raise UsageError(no_images(plan.inputs, sources.ignored))
-    outcome.gone = _rows_gone(earlier, run, plan.cwd, guards)
-    about = provenance(plan, engine.describe(plan)) | {
-        "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
-        "seconds": round(time.monotonic() - started, 3),
-    }  # fmt: skip
-    _assemble(run, counted.count, Sink(plan.output, schema, about), outcome)
-    outcome.ignored = sources.ignored
-    return outcome
 
 
 def _assemble(run: ShardedRun, rows: int, sink: Sink, outcome: Outcome) -> None:
