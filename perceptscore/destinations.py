@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from perceptscore import remote
+from perceptscore import limits, remote
 from perceptscore._text import redacted_command
 from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import DecodeError, UsageError
@@ -56,13 +56,14 @@ _PRIVATE_FILE = 0o600
 
 
 def work_root() -> Path:
-    default = Path.home() / ".cache" / "perceptscore" / "outputs"
-    return Path(os.environ.get("PERCEPTSCORE_WORK", default))
+    """Where remote outputs are written before their upload: the run's ``Limits.work``
+    (``PERCEPTSCORE_WORK``), by default under this user's cache."""
+    return Path(limits.current().work or Path.home() / ".cache" / "perceptscore" / "outputs")
 
 
 def lock_stale_seconds() -> float:
     """How long a remote lock may go unrenewed before another run takes it over (a crashed host's)."""
-    return float(os.environ.get("PERCEPTSCORE_REMOTE_LOCK_STALE", "600"))
+    return limits.current().remote_lock_stale
 
 
 # ---- the private work folder -------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 error row instead of the process that asked (a Ray worker, whose death Ray would retry, or an actor holding
 a model).
 
-The child (``python -m perceptscore.isolated_decode``) gets its settings as the first message, then one
-uri per message, and answers each with the error or the crops of every preprocessing. One file in flight
-means a child that dies died on that file: the blame is exact, nothing is decoded twice. The child arms
-SIGALRM at its default action for each file, so a hang, even inside C code, ends it like a crash; this
-side also gives up waiting a little later, in case the alarm cannot fire. A new child is started for the
-next file.
+The child (``python -m perceptscore.isolated_decode``) gets its settings as the first message (with the
+run's ``Limits``, which it installs: a file it opens itself, a tar member or a dataset row, is read under
+the run's size limits, not its environment's), then one uri per message, and answers each with the
+error or the crops of every preprocessing. One file in flight means a child that dies died on that file:
+the blame is exact, nothing is decoded twice. The child arms SIGALRM at its default action for each file,
+so a hang, even inside C code, ends it like a crash; this side also gives up waiting a little later, in
+case the alarm cannot fire. A new child is started for the next file.
 
 Messages are length-prefixed (4 bytes, big-endian). A request is a JSON header (the uri, the stat known,
 whether bytes follow) and, for bytes already read (a fetched object, a tar member), those bytes: the child
@@ -31,6 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from perceptscore.limits import Limits
 from perceptscore.tasks import Preprocess
 
 _LENGTH = struct.Struct(">I")
@@ -53,9 +55,21 @@ def crashed(timeout: float) -> str:
 
 
 def settings_for(
-    specs: Sequence[Preprocess], draft: int | None, max_pixels: int, timeout: float
+    specs: Sequence[Preprocess],
+    draft: int | None,
+    max_pixels: int,
+    timeout: float,
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
-    return {"specs": [asdict(s) for s in specs], "draft": draft, "max_pixels": max_pixels, "timeout": timeout}
+    """What the child receives (JSON-able); ``limits``: the run's (None: the child's are read from its
+    environment, as outside a run)."""
+    settings = {
+        "specs": [asdict(s) for s in specs],
+        "draft": draft,
+        "max_pixels": max_pixels,
+        "timeout": timeout,
+    }
+    return settings | ({"limits": limits.to_dict()} if limits is not None else {})
 
 
 class IsolatedDecoder:
@@ -63,17 +77,23 @@ class IsolatedDecoder:
     several threads at once: one file in flight is what makes the blame exact."""
 
     def __init__(
-        self, specs: Sequence[Preprocess], draft: int | None, max_pixels: int, timeout: float
+        self,
+        specs: Sequence[Preprocess],
+        draft: int | None,
+        max_pixels: int,
+        timeout: float,
+        limits: Limits | None = None,
     ) -> None:
         self.specs, self.timeout = list(specs), timeout
-        self._settings = settings_for(self.specs, draft, max_pixels, timeout)  # what the child receives
+        self._settings = settings_for(self.specs, draft, max_pixels, timeout, limits)  # the child's
         self._child: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> IsolatedDecoder:
         """A decoder from ``settings_for``'s JSON-able dict (how a Ray task receives it)."""
         specs = [Preprocess.from_dict(s) for s in settings["specs"]]
-        return cls(specs, settings["draft"], settings["max_pixels"], settings["timeout"])
+        limits = Limits.from_dict(settings["limits"]) if "limits" in settings else None
+        return cls(specs, settings["draft"], settings["max_pixels"], settings["timeout"], limits)
 
     def decode(self, uri: str, data: bytes | None = None, stat: tuple[int, int] | None = None) -> Decoded:
         """The file at ``uri``, or ``data`` (its bytes, already read) under that name."""
@@ -213,6 +233,10 @@ def _child_main() -> int:
     except EOFError:
         return 0
     specs = [Preprocess.from_dict(s) for s in settings["specs"]]
+    if "limits" in settings:
+        from perceptscore import limits
+
+        limits.install(Limits.from_dict(settings["limits"]))
     _send(stdout, _READY)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang ends this process, even inside C code
     while True:

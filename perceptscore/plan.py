@@ -1,7 +1,8 @@
 """What a run is, resolved: ``ScoreOptions`` is what the user asked for ("auto" allowed); a ``ScoringPlan``
 is what will run (weights with their sha256, device and precision as resolved, decode settings, batch
 size, inputs, output). A plan is frozen and JSON-serialisable: ``--processes`` children receive it as
-JSON, and its ``fingerprint()`` is what ``--resume`` compares.
+JSON, and its ``fingerprint()`` is what ``--resume`` compares. Both carry the run's ``Limits``, read from
+the environment once, when the options are made.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any, TextIO
 
 import pyarrow as pa
 
-from perceptscore import remote
+from perceptscore import limits, remote
 from perceptscore.columns import output_columns, output_schema
 from perceptscore.errors import UsageError
 from perceptscore.hub import Weights, file_sha256, resolve
 from perceptscore.images import MAX_PIXELS
+from perceptscore.limits import Limits
 from perceptscore.safety import listings
 from perceptscore.sources import Sources
 from perceptscore.tasks import Task, get_task
@@ -42,6 +44,12 @@ class ScoreOptions:
     tar_fields: tuple[str, ...] = ()  # what tar rows bring besides shard and key (shards.parse_fields)
     image_column: str | None = None  # a dataset's column of image bytes (tables.choose_column)
     storage: remote.Settings = field(default_factory=remote.Settings)  # never in a plan, a file or a log
+    limits: Limits = field(default_factory=Limits.from_env)  # the environment's, read once, here
+
+    def install(self) -> None:
+        """Make these options' limits and storage options this process's (before any URL is looked at)."""
+        remote.configure(self.storage)  # remembers the option values, to redact them from messages
+        limits.install(self.limits)
 
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
@@ -54,7 +62,7 @@ class ScoreOptions:
         retry_errors: bool = False,
     ) -> Sources:
         reserved = output_columns(self.task_specs())
-        remote.configure(self.storage)  # before any URL is looked at
+        self.install()  # before any URL is looked at
         return Sources(inputs, self.recursive, self.path_column, reserved, stdin, self.follow_links,
                        skip_folders, self.tar_fields, retry_errors, self.image_column)  # fmt: skip
 
@@ -94,6 +102,7 @@ class ScoringPlan:
     tar_fields: tuple[str, ...] = ()
     retry_errors: str | None = None
     image_column: str | None = None
+    limits: Limits = field(default_factory=Limits.from_env)  # every process of the run applies these
 
     def task_specs(self) -> list[Task]:
         return [get_task(t) for t in self.tasks]
@@ -111,11 +120,13 @@ class ScoringPlan:
         data["tasks"], data["inputs"] = tuple(data["tasks"]), tuple(data["inputs"])
         data["input_files"] = tuple(tuple(f) for f in data["input_files"])
         data["tar_fields"] = tuple(data.get("tar_fields", ()))
+        data["limits"] = Limits.from_dict(data.get("limits", {}))
         return cls(**data)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a run and its ``--resume``: what is scored, with which weights,
-        and how (precision and device type: fp16 rows on a GPU must not be mixed with fp32 rows on a CPU)."""
+        and how (precision and device type: fp16 rows on a GPU must not be mixed with fp32 rows on a CPU;
+        the limits that decide which rows are errors, ``Limits.fingerprint``)."""
         return {
             "tasks": list(self.tasks),
             "weights": {w.task: w.sha256 for w in self.weights},
@@ -132,6 +143,7 @@ class ScoringPlan:
             "tar_fields": list(self.tar_fields),
             "retry_errors": remote.without_secrets(self.retry_errors) if self.retry_errors else None,
             "image_column": self.image_column,  # another column is other images
+            **self.limits.fingerprint(),
         }
 
     def on_device(self, device: str, cpu_threads: int = 0) -> ScoringPlan:
@@ -186,6 +198,7 @@ def make_plan(
         tar_fields=tuple(options.tar_fields),
         retry_errors=retry_errors,
         image_column=options.image_column,
+        limits=options.limits,
     )
 
 

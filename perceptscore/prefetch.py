@@ -2,20 +2,20 @@
 run (50 ms a request is 20 files a second). Items keep their order; a ``RemoteFile`` becomes an
 ``InMemory`` holding its bytes, or an error row saying why it could not be fetched.
 
-Bounded three ways: objects in flight (``remote.concurrency()``); bytes (``PERCEPTSCORE_PREFETCH_BYTES``,
-256 MiB), counting what is fetched and not yet handed on *and* what fetches in flight will hold: a fetch
-reserves an object's size before reading it, or a chunk ahead of what it has read when the server sends no
-length, and waits for room (``_Budget``); only the object the run waits for next may go past the bound (by
-one object, at most ``PERCEPTSCORE_MAX_FILE_BYTES``), so it never waits on the objects behind it. And time:
-an object not fetched by its deadline (``remote.deadline_seconds()``: tries and the pauses between) is an
-error row, and the run goes on without waiting for it. The fetching threads are daemons: stopping a run
-(Ctrl-C) never waits for a fetch in flight.
+Bounded three ways, by the run's ``Limits``: objects in flight (``remote_concurrency``); bytes
+(``prefetch_bytes``, ``PERCEPTSCORE_PREFETCH_BYTES``, 256 MiB), counting what is fetched and not yet
+handed on *and* what fetches in flight will hold: a fetch reserves an object's size before reading it, or a
+chunk ahead of what it has read when the server sends no length, and waits for room (``_Budget``); only
+the object the run waits for next may go past the bound (by one object, at most ``max_file_bytes``), so
+it never waits on the objects behind it. And time: an object not fetched by its deadline
+(``Limits.deadline_seconds``: tries and the pauses between) is an error row, and the run goes on without
+waiting for it. The fetching threads are daemons: stopping a run (Ctrl-C) never waits for a fetch in
+flight.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
@@ -26,23 +26,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from typing import Any
 
-from perceptscore import remote
+from perceptscore import limits as installed
 from perceptscore.errors import DecodeError
 from perceptscore.items import Item
+from perceptscore.limits import Limits
 from perceptscore.locators import InMemory, RemoteFile, Unavailable
 from perceptscore.remote import Stopped, stop_requested
 
 __all__ = ["Stopped", "prefetched", "stop_requested"]  # the stop flag lives in ``remote`` (streams use it)
 _SLICE_SECONDS = 0.25
-
-
-def held_bytes() -> int:
-    return int(os.environ.get("PERCEPTSCORE_PREFETCH_BYTES", str(256 << 20)))
-
-
-def deadline_seconds() -> float:
-    """How long one object may take, all tries together (with the backoff pauses between them)."""
-    return remote.deadline_seconds()
 
 
 class _Ticket:
@@ -151,12 +143,14 @@ class _DaemonPool:
 Ahead = deque[tuple[Item, Future[Any] | None, float, _Ticket]]
 
 
-def prefetched(items: Iterable[Item]) -> Iterator[Item]:
-    """``items`` in order, remote ones fetched ahead (see the module's docstring). No thread is started
-    until a remote item comes."""
+def prefetched(items: Iterable[Item], limits: Limits | None = None) -> Iterator[Item]:
+    """``items`` in order, remote ones fetched ahead (see the module's docstring) under ``limits`` (the
+    run's; by default this process's). No thread is started until a remote item comes."""
+    limits = limits or installed.current()
     pool: _DaemonPool | None = None
     ahead: Ahead = deque()
-    budget, in_flight = _Budget(held_bytes()), remote.concurrency()
+    budget, in_flight = _Budget(limits.prefetch_bytes), limits.remote_concurrency
+    seconds = limits.deadline_seconds
     source = iter(items)
     exhausted = False
     try:
@@ -169,7 +163,7 @@ def prefetched(items: Iterable[Item]) -> Iterator[Item]:
                 ticket = _Ticket()
                 if isinstance(item.locator, RemoteFile) and not item.error:
                     pool = pool or _DaemonPool(in_flight)
-                    deadline = time.monotonic() + deadline_seconds()
+                    deadline = time.monotonic() + seconds
                     call = functools.partial(_fetch, item.locator, budget, ticket, deadline)
                     ahead.append((item, pool.submit(call), deadline, ticket))
                 else:
@@ -180,7 +174,7 @@ def prefetched(items: Iterable[Item]) -> Iterator[Item]:
             item, future, deadline, ticket = ahead.popleft()
             budget.wait_for(ticket)
             try:
-                yield _fetched(item, future, deadline) if future is not None else item
+                yield _fetched(item, future, deadline, seconds) if future is not None else item
             finally:
                 budget.close(ticket)  # handed on: the consumer holds it now
     finally:
@@ -204,7 +198,7 @@ def _held(item: Item) -> int:
     return len(item.locator.data) if isinstance(item.locator, InMemory) else 0
 
 
-def _fetched(item: Item, future: Future[Any], deadline: float) -> Item:
+def _fetched(item: Item, future: Future[Any], deadline: float, seconds: float) -> Item:
     while True:  # in slices: a stop asked meanwhile ends the wait
         if stop_requested.is_set():
             raise Stopped("stopped while waiting for a remote object")
@@ -216,7 +210,7 @@ def _fetched(item: Item, future: Future[Any], deadline: float) -> Item:
             if left > _SLICE_SECONDS:
                 continue
             future.cancel()
-            reason = f"timed out after {deadline_seconds():.0f} s"
+            reason = f"timed out after {seconds:.0f} s"
             return replace(item, locator=Unavailable(item.path, reason))
         except DecodeError as exc:
             if stop_requested.is_set():  # the fetch gave up because of the stop: not this row's failure

@@ -1,5 +1,6 @@
 """What produced a scores file: version, each task's weights (path, origin, sha256), device, precision,
-preprocessing. Written into parquet metadata or a ``<out>.meta.json`` sidecar (see ``formats``). No torch."""
+preprocessing, the run's limits (``limits.Limits``: a file's error row may be one of them). Written into
+parquet metadata or a ``<out>.meta.json`` sidecar (see ``formats``). No torch."""
 
 from __future__ import annotations
 
@@ -42,4 +43,5 @@ def provenance(plan: Any, device: str | None = None) -> dict[str, Any]:
         "fast_decode": plan.fast_decode,
         "cwd": plan.cwd,  # relative paths in the rows are relative to it (filter --copy-to reads them)
         "tasks": tasks,
+        "limits": plan.limits.to_dict(),  # never the storage options: they are not in a plan
     }

@@ -8,8 +8,11 @@
   minutes). Retries are ours (``with_retries``): transient failures (5xx, 429, resets, refused
   connections, timeouts) are tried again with exponential backoff and full jitter until the object's
   deadline (``PERCEPTSCORE_REMOTE_DEADLINE``), then an error row says what happened.
+- The timeouts, tries, deadline, rate and size limits are this process's ``limits.Limits`` (the run's, as
+  its plan carries them: a worker never reads its own environment for them).
 - Storage options (``--storage-options JSON``) are held in this process's memory only (never in the
-  environment, a plan, provenance or a log), and given to child processes by ``Settings``. HTTP(S) options
+  environment, a plan, provenance or a log), installed beside its limits (``limits.install``) and given
+  to child processes on a pipe, to Ray tasks in memory (``Settings``). HTTP(S) options
   (an ``Authorization`` header, say) go only to the origins named on the command line (``trust``): a
   manifest cannot send them to a host of its choosing.
 - Streams (tar shards, downloaded manifests) are read in chunks by a helper thread, so a stop (SIGINT/
@@ -45,6 +48,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from perceptscore import limits
 from perceptscore._text import redact, remember_secrets
 from perceptscore.errors import DecodeError, UsageError
 
@@ -107,7 +111,7 @@ def _azure_container(netloc: str) -> str:
     container, _, account = netloc.partition("@")
     account = account.split(".", 1)[0]  # account.dfs.core.windows.net, account.blob.core.windows.net
     if not account:
-        options = {**_settings.for_scheme("az"), **_settings.for_scheme("abfs")}
+        options = {**current().for_scheme("az"), **current().for_scheme("abfs")}
         account = str(options.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME", "")).lower()
     return f"{container}@{account}" if account else container
 
@@ -160,45 +164,46 @@ def origin(url: str) -> str | None:
 
 
 # ---- settings ---------------------------------------------------------------------------------------
+# The knobs are this process's ``Limits`` (``limits.current()``: installed from the plan, never read from a
+# worker's own environment); these read them where a call chain is too long to pass them.
 
 
 def timeout() -> float:
     """Seconds one request may take (connect, or between bytes read), and the base of a fetch's deadline."""
-    return float(os.environ.get("PERCEPTSCORE_REMOTE_TIMEOUT", "30"))
+    return limits.current().remote_timeout
 
 
 def tries() -> int:
     """Tries that each time out which the default deadline leaves room for (a refused connection or a 503
     is tried again for as long as the deadline allows, not this many times)."""
-    return max(1, int(os.environ.get("PERCEPTSCORE_REMOTE_TRIES", "4")))
+    return limits.current().remote_tries
 
 
 def deadline_seconds() -> float:
     """How long one object (or one stretch of failures of a stream) may take, all tries and pauses
     together: long enough to ride out a short outage (135 s by default)."""
-    given = os.environ.get("PERCEPTSCORE_REMOTE_DEADLINE")
-    return float(given) if given else timeout() * tries() + 15.0
+    return limits.current().deadline_seconds
 
 
 def min_rate() -> float:
     """Bytes a second a stream must keep up, measured over ``timeout()`` seconds: a server that trickles a
     byte now and then never times out, and would hold a shard (and a stop) for good."""
-    return float(os.environ.get("PERCEPTSCORE_REMOTE_MIN_RATE", str(16 << 10)))
+    return limits.current().remote_min_rate
 
 
 def max_input_bytes() -> int:
     """The largest remote manifest, list or scores file downloaded (they are read from a local copy)."""
-    return int(os.environ.get("PERCEPTSCORE_MAX_INPUT_BYTES", str(2 << 30)))
+    return limits.current().max_input_bytes
 
 
 def concurrency() -> int:
     """Remote objects fetched at once: latency, not bandwidth, bounds a single fetch."""
-    return max(1, int(os.environ.get("PERCEPTSCORE_REMOTE_CONCURRENCY", "32")))
+    return limits.current().remote_concurrency
 
 
 def max_bytes() -> int:
     """The largest object taken as an image (a remote object or a tar member): a 100 MP TIFF is ~300 MB."""
-    return int(os.environ.get("PERCEPTSCORE_MAX_FILE_BYTES", str(512 << 20)))
+    return limits.current().max_file_bytes
 
 
 @dataclass(frozen=True)
@@ -244,31 +249,32 @@ class Settings:
 _TRUSTED = "@trusted_origins"
 
 
-_settings = Settings()
-_filesystems: dict[tuple[int, str, bool], Any] = {}
+_NO_OPTIONS = Settings()
+_filesystems: dict[tuple[int, str, bool], Any] = {}  # a cache, built under ``_made_under``
+_made_under: limits.Installed | None = None
 _lock = threading.Lock()
 
 
 def configure(settings: Settings) -> None:
-    """Set this process's storage options (before any URL is opened)."""
-    global _settings
+    """Set this process's storage options (before any URL is opened); its limits stay as installed."""
     # backends echo option values in errors: messages redact them (the trusted origins are no secret)
     remember_secrets({k: v for k, v in settings.options.items() if k != _TRUSTED})
     with _lock:
-        _settings = settings
-        _filesystems.clear()
+        limits.install(storage=settings)
 
 
 def current() -> Settings:
-    return _settings
+    """This process's storage options (``limits.install``)."""
+    return limits.installed().storage or _NO_OPTIONS
 
 
 def trust(url: str) -> None:
     """``url`` was named on the command line (an input, a list, ``--incremental``, ``--retry-errors``):
     requests to its HTTP origin carry the HTTP storage options. Nothing else ever gets them."""
-    global _settings
     with _lock:
-        _settings = _settings.trusting(url)
+        trusting = current().trusting(url)
+        if trusting is not current():
+            limits.install(storage=trusting)
 
 
 def filesystem(name: str, with_options: bool = True) -> Any:
@@ -276,11 +282,15 @@ def filesystem(name: str, with_options: bool = True) -> Any:
     names the extra to install. ``with_options=False``: one without the storage options (for HTTP hosts
     nobody named)."""
     # an fsspec file system holds an event loop: never shared across a fork
+    global _made_under
     key = (os.getpid(), name, with_options)
     with _lock:
+        if _made_under is not limits.installed():  # other options or timeouts installed since
+            _filesystems.clear()
+            _made_under = limits.installed()
         if key in _filesystems:
             return _filesystems[key]
-        fs = _make(name, _settings.for_scheme(name) if with_options else {})
+        fs = _make(name, current().for_scheme(name) if with_options else {})
         _filesystems[key] = fs
         return fs
 
@@ -325,7 +335,7 @@ def split(url: str) -> tuple[Any, str]:
     name = scheme(url)
     assert name is not None and name != "file", url
     if name in _HTTP:
-        return filesystem(name, _settings.trusts(url)), url
+        return filesystem(name, current().trusts(url)), url
     return filesystem(name), url.split("://", 1)[1]
 
 

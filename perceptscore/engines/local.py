@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+import functools
 import signal
 import time
 from collections import deque
@@ -23,9 +23,12 @@ import torch
 from PIL import ImageFile
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from perceptscore import limits as installed
+from perceptscore import remote
 from perceptscore.batches import Batch, Decoded, collate, decode_item
 from perceptscore.images import draft_side
 from perceptscore.items import Item
+from perceptscore.limits import Limits
 from perceptscore.plan import ScoringPlan
 from perceptscore.predict import Predictor
 from perceptscore.prefetch import prefetched
@@ -34,8 +37,9 @@ from perceptscore.tasks import Preprocess
 
 def decode_timeout() -> float:
     """Seconds a decode may take before its worker is killed and the file isolated: a hostile file must not
-    hang a cron job. A 12 MP JPEG takes ~0.2 s; Pillow's largest allowed image a few seconds."""
-    return float(os.environ.get("PERCEPTSCORE_DECODE_TIMEOUT", "60"))
+    hang a cron job. A 12 MP JPEG takes ~0.2 s; Pillow's largest allowed image a few seconds. This
+    process's limit; a run's engine takes its plan's (``Limits.decode_timeout``)."""
+    return installed.current().decode_timeout
 
 
 POLL_S = 5.0  # how often a wait for the workers looks up (torch's own check for dead workers: 5 s too)
@@ -95,9 +99,12 @@ class _Chunks:
             yield chunk
 
 
-def worker_init(_: int) -> None:
-    """Set up a decode worker process: the model gets the cores, the main process handles Ctrl-C, the
-    decode time limit kills, and a truncated file is an error row (never silently grey pixels)."""
+def worker_init(_: int, limits: Limits | None = None, storage: remote.Settings | None = None) -> None:
+    """Set up a decode worker process: the run's limits and storage options (what a file opened here
+    reads under, however the worker was started), the model gets the cores, the main process handles
+    Ctrl-C, the decode time limit kills, and a truncated file is an error row (never silently grey
+    pixels)."""
+    installed.install(limits, storage=storage)
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -161,17 +168,24 @@ class LocalEngine:
         predictor = self.make_predictor(plan)
         specs = predictor.specs
         draft = draft_side(specs) if plan.fast_decode else None
-        dataset = _DecodeDataset(specs, draft, decode_timeout(), plan.max_pixels)
+        dataset = _DecodeDataset(specs, draft, plan.limits.decode_timeout, plan.max_pixels)
         pin = torch.device(plan.device).type == "cuda"
         with isolating_worker_deaths():
-            run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin)
+            start = functools.partial(worker_init, limits=plan.limits, storage=remote.current())
+            run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin, start)
             # remote objects: fetched ahead
-            yield from run.batches(prefetched(_bare(i) for i in chain([first], stream)))
+            yield from run.batches(prefetched((_bare(i) for i in chain([first], stream)), plan.limits))
 
 
 class _Run:
     def __init__(
-        self, dataset: _DecodeDataset, predictor: Predictor, size: int, workers: int, pin: bool
+        self,
+        dataset: _DecodeDataset,
+        predictor: Predictor,
+        size: int,
+        workers: int,
+        pin: bool,
+        start: Callable[[int], None] = worker_init,
     ) -> None:
         self.dataset, self.predictor, self.size, self.workers, self.pin = (
             dataset,
@@ -180,6 +194,7 @@ class _Run:
             workers,
             pin,
         )
+        self.start = start  # each decode worker's set-up (``worker_init`` with the run's limits)
 
     def _loader(self, chunks: _Chunks, workers: int, prefetch: int = 4) -> DataLoader:
         return DataLoader(
@@ -188,7 +203,7 @@ class _Run:
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.pin,
-            worker_init_fn=worker_init if workers else None,
+            worker_init_fn=self.start if workers else None,
             prefetch_factor=prefetch if workers else None,
             generator=torch.Generator(),  # the workers' seeds must not draw from the caller's global RNG
             # each wait for a batch raises after POLL_S (``_next_batch`` goes on waiting, up to its bound)

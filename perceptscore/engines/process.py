@@ -2,11 +2,13 @@
 
 This process reads the items once and deals them out in blocks, block k to child k mod n, as Arrow
 record batches on each child's stdin; each child (``python -m perceptscore.engines.process``) receives the
-plan as JSON on its first line, scores what it is given in order and writes Arrow record batches to its
-stdout; this process takes block k's rows back from child k mod n, so the output is in input order, and
-hands each batch on as it arrives. A thread per child drains its results, so a child never waits on this
-process's reading order. The children ignore SIGINT and SIGTERM (a terminal's Ctrl-C or a service
-manager's stop reaches the whole group): this process decides when to stop, and ends them.
+plan as JSON on its first line (its limits too: a child applies the run's, never its own environment's)
+and the storage options on the second, installs both (``limits.install``), scores what it is given in
+order and writes Arrow record batches to its stdout; this process takes block k's rows back from child k
+mod n, so the output is in input order, and hands each batch on as it arrives. A thread per child drains
+its results, so a child never waits on this process's reading order. The children ignore SIGINT and
+SIGTERM (a terminal's Ctrl-C or a service manager's stop reaches the whole group): this process decides
+when to stop, and ends them.
 
 A child ends itself, with its decode workers, within a second of this process's death however it died
 (SIGKILL, OOM killer): it holds the read end of a pipe whose only write end is this process's, and reads
@@ -30,7 +32,7 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-from perceptscore import remote
+from perceptscore import limits, remote
 from perceptscore.columns import core_schema
 from perceptscore.errors import UsageError
 from perceptscore.items import Item
@@ -275,7 +277,8 @@ def _child_main() -> int:
 
     stdin = sys.stdin.buffer
     plan = ScoringPlan.from_json(stdin.readline().decode())
-    remote.configure(remote.Settings(json.loads(stdin.readline())))
+    remote.configure(remote.Settings(json.loads(stdin.readline())))  # remembered, to redact them
+    limits.install(plan.limits)  # before anything reads a limit: the run's, not this environment's
 
     def items() -> Iterator[Item]:
         with pa.ipc.open_stream(stdin) as reader:
