@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import perceptscore
-from perceptscore import remote
+from perceptscore import limits, remote
 
 from servers import HarshHTTPServer
 
@@ -40,18 +40,24 @@ def scorer(release_checkpoints) -> perceptscore.Scorer:  # type: ignore[no-untyp
 @pytest.fixture
 def photos(photo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The test photos; the remote knobs at their defaults, file systems built afresh (they keep the
-    timeouts they were made with)."""
+    timeouts they were made with); this process's limits as they were, after."""
+    before = limits.installed()
     for knob in KNOBS:
         monkeypatch.delenv(f"PERCEPTSCORE_REMOTE_{knob}", raising=False)
-    remote.configure(remote.Settings())
+    from_env()
     yield sorted(photo_dir.iterdir())
-    remote.configure(remote.Settings())
+    limits.restore(before)
+
+
+def from_env() -> None:
+    """This process's limits as the environment says now (what a run's options read), no storage options."""
+    limits.install(limits.Limits.from_env(), storage=remote.Settings())
 
 
 def knobs(monkeypatch: pytest.MonkeyPatch, **values: float) -> None:
     for name, value in values.items():
         monkeypatch.setenv(f"PERCEPTSCORE_REMOTE_{name.upper()}", str(value))
-    remote.configure(remote.Settings())
+    from_env()
 
 
 def tar_of(members: dict[str, bytes]) -> bytes:
@@ -179,7 +185,7 @@ def test_a_trickling_shard_is_given_up_and_a_sigterm_ends_its_read(
 
         for knob in KNOBS:
             monkeypatch.delenv(f"PERCEPTSCORE_REMOTE_{knob}", raising=False)
-        remote.configure(remote.Settings())
+        from_env()
         with StopOnSignal():
             timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
             started = time.monotonic()
@@ -242,6 +248,7 @@ def test_prefetch_holds_no_more_than_its_bound_when_servers_send_no_length(
 
     size, count, bound = 4 << 20, 16, 4 << 20
     monkeypatch.setenv("PERCEPTSCORE_PREFETCH_BYTES", str(bound))
+    from_env()
     with HarshHTTPServer({f"/o{n}.bin": os.urandom(size) for n in range(count)}) as server:
         server.no_length.update(server.files)
         items = [Item(n, RemoteFile(server.url(f"/o{n}.bin"))) for n in range(count)]

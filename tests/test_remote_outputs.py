@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from perceptscore import limits
 from perceptscore.cli import main
 
 from servers import MotoS3
@@ -29,12 +30,26 @@ QUICK = {"PERCEPTSCORE_REMOTE_TIMEOUT": "2", "PERCEPTSCORE_REMOTE_TRIES": "1"}
 PHOTOS = ("a_square.jpg", "b_landscape.png", "c_cat.webp")
 
 
+@pytest.fixture(autouse=True)
+def installed_limits() -> None:
+    """This process's limits put back after each test (a test installs the knobs it sets: ``from_env``)."""
+    before = limits.installed()
+    yield
+    limits.restore(before)
+
+
+def from_env() -> None:
+    """This process's limits as the environment says now (what a run's options read)."""
+    limits.install(limits.Limits.from_env())
+
+
 @pytest.fixture
 def bucket(moto_s3: MotoS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A bucket of this test's own, the environment that finds it, and a work folder of the test's."""
     for name, value in {**moto_s3.env, **QUICK, "PERCEPTSCORE_WORK": str(tmp_path / "work")}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    from_env()
     name = f"o-{uuid.uuid4().hex[:10]}"
     moto_s3.make_bucket(name)
     return name
@@ -171,6 +186,7 @@ def test_the_remote_lock_is_exclusive_renewed_and_knows_when_it_was_taken_over(
 
     url = f"s3://{bucket}/s.parquet"
     monkeypatch.setenv("PERCEPTSCORE_REMOTE_LOCK_STALE", "2")  # renewed every half second
+    from_env()
     with RemoteLock(url, url) as first:
         with pytest.raises(UsageError, match="being written by another run"), RemoteLock(url, url):
             pass  # a second host (another work folder, so no local lock): refused
@@ -186,6 +202,7 @@ def test_the_remote_lock_is_exclusive_renewed_and_knows_when_it_was_taken_over(
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     monkeypatch.setenv("PERCEPTSCORE_REMOTE_LOCK_STALE", "600")
+    from_env()
     record = {
         "pid": dead.pid,
         "host": socket.gethostname(),
@@ -289,7 +306,8 @@ def test_a_store_that_never_answers_fails_in_seconds_not_never(
            "PERCEPTSCORE_WORK": str(tmp_path)}  # fmt: skip
     for name, value in {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}"}.items():
         monkeypatch.setenv(name, value)
-    remote.configure(remote.Settings())  # a file system for this endpoint
+    remote.configure(remote.Settings())
+    from_env()  # a file system for this endpoint, with these timeouts
     errors: list[str] = []
 
     def attempts() -> None:
