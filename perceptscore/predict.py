@@ -17,7 +17,7 @@ import torch
 from perceptscore.batches import Batch
 from perceptscore.checkpoints import PRECISIONS, load_model
 from perceptscore.columns import scored_batch
-from perceptscore.preprocess import normalize
+from perceptscore.preprocess import Normalizer
 from perceptscore.tasks import Preprocess, Task
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -26,13 +26,24 @@ _log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def raw_outputs(
-    model: Model, task: Task, crops: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_size: int
+    model: Model,
+    task: Task,
+    crops: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    normalizer: Normalizer | None = None,
 ) -> np.ndarray:
     """uint8 crops (n * crops_per_image, 3, H, W) -> raw outputs (n, outputs) averaged over each image's
-    crops. The one place images meet a model: scoring and the trainer's evaluation both go through it."""
+    crops. The one place images meet a model: scoring and the trainer's evaluation both go through it.
+
+    Normalised one model chunk at a time on ``device`` (``normalizer``'s reused buffers; pass the same one
+    from call to call): the values equal ``preprocess.normalize`` of the whole batch bit for bit, and no
+    float copy of all the crops is ever held (15 crops an image for quality)."""
     arch = task.architecture
-    x = normalize(crops.to(device, non_blocking=True), arch.mean, arch.std, dtype)
-    out = torch.cat([model(chunk).float() for chunk in x.split(batch_size)])
+    norm = normalizer if normalizer is not None else Normalizer(arch.mean, arch.std)
+    pixels = crops.to(device, non_blocking=True)
+    out = torch.cat([model(norm(chunk, dtype)).float() for chunk in pixels.split(batch_size)])
     per_image = out.view(-1, task.preprocess.crops, out.shape[-1]).mean(dim=1)
     return per_image.cpu().numpy()
 
@@ -48,6 +59,8 @@ class Predictor:
     ) -> None:
         self.tasks, self.models = list(tasks), dict(models)
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        # per task, each with its buffers: kept across batches, where their reuse is what makes them cheap
+        self.normalizers = {t.name: Normalizer(t.architecture.mean, t.architecture.std) for t in self.tasks}
 
     @classmethod
     def from_plan(cls, plan: Any) -> Predictor:
@@ -82,7 +95,7 @@ class Predictor:
             for task in self.tasks:
                 raw = raw_outputs(
                     self.models[task.name], task, pixels[task.preprocess], self.device, self.dtype,
-                    self.batch_size,
+                    self.batch_size, self.normalizers[task.name],
                 )  # fmt: skip
                 values |= task.values(raw)
         return scored_batch(self.tasks, uris, errors, stats, values)
