@@ -26,10 +26,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from typing import Any
 
-from perceptscore import limits as installed
 from perceptscore.errors import DecodeError
 from perceptscore.items import Item
-from perceptscore.limits import Limits
+from perceptscore.limits import Limits, current
 from perceptscore.locators import InMemory, RemoteFile, Unavailable
 from perceptscore.remote import Stopped, stop_requested
 
@@ -146,7 +145,7 @@ Ahead = deque[tuple[Item, Future[Any] | None, float, _Ticket]]
 def prefetched(items: Iterable[Item], limits: Limits | None = None) -> Iterator[Item]:
     """``items`` in order, remote ones fetched ahead (see the module's docstring) under ``limits`` (the
     run's; by default this process's). No thread is started until a remote item comes."""
-    limits = limits or installed.current()
+    limits = limits or current()
     pool: _DaemonPool | None = None
     ahead: Ahead = deque()
     budget, in_flight = _Budget(limits.prefetch_bytes), limits.remote_concurrency

@@ -234,3 +234,25 @@ def test_a_resume_with_another_max_file_bytes_is_refused_as_a_changed_run(
     assert done.returncode == 0, done.stderr
     assert "resumed" in done.stderr
     assert pq.read_table(out).column("path").to_pylist() == [*map(str, photos), http.url("/limits/late.jpg")]
+
+
+def test_the_isolated_decoder_reads_under_the_limits_it_was_given(photo_dir: Path, tmp_path: Path) -> None:
+    """The child that decodes for a Ray task opens a tar member itself: under the run's limit (sent with
+    its settings), not its environment's default."""
+    import tarfile
+
+    from perceptscore.images import MAX_PIXELS
+    from perceptscore.isolated_decode import IsolatedDecoder
+    from perceptscore.locators import member_uri
+    from perceptscore.tasks import get_task
+
+    jpeg = photo_dir / "a_square.jpg"
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as archive:
+        archive.add(jpeg, "a.jpg")
+    specs, uri, small = [get_task("mem").preprocess], member_uri("a.jpg", str(shard)), jpeg.stat().st_size - 1
+    with IsolatedDecoder(specs, None, MAX_PIXELS, 30.0, Limits(max_file_bytes=small)) as limited:
+        refused = limited.decode(uri)
+    assert refused.error == f"{small + 1} bytes, over the limit of {small} per member"
+    with IsolatedDecoder(specs, None, MAX_PIXELS, 30.0) as unlimited:  # the default: 512 MiB
+        assert unlimited.decode(uri).error is None

@@ -23,12 +23,11 @@ import torch
 from PIL import ImageFile
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from perceptscore import limits as installed
 from perceptscore import remote
 from perceptscore.batches import Batch, Decoded, collate, decode_item
 from perceptscore.images import draft_side
 from perceptscore.items import Item
-from perceptscore.limits import Limits
+from perceptscore.limits import Limits, current, install
 from perceptscore.plan import ScoringPlan
 from perceptscore.predict import Predictor
 from perceptscore.prefetch import prefetched
@@ -39,7 +38,7 @@ def decode_timeout() -> float:
     """Seconds a decode may take before its worker is killed and the file isolated: a hostile file must not
     hang a cron job. A 12 MP JPEG takes ~0.2 s; Pillow's largest allowed image a few seconds. This
     process's limit; a run's engine takes its plan's (``Limits.decode_timeout``)."""
-    return installed.current().decode_timeout
+    return current().decode_timeout
 
 
 POLL_S = 5.0  # how often a wait for the workers looks up (torch's own check for dead workers: 5 s too)
@@ -104,7 +103,7 @@ def worker_init(_: int, limits: Limits | None = None, storage: remote.Settings |
     reads under, however the worker was started), the model gets the cores, the main process handles
     Ctrl-C, the decode time limit kills, and a truncated file is an error row (never silently grey
     pixels)."""
-    installed.install(limits, storage=storage)
+    install(limits, storage=storage)
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
