@@ -32,7 +32,7 @@ PREFIX = "PERCEPTSCORE_"
 
 @dataclass(frozen=True)
 class Limits:
-    """A run's limits; each field's environment variable is ``PERCEPTSCORE_`` + its ``ENV`` name.
+    """A run's limits; each field is read from its ``PERCEPTSCORE_*`` variable (``variable(name)``).
 
     In the fingerprint (``fingerprint()``: a ``--resume`` with another value is refused as a changed run):
     ``max_file_bytes`` (a remote object or tar member over it is an error row) and ``decode_timeout`` (a
