@@ -28,8 +28,8 @@ and center-crop 224, and send the uint8 crop back, ``--batch-size`` files a chun
 The model is a random release-layout checkpoint as small as the loader takes (``--model minimal``: 1
 layer, width 64): its forward is small next to decoding (~1.2 ms a row on 1 thread: 257 tokens still go
 through patch embedding, attention and MLP), and it is timed and subtracted. The normalisation of the
-uint8 crops (``predict.normalize``) is timed the same way and shown apart: on CUDA it runs on the device,
-not in the scoring process.
+uint8 crops (the Predictor's ``preprocess.Normalizer``, ``Predictor.normalizers``) is timed the same way and
+shown apart: on CUDA it runs on the device, not in the scoring process.
 
 Every configuration runs once as a warm-up, then ``--repeats`` interleaved rounds; figures are medians,
 and each ratio is the median of each round's ratio to that round's Pool run (they share that moment's
@@ -73,7 +73,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from inputs import MODELS, write_shards  # noqa: E402
 
-from perceptscore import predict  # noqa: E402
 from perceptscore.scorer import Scorer  # noqa: E402
 
 from photos import sample  # noqa: E402
@@ -141,9 +140,20 @@ class Timed:
         return out
 
 
-# predict.raw_outputs looks normalize up in its module at each call: timed for every scorer in this process
-NORMALIZE = Timed(predict.normalize)
-predict.normalize = NORMALIZE
+@dataclass
+class Probes:
+    """The scorer's timed parts: its model's forward and its normalisation of the crops."""
+
+    forward: Timed
+    normalize: Timed
+
+    @classmethod
+    def installed(cls, scorer: Scorer, task: str) -> Probes:
+        predictor = scorer.predictor
+        probes = cls(Timed(predictor.models[task]), Timed(predictor.normalizers[task]))
+        predictor.models[task] = probes.forward
+        predictor.normalizers[task] = probes.normalize  # type: ignore[assignment]: called alike
+        return probes
 
 
 def pool_decode(path: str) -> np.ndarray:
@@ -180,14 +190,15 @@ def run_pool(paths: list[str], workers: int, chunk: int) -> Run:
     return Run(wall, self1 - self0, 0.0, 0.0, child1 - child0)
 
 
-def run_scorer(scorer: Scorer, model: Timed, inputs: list[str]) -> tuple[Run, pd.DataFrame]:
+def run_scorer(scorer: Scorer, probes: Probes, inputs: list[str]) -> tuple[Run, pd.DataFrame]:
     self0, child0 = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
-    fwd0, norm0 = model.cpu, NORMALIZE.cpu
+    fwd0, norm0 = probes.forward.cpu, probes.normalize.cpu
     start = time.perf_counter()
     frame = scorer.score(inputs)
     wall = time.perf_counter() - start
     self1, child1 = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
-    return Run(wall, self1 - self0, model.cpu - fwd0, NORMALIZE.cpu - norm0, child1 - child0), frame
+    took = Run(wall, self1 - self0, probes.forward.cpu - fwd0, probes.normalize.cpu - norm0, child1 - child0)
+    return took, frame
 
 
 def check(name: str, frame: pd.DataFrame, reference: pd.DataFrame | None, count: int) -> list[str]:
@@ -256,10 +267,9 @@ def run(opts: argparse.Namespace, work: Path) -> None:
         inputs = build_inputs(work, photos, parent.recv())
         scorer = Scorer(["memorability"], {"memorability": str(checkpoint)}, device="cpu",
                         workers=opts.workers, batch_size=opts.batch_size)  # fmt: skip
-        model = Timed(scorer.predictor.models["memorability"])
-        scorer.predictor.models["memorability"] = model
+        probes = Probes.installed(scorer, "memorability")
         paths = sorted(str(p) for p in (work / "photos").iterdir())
-        runs, server_cpu, problems = measure(opts, scorer, model, inputs, paths, parent)
+        runs, server_cpu, problems = measure(opts, scorer, probes, inputs, paths, parent)
     finally:
         with contextlib.suppress(OSError):  # BrokenPipeError: the server has died already
             parent.send("stop")
@@ -276,7 +286,7 @@ def run(opts: argparse.Namespace, work: Path) -> None:
 def measure(
     opts: argparse.Namespace,
     scorer: Scorer,
-    model: Timed,
+    probes: Probes,
     inputs: dict[str, list[str]],
     paths: list[str],
     server: Connection,
@@ -288,7 +298,7 @@ def measure(
     reference: pd.DataFrame | None = None
     run_pool(paths, max(workers, 1), opts.batch_size)  # warm-up: page cache, first imports in workers
     for name, given in inputs.items():
-        _, frame = run_scorer(scorer, model, given)
+        _, frame = run_scorer(scorer, probes, given)
         problems += check(f"{name} (warm-up)", frame, reference, n)
         reference = frame if reference is None else reference
     runs: dict[str, list[Run]] = {name: [] for name in (POOL, *KINDS)}
@@ -299,7 +309,7 @@ def measure(
             if name == "HTTP":
                 server.send("cpu")
                 before = server.recv()
-            took, frame = run_scorer(scorer, model, given)
+            took, frame = run_scorer(scorer, probes, given)
             if name == "HTTP":
                 server.send("cpu")
                 server_cpu += server.recv() - before
