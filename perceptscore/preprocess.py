@@ -106,11 +106,11 @@ class Normalizer:
     done in place in buffers kept from call to call (per thread, per device).
 
     ``normalize`` makes four full-size float32 temporaries a batch; on CPU most of their cost is the kernel
-    handing fresh pages out again (0.5-1.0 ms a row at batch 8, bench/RESULTS.md), against ~0.05 ms a row
-    for the four passes over a reused, cache-warm buffer. Folding the normalisation into the patch
-    embedding's weights would save those ~0.05 ms too, but changes the arithmetic (scores would no longer
-    equal earlier runs' bit for bit on CPU fp32) and needs its own argument for fp16/bf16; this keeps the
-    reference's numbers in every precision.
+    handing fresh pages out again, and the (3, 1, 1) constants' short inner loops on channels-last crops
+    (0.5-1.0 ms a row at batch 8, bench/RESULTS.md), against ~0.06 ms a row here. Folding the
+    normalisation into the patch embedding's weights would save most of those ~0.06 ms too, but changes
+    the arithmetic (scores would no longer equal earlier runs' bit for bit on CPU fp32) and needs its own
+    argument for fp16/bf16; this keeps the reference's numbers in every precision.
 
     The tensor returned is a view of a buffer that the next call in the same thread overwrites: use it
     (e.g. run the model on it) before normalising the next chunk. On CUDA the next call's writes are queued
@@ -128,15 +128,19 @@ class Normalizer:
         with torch.no_grad():  # pixels are data, never part of a graph
             x = self._buffer("float32", batch, torch.float32)
             x.copy_(batch)  # uint8 -> float32, exact
-            m, s = self._constants(batch.device)
+            m, s = self._constants(batch)
             x.div_(255).sub_(m).div_(s)  # normalize's order: ToTensor's /255, then Normalize's (x - m) / s
             if dtype is None or dtype == torch.float32:
                 return x
             return self._buffer("cast", batch, dtype).copy_(x)  # the same rounding as x.to(dtype)
 
     def _buffer(self, role: str, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A (len(batch), 3, H, W) view of this thread's ``role`` buffer, grown (never shrunk) as needed."""
-        key = (role, batch.device, dtype, tuple(batch.shape[1:]))
+        """A (len(batch), 3, H, W) view of this thread's ``role`` buffer, grown (never shrunk) as needed.
+
+        Laid out in memory as ``batch`` is, as ``normalize``'s ``batch.to(float32)`` keeps it: decoded
+        crops are (H, W, 3) in memory (channels last), and the model must get the layout it got before,
+        since a convolution's kernel, hence its rounding, can depend on it."""
+        key = (role, batch.device, dtype, tuple(batch.shape[1:]), batch.stride()[1:])
         buffers: dict = self._local.__dict__.setdefault("buffers", {})
         held = buffers.get(key)
         if held is None or held.shape[0] < batch.shape[0]:
@@ -145,18 +149,24 @@ class Normalizer:
             # a normal tensor even when made under inference_mode (raw_outputs): an inference tensor
             # could not be written in place by a later call outside it
             with torch.inference_mode(False):
-                buffers[key] = held = torch.empty(batch.shape, dtype=dtype, device=batch.device)
+                buffers[key] = held = torch.empty_like(batch, dtype=dtype)  # batch's layout
         return held[: batch.shape[0]]
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std as float32 (3, 1, 1) tensors on ``device``, made once per device."""
+    def _constants(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as float32 tensors shaped and laid out as one crop of ``batch`` (3, H, W), made
+        once per layout and device. Channels last, a (3, 1, 1) constant would make every pass's inner
+        loop 3 elements long (~5x slower); spelled out per pixel, the passes run over whole crops, and each
+        element still meets the same float value, so the bits do not change."""
+        key = (batch.device, tuple(batch.shape[1:]), batch.stride()[1:])
         consts: dict = self._local.__dict__.setdefault("constants", {})
-        if device not in consts:
+        if key not in consts:
             import torch
 
             with torch.inference_mode(False):  # usable outside inference_mode too (see _buffer)
-                consts[device] = tuple(
-                    torch.as_tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+                consts[key] = tuple(
+                    torch.empty_like(batch[0], dtype=torch.float32).copy_(
+                        torch.as_tensor(v, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+                    )
                     for v in (self.mean, self.std)
                 )
-        return consts[device]
+        return consts[key]

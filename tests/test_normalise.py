@@ -22,22 +22,36 @@ CLIP = get_task("memorability").architecture
 DTYPES = [None, torch.float32, torch.float16, torch.bfloat16]
 
 
-def pixels(n: int, side: int = 16, seed: int = 0) -> torch.Tensor:
-    """Random uint8 crops with every value 0..255 present (the extremes round differently in fp16)."""
+def pixels(n: int, side: int = 16, seed: int = 0, channels_last: bool = True) -> torch.Tensor:
+    """Random uint8 crops with every value 0..255 present (the extremes round differently in fp16), laid
+    out (n, H, W, 3) in memory as decoded crops are (``preprocess.crops_of``), or contiguous (n, 3, H, W)
+    as the Ray engine rebuilds them from bytes."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
+    x = torch.randint(0, 256, (n, side, side, 3), dtype=torch.uint8, generator=g)
     x.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
-    return x
+    x = x.permute(0, 3, 1, 2)
+    return x if channels_last else x.contiguous()
 
 
+def test_decoded_crops_are_channels_last_in_memory(photo_dir) -> None:
+    """What the layout tests below rest on: the crops the decoders hand over are (H, W, 3) in memory."""
+    task = get_task("memorability")
+    d = decode_item(Item(0, locate(str(photo_dir / "a_square.jpg"))), [task.preprocess], None)
+    crops = torch.from_numpy(d.pixels[task.preprocess])
+    assert crops.shape == (1, 3, 224, 224) and crops.stride() == pixels(1, side=224).stride()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_normalizer_gives_normalize_bits(dtype: torch.dtype | None) -> None:
+def test_normalizer_gives_normalize_bits(dtype: torch.dtype | None, channels_last: bool) -> None:
     norm = Normalizer(CLIP.mean, CLIP.std)
     for n, seed in [(5, 0), (2, 1), (7, 2)]:  # shrink into the buffer, then grow it
-        x = pixels(n, seed=seed)
+        x = pixels(n, seed=seed, channels_last=channels_last)
         got, want = norm(x, dtype), normalize(x, CLIP.mean, CLIP.std, dtype)
         assert got.dtype == want.dtype == (dtype or torch.float32)
         assert got.shape == want.shape == (n, 3, 16, 16)
+        # the model gets the layout it got before: a convolution's kernel can depend on it
+        assert got.stride() == want.stride() == x.stride()
         assert torch.equal(got, want)  # max abs difference 0: the same operations in the same order
 
 
