@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from perceptscore import remote
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH
+from perceptscore.containers import is_container
 from perceptscore.errors import UsageError
 from perceptscore.formats import is_scores_file, read_scores
 from perceptscore.items import Item
@@ -28,6 +29,8 @@ class Previous:
         self.keep = keep  # --retry-errors: every scored row is kept as it is, its file not looked at
         self.occurrences: dict[str, list[dict[str, Any] | None]] = {}  # keeping: each path's rows, in order
         self._kept: dict[int, dict[str, Any]] = {}  # keeping: item index -> its row of OLD (``tracked``)
+        self._containers: set[int] = set()  # keeping: the items that are containers (a shard read again)
+        self._member_seen: dict[str, int] = {}  # keeping: their rows matched so far, by path
 
     @classmethod
     def read(cls, path: str, tasks: Sequence[Task], keep: bool = False, named: str | None = None) -> Previous:
@@ -67,17 +70,32 @@ class Previous:
         n-th row, so repeated paths never trade scores."""
         seen: dict[str, int] = {}  # per pass: a run started over matches from the start again
         self._kept.clear()
+        self._containers.clear()
+        self._member_seen.clear()
         for item in items:
+            if is_container(item.locator):  # its rows are matched as they are read (``reusable``)
+                self._containers.add(item.index)
+                yield item
+                continue
             rows = self.occurrences.get(item.path, [])
             n = seen[item.path] = seen.get(item.path, -1) + 1
             if n < len(rows) and rows[n] is not None:
                 self._kept[item.index] = rows[n]
             yield item
 
+    def _member(self, item: Item) -> dict[str, Any] | None:
+        """A row of a container read again (a failed shard's member): OLD's row of the same path, the n-th
+        for the n-th (the rows scored before the shard broke off are kept, not scored twice)."""
+        rows = self.occurrences.get(item.path, [])
+        n = self._member_seen[item.path] = self._member_seen.get(item.path, -1) + 1
+        return rows[n] if n < len(rows) else None
+
     def reusable(self, item: Item) -> dict[str, Any] | None:
         """The old row for ``item`` (its core columns) if its file is unchanged, else None."""
         if self.keep:
-            old = self._kept.pop(item.index, None)
+            old = (
+                self._kept.pop(item.index, None) if item.index not in self._containers else self._member(item)
+            )
             if old is None or item.error:
                 return None
             self.skipped += 1

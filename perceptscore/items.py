@@ -17,8 +17,19 @@ class Item:
     locator: Locator
     extras: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    part: int = 0  # a container's row: its place among the container's rows (they share ``index``)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the row goes in the output."""
+        return self.index, self.part
 
     @property
     def path(self) -> str:
         """The ``path`` column's value."""
         return self.locator.uri
+
+
+# An engine that reads containers (``containers``) says which item each row is, and gives a container's
+# rows their own passthrough values, in these two columns besides the core ones.
+ITEM, EXTRAS = "_item", "_extras"

@@ -72,7 +72,7 @@ class Scorer:
         self.plan = make_plan(options)
         self.predictor = Predictor.from_plan(self.plan)
         self.path_column = path_column
-        settings = decoder_settings(self.predictor.specs, fast_decode, max_pixels)
+        settings = decoder_settings(self.predictor.specs, fast_decode, max_pixels, self.plan.limits)
         self._decoders = [IsolatedDecoder.from_settings(settings) for _ in range(max(1, decode_processes))]
         self._threads = ThreadPoolExecutor(len(self._decoders))
         self._lock = threading.Lock()

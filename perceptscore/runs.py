@@ -5,10 +5,14 @@ and numbered parquet shards, each covering a contiguous range of input rows. A s
 name only once complete (written under a temporary name, then renamed), so after a SIGKILL or power loss
 every shard present is whole. ``--resume`` skips the rows those shards hold; the final file is assembled from
 the shards in order and renamed into place, then the folder is removed.
+
+A container (a tar shard, a dataset's read task) is one input item of many rows: a shard never ends in the
+middle of one (its rows are held until the next item's come), so it is resumed whole or not at all.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -23,7 +27,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,8 +34,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perceptscore import remote
 from perceptscore._text import redacted_command
 from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
+from perceptscore.containers import TableRows, is_container
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.items import Item
 from perceptscore.locators import DATASET_ROW
@@ -41,9 +46,10 @@ from perceptscore.sinks import one_line, replaced_whole, write_atomic
 
 
 def shard_limits() -> tuple[int, float]:
-    """Rows and seconds after which a shard is written, read when a run starts (not frozen at import)."""
-    rows = int(os.environ.get("PERCEPTSCORE_SHARD_ROWS", "4096"))
-    return rows, float(os.environ.get("PERCEPTSCORE_SHARD_SECONDS", "60"))
+    """Rows and seconds after which a shard is written: the run's limits (``limits.current``)."""
+    from perceptscore.limits import current
+
+    return current().shard_rows, current().shard_seconds
 
 
 class Interrupted(PerceptScoreError):
@@ -186,15 +192,13 @@ class Shard:
     first: int
     last: int
     first_path: str
-    paths_sha256: str  # of the shard's paths, one a line: what a resumed run checks its inputs against
+    paths_sha256: str  # of the shard's items' keys, one a line: what a resumed run checks its inputs against
     path: Path
+    rows: int = -1  # rows it holds (-1: not recorded, one per item, as before containers)
 
-
-def paths_digest(paths: Iterable[str], stats: Iterable[tuple[int, int] | None] | None = None) -> str:
-    digest = hashlib.sha256()
-    for p, known in zip(paths, stats if stats is not None else repeat(None), strict=False):
-        digest.update(row_key(p, known))
-    return digest.hexdigest()
+    @property
+    def row_count(self) -> int:
+        return self.rows if self.rows >= 0 else self.last - self.first + 1
 
 
 def row_key(path: str, known: tuple[int, int] | None) -> bytes:
@@ -205,6 +209,23 @@ def row_key(path: str, known: tuple[int, int] | None) -> bytes:
     if known is not None and is_dataset_row(path):
         key += f"\t{known[0]}\t{known[1]}".encode()
     return key + b"\n"
+
+
+def item_key(item: Item) -> bytes:
+    """What a shard's digest holds of an item (``row_key``); a container's is its own place: the shard's
+    URL, or the dataset file's with the read task's number and the file's size and mtime."""
+    if isinstance(item.locator, TableRows):
+        task = item.locator.task
+        try:
+            st = os.stat(task.local) if not remote.is_remote(task.local) else None
+        except OSError:
+            st = None
+        known = (st.st_size, st.st_mtime_ns) if st else None
+        where = f"{task.file}::{task.part}".encode("utf-8", "surrogateescape")
+        return where + (f"\t{known[0]}\t{known[1]}".encode() if known else b"") + b"\n"
+    if is_container(item.locator):
+        return row_key(item.path, None)
+    return row_key(item.path, item.locator.stat() if is_dataset_row(item.path) else None)  # in memory
 
 
 def is_dataset_row(path: str) -> bool:
@@ -251,13 +272,15 @@ class ShardedRun:
         self.shard_rows, self.shard_seconds = shard_limits()
         self._batches: list[pa.RecordBatch] = []
         self._indices: list[int] = []
+        self._keys: dict[int, bytes] = {}  # items handed on by ``pending``, not in a shard yet: their keys
+        self._containers: set[int] = set()  # which of them are containers (their rows may come in parts)
         self._opened = time.monotonic()
         self.not_a_run = False  # a folder under the run's name that held no run (cleaned up)
         self._replace_folder = False  # the folder holds a salvaged run, to remove before the first shard
         if os.path.lexists(self.folder):
             _check_ours(self.folder)
             if restart:
-                self.discarded = sum(s.last - s.first + 1 for s in self._scan())
+                self.discarded = sum(s.row_count for s in self._scan())
                 shutil.rmtree(self.folder)
             else:
                 self._adopt()
@@ -267,7 +290,7 @@ class ShardedRun:
     @property
     def saved_rows(self) -> int:
         """Rows held by complete shards (at the start: what was continued)."""
-        return sum(s.last - s.first + 1 for s in self.shards)
+        return sum(s.row_count for s in self.shards)
 
     def _scan(self) -> list[Shard]:
         shards = []
@@ -279,8 +302,9 @@ class ShardedRun:
                 continue  # not one of ours (shards appear under their name only when complete)
             if "first" in info:
                 shard = Shard(
-                    info["first"], info["last"], info["first_path"], info.get("paths_sha256", ""), path
-                )
+                    info["first"], info["last"], info["first_path"], info.get("paths_sha256", ""), path,
+                    int(info.get("rows", -1)),
+                )  # fmt: skip
                 shards.append(shard)
         return shards
 
@@ -308,7 +332,7 @@ class ShardedRun:
             self.salvage(keep_folder=True)
             return
         if changed:
-            rows = sum(s.last - s.first + 1 for s in shards)
+            rows = sum(s.row_count for s in shards)
             raise UsageError(
                 f"an interrupted run of {self.out.name} that differs in {', '.join(changed)} holds {rows} "
                 f"rows in {self.folder}: run with the same inputs and options to continue it, or --restart "
@@ -343,11 +367,13 @@ class ShardedRun:
                 shard = shards[position]
                 if item.index == shard.first:
                     seen = hashlib.sha256()
-                known = item.locator.stat() if is_dataset_row(item.path) else None  # in memory: no I/O
-                seen.update(row_key(item.path, known))
+                seen.update(item_key(item))
                 if item.index == shard.last and seen.hexdigest() != shard.paths_sha256:
                     raise self._changed(f"rows {shard.first}-{shard.last} are other files than were scored")
                 continue
+            self._keys[item.index] = item_key(item)
+            if is_container(item.locator):
+                self._containers.add(item.index)
             yield item
         if shards and shards[-1].last > last:
             raise self._changed(f"they end at row {last}; row {shards[-1].last} was scored")
@@ -373,10 +399,11 @@ class ShardedRun:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def add(self, indices: list[int], batch: pa.RecordBatch) -> None:
-        """Rows in input order; they start a new shard wherever they do not follow the previous row."""
+        """Rows in input order (a container's rows share its index); they start a new shard wherever an
+        item is skipped (held by an earlier shard, or a container without rows)."""
         start = 0
         for n, index in enumerate(indices):
-            if n > start and index != indices[n - 1] + 1:
+            if n > start and index not in (indices[n - 1], indices[n - 1] + 1):
                 self._append(indices[start:n], batch.slice(start, n - start))
                 start = n
         self._append(indices[start:], batch.slice(start))
@@ -384,29 +411,47 @@ class ShardedRun:
             self.flush()
 
     def _append(self, indices: list[int], batch: pa.RecordBatch) -> None:
-        if self._indices and indices and indices[0] != self._indices[-1] + 1:
-            self.flush()
+        if self._indices and indices and indices[0] not in (self._indices[-1], self._indices[-1] + 1):
+            self.flush(whole=True)  # the held rows' last item is complete: a later one has begun
         self._indices += indices
         self._batches.append(batch)
 
-    def flush(self) -> None:
-        """Write the rows held so far as one complete shard (temporary name, fsync, rename)."""
-        if not self._indices:
+    def flush(self, whole: bool = False) -> None:
+        """Write the rows held so far as one complete shard (temporary name, fsync, rename). The last item's
+        rows stay held unless ``whole`` (the run is over, or a later item has begun): a container's rows
+        may not all be here yet, and a shard holds whole items only."""
+        held = len(self._indices)
+        if not whole and held and self._indices[-1] in self._containers:
+            held = bisect.bisect_left(self._indices, self._indices[-1])  # indices never decrease
+        if not held:
             self._opened = time.monotonic()
             return
-        first, last = self._indices[0], self._indices[-1]
+        table = pa.Table.from_batches(self._batches, schema=self._batches[0].schema)
+        indices, rest = self._indices[:held], self._indices[held:]
+        self._write(indices, table.slice(0, held))
+        self._indices = rest
+        self._batches = table.slice(held).to_batches() if rest else []
+        self._opened = time.monotonic()
+
+    def _write(self, indices: list[int], table: pa.Table) -> None:
+        first, last = indices[0], indices[-1]
         try:
             self._create()
         except OSError as exc:
             shutil.rmtree(self.folder, ignore_errors=True)  # never a folder without a run.json
             raise UsageError(f"cannot write in {self.folder.parent}: {one_line(exc)}") from None
-        table = pa.Table.from_batches(self._batches).cast(self.schema)
+        table = table.cast(self.schema)
         paths = table.column(PATH).to_pylist()
+        firsts: dict[int, int] = {}  # each item's first row, in order
+        for n, index in enumerate(indices):
+            firsts.setdefault(index, n)
+        keys = [self._key(index, table, row) for index, row in firsts.items()]
         info = {
             "first": first,
             "last": last,
             "first_path": paths[0],
-            "paths_sha256": paths_digest(paths, _stats(table)),
+            "paths_sha256": hashlib.sha256(b"".join(keys)).hexdigest(),
+            "rows": table.num_rows,
         }
         table = table.replace_schema_metadata({"shard": json.dumps(info)})
         final = self.folder / f"shard-{first:012d}-{last:012d}.parquet"
@@ -421,23 +466,33 @@ class ShardedRun:
             raise UsageError(
                 f"cannot write {self.out.name}'s shards in {self.folder}: {one_line(exc)}"
             ) from None
-        self.shards.append(Shard(first, last, paths[0], info["paths_sha256"], final))
-        self._batches, self._indices = [], []
-        self._opened = time.monotonic()
+        self.shards.append(Shard(first, last, paths[0], info["paths_sha256"], final, table.num_rows))
+
+    def _key(self, index: int, table: pa.Table, row: int) -> bytes:
+        """The item's key as ``pending`` recorded it; for rows added without it, the row's own."""
+        self._containers.discard(index)
+        key = self._keys.pop(index, None)
+        if key is not None:
+            return key
+        path, size, mtime = (table.column(c)[row].as_py() for c in (PATH, FILE_SIZE, FILE_MTIME))
+        return row_key(path, (size, mtime) if size is not None and mtime is not None else None)
 
     def tables(self, total: int) -> Iterator[pa.Table]:
-        """Every shard in input order, after checking together they hold rows 0..total-1 exactly once."""
-        self.flush()
+        """Every shard in input order, after checking they hold items of 0..total-1 at most once each (an
+        item in none is a container without rows: ``scoring`` checks every other item has its row)."""
+        self.flush(whole=True)
         shards = sorted(self.shards, key=lambda s: s.first)
         expected = 0
         for shard in shards:
-            if shard.first != expected:
+            if shard.first < expected:
                 raise RuntimeError(
-                    f"shards do not line up at row {expected} in {self.folder}"
+                    f"shards overlap at item {shard.first} in {self.folder}"
                 )  # a bug, not input
             expected = shard.last + 1
-        if expected != total:
-            raise RuntimeError(f"shards hold {expected} rows, the inputs {total}, in {self.folder}")
+        if expected > total:
+            raise RuntimeError(
+                f"shards hold items up to {expected - 1}, the inputs {total}, in {self.folder}"
+            )
         for shard in shards:
             yield pq.read_table(shard.path).replace_schema_metadata(None)
 
@@ -446,7 +501,7 @@ class ShardedRun:
         output's rows are looked for in."""
         import pyarrow.compute as pc
 
-        self.flush()
+        self.flush(whole=True)
         found: list[str] = []
         for shard in self.shards:
             table = pq.read_table(shard.path, columns=[PATH, FILE_SIZE])
@@ -465,9 +520,3 @@ def _check_ours(folder: Path) -> None:
         raise UsageError(f"{folder} is not a folder (a link or a file): remove it to run")
     if st.st_uid != os.geteuid():
         raise UsageError(f"{folder} belongs to uid {st.st_uid}, not to this user: remove it to run")
-
-
-def _stats(table: pa.Table) -> list[tuple[int, int] | None]:
-    """Each row's (size, mtime) as the shard records them (None where not recorded)."""
-    sizes, mtimes = table.column(FILE_SIZE).to_pylist(), table.column(FILE_MTIME).to_pylist()
-    return [None if s is None or m is None else (s, m) for s, m in zip(sizes, mtimes, strict=True)]

@@ -15,9 +15,10 @@ from typing import Any
 import pyarrow as pa
 
 from perceptscore.columns import core_schema, error_count, with_passthrough
+from perceptscore.containers import expand, is_container
 from perceptscore.engines import Engine
 from perceptscore.incremental import Previous
-from perceptscore.items import Item
+from perceptscore.items import EXTRAS, ITEM, Item
 from perceptscore.plan import ScoringPlan
 from perceptscore.progress import Reporter
 
@@ -60,29 +61,26 @@ def scored(
     previous: Previous | None = None,
     starting: Callable[[], None] | None = None,
 ) -> Iterator[Rows]:
-    """Every item's row, in input order: scored by ``engine``, or reused from ``previous``. Closing this
+    """Every item's rows, in input order: scored by ``engine``, or reused from ``previous``. Closing this
     generator closes the engine's run (its worker processes end then, not at interpreter exit).
-    ``starting`` is called when the engine is about to start (a model about to load), if it does."""
-    fed: deque[Item] = deque()  # sent to the engine, row not back yet
-    reused: deque[tuple[Item, dict[str, Any]]] = deque()
-    schema = core_schema(plan.task_specs())
+    ``starting`` is called when the engine is about to start (a model about to load), if it does.
+
+    A container item (a tar shard, a dataset's read task: ``containers``) gives any number of rows, each
+    with the container's index. An engine that ``reads_containers`` gets it whole and says which item
+    each row is (``ITEM``, with the row's own values in ``EXTRAS``); for any other engine it is expanded
+    here into an item per row, and rows come back one per item fed, as for every other item."""
+    whole = bool(getattr(engine, "reads_containers", False))
+    match = _Matcher(passthrough, core_schema(plan.task_specs()))
 
     def to_engine() -> Iterator[Item]:
         for item in items:
-            row = previous.reusable(item) if previous else None
-            if row is None:
-                fed.append(item)
-                yield item
-            else:
-                reused.append((item, row))
-
-    def reused_before(index: int | None) -> Iterator[Rows]:
-        while reused and (index is None or reused[0][0].index < index):
-            taken = []
-            while reused and (index is None or reused[0][0].index < index) and len(taken) < _REUSED_ROWS:
-                taken.append(reused.popleft())
-            batch = pa.RecordBatch.from_pylist([row for _, row in taken], schema=schema)
-            yield _matched([item for item, _ in taken], batch, passthrough)
+            for one in [item] if whole else expand(item):
+                row = previous.reusable(one) if previous else None  # a dataset's row: by its bytes
+                if row is not None:
+                    match.reused.append((one, row))
+                    continue
+                match.fed.append(one)
+                yield one
 
     feed = to_engine()
     first = next(feed, None)  # every item reused (a quiet night): the engine never starts, no model loads
@@ -91,17 +89,79 @@ def scored(
     batches = engine.run(plan, chain([first], feed)) if first is not None else _no_batches()
     with contextlib.closing(batches):  # type: ignore[type-var]
         for batch in batches:
-            mine = [fed.popleft() for _ in range(batch.num_rows)]
-            start = 0
-            for position, item in enumerate(mine):  # reused rows between this batch's rows go between them
-                if reused and reused[0][0].index < item.index:
-                    if position > start:
-                        part = batch.slice(start, position - start)
-                        yield _matched(mine[start:position], part, passthrough)
-                    start = position
-                    yield from reused_before(item.index)
-            yield _matched(mine[start:], batch.slice(start), passthrough)
-    yield from reused_before(None)
+            yield from match.by_item(batch) if ITEM in batch.schema.names else match.one_each(batch)
+    yield from match.finish()
+
+
+class _Matcher:
+    """Rows from an engine matched back to the items fed to it, reused rows put between them by index."""
+
+    def __init__(self, passthrough: pa.Schema, schema: pa.Schema) -> None:
+        self.passthrough, self.schema = passthrough, schema
+        self.fed: deque[Item] = deque()  # sent to the engine, rows not (all) back yet
+        self.reused: deque[tuple[Item, dict[str, Any]]] = deque()
+
+    def one_each(self, batch: pa.RecordBatch) -> Iterator[Rows]:
+        """A row per item fed, in order."""
+        mine = [self.fed.popleft() for _ in range(batch.num_rows)]
+        start = 0
+        for position, item in enumerate(mine):  # reused rows between this batch's rows go between them
+            if self.reused and self.reused[0][0].order < item.order:
+                if position > start:
+                    part = batch.slice(start, position - start)
+                    yield _matched(mine[start:position], part, self.passthrough)
+                start = position
+                yield from self.reused_before(item.order)
+        yield _matched(mine[start:], batch.slice(start), self.passthrough)
+
+    def by_item(self, batch: pa.RecordBatch) -> Iterator[Rows]:
+        """Rows that name their item (``ITEM``): a container's rows share its index, and a container may
+        have none; every other item has exactly one."""
+        owners = batch.column(ITEM).to_pylist()
+        own = batch.column(EXTRAS).to_pylist() if EXTRAS in batch.schema.names else [None] * len(owners)
+        core = batch.select(self.schema.names)
+        start, extras = 0, []
+        for position, index in enumerate(owners):
+            item = self._owner(index)
+            if self.reused and self.reused[0][0].order < (index, 0):
+                if position > start:
+                    yield _rows(owners[start:position], core.slice(start, position - start), extras,
+                                self.passthrough)  # fmt: skip
+                start, extras = position, []
+                yield from self.reused_before((index, 0))
+            if is_container(item.locator):
+                extras.append({**(own[position] or {}), **item.extras})
+            else:
+                extras.append(item.extras)
+                self.fed.popleft()  # one row each: done
+        if start < len(owners):
+            yield _rows(owners[start:], core.slice(start), extras, self.passthrough)
+
+    def _owner(self, index: int) -> Item:
+        """The fed item a row of ``index`` belongs to; containers before it are done (maybe rowless)."""
+        while self.fed and self.fed[0].index < index and is_container(self.fed[0].locator):
+            self.fed.popleft()
+        if not self.fed or self.fed[0].index != index:
+            expected = self.fed[0].index if self.fed else None
+            raise RuntimeError(f"the engine returned a row of item {index}, expected {expected}")
+        return self.fed[0]
+
+    def finish(self) -> Iterator[Rows]:
+        while self.fed and is_container(self.fed[0].locator):  # rowless containers at the end
+            self.fed.popleft()
+        if self.fed:
+            raise RuntimeError(f"the engine returned no row for item {self.fed[0].index}")
+        yield from self.reused_before(None)
+
+    def reused_before(self, order: tuple[int, int] | None) -> Iterator[Rows]:
+        """The reused rows that go before ``order`` (all of them: None)."""
+        reused = self.reused
+        while reused and (order is None or reused[0][0].order < order):
+            taken = []
+            while reused and (order is None or reused[0][0].order < order) and len(taken) < _REUSED_ROWS:
+                taken.append(reused.popleft())
+            batch = pa.RecordBatch.from_pylist([row for _, row in taken], schema=self.schema)
+            yield _matched([item for item, _ in taken], batch, self.passthrough)
 
 
 def _no_batches() -> Iterator[pa.RecordBatch]:
@@ -113,6 +173,12 @@ _REUSED_ROWS = 1024  # reused rows go on in batches of at most this many (one sh
 
 def _matched(items: list[Item], batch: pa.RecordBatch, passthrough: pa.Schema) -> Rows:
     return [i.index for i in items], with_passthrough(batch, [i.extras for i in items], passthrough)
+
+
+def _rows(
+    indices: list[int], batch: pa.RecordBatch, extras: list[dict[str, Any]], passthrough: pa.Schema
+) -> Rows:
+    return indices, with_passthrough(batch, extras, passthrough)
 
 
 def consume(

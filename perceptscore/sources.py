@@ -21,6 +21,7 @@ import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TextIO
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from perceptscore import remote, shards, tables
 from perceptscore.columns import ERROR, PATH
+from perceptscore.containers import ShardRows, TableRows, expand
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import FORMATS, format_of, is_scores_file, restore_formulas
 from perceptscore.images import IMAGE_EXTENSIONS, looks_like_image
@@ -395,7 +397,8 @@ class Sources:
         return _walk(folder, self.recursive, self.ignored, self.follow_links, self.skip)
 
     def _shard(self, shard: str) -> Iterator[tuple[Locator, dict[str, Any]]]:
-        return shards.members(shard, self.tar_columns)
+        """A shard is one item, a container: its members are read where they are decoded."""
+        yield ShardRows(shard, tuple(self.tar_columns.items()), self.passthrough), {}
 
     def _named(self, path: str | Locator) -> Iterator[tuple[str | Locator, dict[str, Any]]]:
         """A path or URL named by a list, stdin or a manifest row: a shard gives its members (a row
@@ -451,8 +454,8 @@ class Sources:
                     yield from self._named(p)
             elif kind == "retry":
                 yield from self._retry_rows(value)
-            elif kind == "dataset":
-                yield from value  # its read tasks' rows, in order (``tables``)
+            elif kind == "dataset":  # a container per read task: its rows are read where they are decoded
+                yield from ((TableRows(value, task, self.passthrough), {}) for task in value.read_tasks())
             else:
                 manifest: _Manifest = value
                 for path, extras in manifest.rows():
@@ -501,6 +504,8 @@ class Sources:
                 cursor.close()
 
     def __iter__(self) -> Iterator[Item]:
+        """The items in input order; a tar shard or a dataset's read task is one item, a container
+        (``containers``), whose rows the engine reads where it decodes them."""
         self.ignored = []  # counted anew on each pass
         for index, (where, extras) in enumerate(self._paths()):
             if not where:
@@ -512,8 +517,17 @@ class Sources:
                 reason = locator.reason if isinstance(locator, Unavailable) else None
                 yield Item(index, locator, extras, error=reason)
 
+    def rows(self) -> Iterator[Item]:
+        """One item per image, containers read here (``explain`` makes a heatmap per image), numbered
+        anew in input order."""
+        number = 0
+        for item in self:
+            for found in expand(item):
+                yield replace(found, index=number)
+                number += 1
+
     def count(self) -> int | None:
-        """The number of items when it is cheap to know (no stdin, no JSONL read); else None."""
+        """The number of rows when it is cheap to know (no stdin, no JSONL read); else None."""
         if any(kind == "stdin" for kind, _ in self._plan):
             return None
         total = 0

@@ -39,6 +39,17 @@ from servers import FaultyHTTPServer, MotoS3  # noqa: E402
 OUTPUTS = {"memorability": 1, "quality": 1, "emotion": 8}
 
 
+@pytest.fixture(autouse=True)
+def _limits_put_back() -> Iterator[None]:
+    """In-process runs install their limits and storage options (``limits.install``): each test starts
+    from what was installed before it, never from an earlier test's."""
+    from perceptscore import limits
+
+    before = limits.installed()
+    yield
+    limits.restore(before)
+
+
 @pytest.fixture(scope="session")
 def release_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, ReleaseModel]]:
     """Per task, a tiny random checkpoint in the release's exact layout and the model it was saved from."""

@@ -138,12 +138,16 @@ def test_several_row_groups_stream_in_order(published: dict[str, Path], photos: 
     assert [(t.part, t.first_row) for t in dataset.read_tasks()] == [(0, 0), (1, 2), (2, 4)]
     assert sources.count() == len(photos)
     assert Sources([str(published["saved"])], reserved=RESERVED).count() == len(photos)  # arrow, mapped
-    items = list(sources)
+    containers = list(sources)  # a container per row group: its rows are read where they are decoded
+    assert [(type(c.locator).__name__, c.index, c.path) for c in containers] == [
+        ("TableRows", n, str(published["parquet"])) for n in range(3)
+    ]
+    items = list(sources.rows())
     assert [i.index for i in items] == list(range(len(photos)))
     assert all(isinstance(i.locator, InMemory) for i in items)
     assert [i.locator.open().read() for i in items] == [p.read_bytes() for p in photos]
     assert [i.locator.stat()[0] for i in items] == [p.stat().st_size for p in photos]
-    hub = [i.locator.stat() for i in Sources([str(published["hub"])], reserved=RESERVED)]
+    hub = [i.locator.stat() for i in Sources([str(published["hub"])], reserved=RESERVED).rows()]
     assert hub == [i.locator.stat() for i in items]  # other files, the same bytes: the same stat
 
 
@@ -156,7 +160,7 @@ def test_image_column_is_found_or_asked_for_in_one_line(tmp_path: Path, photos: 
         features=datasets.Features({"jpg": datasets.Value("binary"), "caption": datasets.Value("string")}),
     )
     one.to_parquet(str(tmp_path / "one.parquet"))
-    (item,) = Sources([str(tmp_path / "one.parquet")], reserved=RESERVED)
+    (item,) = Sources([str(tmp_path / "one.parquet")], reserved=RESERVED).rows()
     assert item.path == f"{tmp_path / 'one.parquet'}::jpg[0]" and item.extras["caption"] == "a"
     two = datasets.Dataset.from_dict(
         {"jpg": [jpeg], "mask": [jpeg]},
@@ -167,7 +171,7 @@ def test_image_column_is_found_or_asked_for_in_one_line(tmp_path: Path, photos: 
         UsageError, match=r"several columns of image bytes \(jpg, mask\); choose one with --image-column"
     ):
         Sources([str(tmp_path / "two.parquet")], reserved=RESERVED)
-    (item,) = Sources([str(tmp_path / "two.parquet")], reserved=RESERVED, image_column="mask")
+    (item,) = Sources([str(tmp_path / "two.parquet")], reserved=RESERVED, image_column="mask").rows()
     assert item.path.endswith("::mask[0]") and item.extras["jpg"] == jpeg  # other bytes pass through
     with pytest.raises(UsageError, match="column 'caption' holds string, not image bytes"):
         Sources([str(tmp_path / "one.parquet")], reserved=RESERVED, image_column="caption")
@@ -389,10 +393,11 @@ def test_a_resumed_run_does_not_give_a_rows_score_to_the_row_that_replaced_it(tm
         ]
 
     run = ShardedRun(out, schema, {"run": 1})
+    fed = list(run.pending(items(1)[:2]))  # what the run hands on is what its shards' digest holds
     rows = [{"path": it.path, "memorability": 0.5, "error": None, "file_size": it.locator.known[0],
-             "file_mtime_ns": it.locator.known[1]} for it in items(1)[:2]]  # fmt: skip
+             "file_mtime_ns": it.locator.known[1]} for it in fed]  # fmt: skip
     run.add([0, 1], pa.RecordBatch.from_pylist(rows, schema=schema))
-    run.flush()
+    run.flush(whole=True)
     again = ShardedRun(out, schema, {"run": 1})
     assert [it.index for it in again.pending(items(1))] == [2]  # the same rows: continued
     with pytest.raises(InputsChanged, match="other files than were scored"):

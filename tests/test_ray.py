@@ -3,11 +3,13 @@ the same rows as the local engine, decoder faults as error rows, a killed driver
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from perceptscore.formats import read_provenance
@@ -262,8 +265,8 @@ def test_a_cluster_that_never_answers_or_never_starts_the_models_is_one_line(
 def test_ray_engine_scores_urls_and_tar_members_as_the_local_engine(
     ray_address: str, http_server, photo_dir: Path, checkpoint_args: list[str], tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    """Remote objects are fetched in the decode tasks; tar members travel with their rows' bytes (the
-    shard is read once, by the driver). A missing object is an error row on Ray as locally."""
+    """Remote objects are fetched in the decode tasks; a tar shard and a dataset's row groups are read by
+    the workers. A missing object is an error row on Ray as locally; rows keep their columns."""
     import tarfile
 
     photos = sorted(photo_dir.iterdir())
@@ -277,8 +280,12 @@ def test_ray_engine_scores_urls_and_tar_members_as_the_local_engine(
     manifest = tmp_path / "urls.csv"
     urls = [http_server.url(f"/ray/{p.name}") for p in photos] + [http_server.url("/ray/missing.jpg")]
     manifest.write_text("path\n" + "\n".join(urls) + "\n")
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # ``datasets``' Image feature
+    rows = [{"bytes": p.read_bytes(), "path": p.name} for p in photos] + [{"bytes": None, "path": "x.jpg"}]
+    pq.write_table(pa.table({"image": pa.array(rows, image)}), tmp_path / "ds.parquet", row_group_size=3)
     try:
-        args = ["score", manifest, shard, "-t", "memorability", *checkpoint_args[:2], "--device", "cpu"]
+        args = ["score", manifest, shard, tmp_path / "ds.parquet", "-t", "memorability", *checkpoint_args[:2],
+                "--device", "cpu"]  # fmt: skip
         local = run(*args, "-o", tmp_path / "local.csv")
         ray = run(*args, "--engine", "ray", "--ray-address", ray_address, "-o", tmp_path / "ray.csv")
     finally:
@@ -286,11 +293,33 @@ def test_ray_engine_scores_urls_and_tar_members_as_the_local_engine(
     assert ray.returncode == local.returncode == 1, ray.stderr
     a = pd.read_csv(tmp_path / "local.csv", keep_default_na=False)
     b = pd.read_csv(tmp_path / "ray.csv", keep_default_na=False)
-    assert len(a) == 2 * len(photos) + 1
-    for column in ("path", "error", "file_size", "file_mtime_ns", "shard", "key"):
+    assert len(a) == 3 * len(photos) + 2
+    for column in ("path", "error", "file_size", "file_mtime_ns", "shard", "key", "row", "image_path"):
         assert b[column].tolist() == a[column].tolist(), column
-    assert a["error"].tolist() == [""] * len(photos) + ["not found (HTTP 404)"] + [""] * len(photos)
+    assert a["error"].tolist() == (
+        [""] * len(photos)
+        + ["not found (HTTP 404)"]
+        + [""] * 2 * len(photos)
+        + ["no image bytes in this row (it names 'x.jpg' only)"]
+    )
     ok = a["error"] == ""
     np.testing.assert_allclose(
         b.loc[ok, "memorability"].astype(float), a.loc[ok, "memorability"].astype(float), atol=1e-6, rtol=0
     )
+
+
+def test_the_driver_reads_no_image_bytes_of_shards_or_datasets(ray_address: str, tmp_path: Path) -> None:
+    """bench/ray_driver.py, small: tar shards and a parquet dataset scored on Ray, the driver's bytes read
+    counted (/proc/self/io) with its containers read by the workers, and with the driver reading them as
+    before (the baseline, which shows the count sees image bytes). Same rows and scores either way."""
+    done = subprocess.run(
+        [sys.executable, "bench/ray_driver.py", "--address", ray_address, "--shards", "2", "--per-shard", "8",
+         "--json"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    before, now = result["driver reads (before)"], result["workers read (now)"]
+    assert result["same_scores"] and now["rows"] == before["rows"] == 32 and now["errors"] == 0
+    assert before["read"] > 0.9 * result["image_bytes"]  # the driver read every image once
+    assert now["read"] < 0.2 * result["image_bytes"]  # Ray's own traffic only

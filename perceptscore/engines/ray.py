@@ -1,8 +1,11 @@
 """The Ray Data engine: the same plan, decoded by Ray tasks on CPU workers and scored by a pool of model
 actors, across a cluster (``score --engine ray``).
 
-The driver (this process) turns the items into a plan table (``row_index``, ``path``, ``error``); Ray Data
-reads it in blocks of one batch. ``decode_block`` runs as a task: each file through the worker's
+The driver (this process) turns the items into read tasks (``_Inputs``, a Ray Data datasource): a page of
+plain items is a plan table (``row_index``, ``path``, ``error``) of one batch; a container (a tar shard, a
+dataset's row group: ``containers``) is read on a worker, so the driver never holds its images' bytes,
+and its rows come back with the container's row index and their own passthrough values. ``decode_block``
+runs as a task: each file through the worker's
 ``IsolatedDecoder`` (a file that crashes or hangs its decoder is one error row; Ray never sees a failed
 task, so it never retries one forever). ``PredictStage`` is an actor that loads the weights on its own node
 in its constructor (never shipped from the driver), one GPU each on a GPU cluster, else one per node on
@@ -12,7 +15,8 @@ driver, in ``scoring`` and ``runs``, as for every engine.
 
 The items are taken ``window_rows`` at a time (one Ray Data run each), so the driver holds a bounded part
 of a huge input; each window starts its actor pool afresh (a few seconds of weight loading per million
-rows by default).
+items: files, or whole shards). Only bytes the driver already holds (``--retry-errors``' tar members) also
+close a window, at ``PERCEPTSCORE_RAY_WINDOW_BYTES``.
 
 A cluster lost mid-run (its head's GCS, or the raylet this driver is attached to, killed) ends the run
 with ``EngineFailed`` once it has not answered for ``PERCEPTSCORE_RAY_LOST_S`` seconds, the rows Ray had
@@ -39,15 +43,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy, DataContext, Datasource, ReadTask
+from ray.data.block import BlockMetadata
 
 from perceptscore import remote
 from perceptscore._version import __version__
 from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH, core_schema
+from perceptscore.containers import Container, is_container
 from perceptscore.errors import EngineFailed, PerceptScoreError, UsageError
 from perceptscore.images import draft_side
 from perceptscore.isolated_decode import Decoded, IsolatedDecoder, settings_for
-from perceptscore.items import Item
+from perceptscore.items import EXTRAS, ITEM, Item
+from perceptscore.limits import Limits, install
+from perceptscore.limits import current as current_limits
 from perceptscore.locators import InMemory, Unavailable, from_wire, to_wire
 from perceptscore.plan import ScoringPlan
 from perceptscore.prefetch import prefetched
@@ -70,13 +78,21 @@ def pixels_column(number: int) -> str:
 _decoders: dict[str, IsolatedDecoder] = {}  # per worker process: one child decoder per settings
 
 
-def decoder_settings(specs: list[Preprocess], fast_decode: bool, max_pixels: int) -> dict[str, Any]:
-    """The isolated decoders' settings for a run, as JSON-able data shipped to the decode tasks."""
-    from perceptscore.engines.local import decode_timeout
-
+def decoder_settings(
+    specs: list[Preprocess], fast_decode: bool, max_pixels: int, limits: Limits | None = None
+) -> dict[str, Any]:
+    """The isolated decoders' settings for a run, as JSON-able data shipped to the decode tasks: the run's
+    limits (read on the driver), whatever the workers' environment."""
+    chosen = limits if limits is not None else current_limits()
     draft = draft_side(specs) if fast_decode else None
-    # the time limit is read here, on the driver: the run's setting, whatever the workers' environment
-    return settings_for(specs, draft, max_pixels, decode_timeout())
+    return settings_for(specs, draft, max_pixels, chosen.decode_timeout, chosen)
+
+
+def _install(storage: dict[str, Any], limits: dict[str, Any]) -> None:
+    """The run's storage options and limits in this worker, before it reads anything."""
+    run = Limits.from_dict(limits)
+    if storage != remote.current().options or run != current_limits():
+        install(run, storage=remote.Settings(storage))
 
 
 def _decoder(settings: dict[str, Any]) -> IsolatedDecoder:
@@ -87,13 +103,15 @@ def _decoder(settings: dict[str, Any]) -> IsolatedDecoder:
 
 
 def decode_block(
-    table: pa.Table, settings: dict[str, Any], storage: dict[str, Any] | None = None
+    table: pa.Table,
+    settings: dict[str, Any],
+    storage: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
 ) -> pa.Table:
     """A block of the plan table -> its rows with the crops of each preprocessing (raw uint8 bytes; null
     for a row with an error). Remote objects are fetched here, many at once, then decoded in the isolated
     decoder (which never waits on the network under its time limit). Never raises for a file."""
-    if storage is not None and storage != remote.current().options:
-        remote.configure(remote.Settings(storage))
+    _install(storage or {}, limits if limits is not None else current_limits().to_dict())
     decoder = _decoder(settings)
     errors, sizes, mtimes = [], [], []
     pixels: list[list[bytes | None]] = [[] for _ in settings["specs"]]
@@ -102,7 +120,7 @@ def decode_block(
         Item(index, from_wire(uri, data, size, version), {}, error)
         for index, uri, error, data, size, version in zip(*columns, strict=True)
     )
-    for item in prefetched(items):
+    for item in prefetched(items, current_limits()):
         decoded = _decoded(decoder, item)
         errors.append(decoded.error)
         sizes.append(decoded.stat[0] if decoded.stat else None)
@@ -117,6 +135,8 @@ def decode_block(
         FILE_MTIME: pa.array(mtimes, pa.int64()),
     }
     columns |= {pixels_column(i): pa.array(p, pa.binary()) for i, p in enumerate(pixels)}
+    if EXTRAS in table.column_names:  # a container's rows' own passthrough values, on to the driver
+        columns[EXTRAS] = table[EXTRAS]
     return pa.table(columns)
 
 
@@ -164,7 +184,8 @@ class PredictStage:
             for s, m in zip(table[FILE_SIZE].to_pylist(), table[FILE_MTIME].to_pylist(), strict=True)
         ]
         rows = self.predictor.rows(table[PATH].to_pylist(), errors, stats, pixels)
-        return pa.Table.from_batches([rows]).add_column(0, ROW_INDEX, table[ROW_INDEX])
+        out = pa.Table.from_batches([rows]).add_column(0, ROW_INDEX, table[ROW_INDEX])
+        return out.append_column(EXTRAS, table[EXTRAS]) if EXTRAS in table.column_names else out
 
 
 def weights_here(plan: ScoringPlan) -> ScoringPlan:
@@ -197,6 +218,94 @@ def weights_here(plan: ScoringPlan) -> ScoringPlan:
     return replace(plan, weights=tuple(found))
 
 
+# ---- the read tasks (run on the workers) ------------------------------------------------------------
+
+
+def plan_table(items: list[Item], extras: pa.DataType | None) -> pa.Table:
+    """Plain items as plan rows: what a decode task needs (bytes only where the driver held them)."""
+    wires = [to_wire(i.locator) for i in items]
+    table = pa.table(
+        [[i.index for i in items], [w[0] for w in wires], [i.error for i in items],
+         *([w[k] for w in wires] for k in (1, 2, 3))],
+        schema=PLAN_SCHEMA,
+    )  # fmt: skip
+    return table if extras is None else table.append_column(EXTRAS, pa.nulls(len(items), extras))
+
+
+def read_page(table: pa.Table) -> Iterator[pa.Table]:
+    yield table
+
+
+def read_container(
+    index: int,
+    container: Container,
+    rows: int,
+    extras: pa.DataType,
+    storage: dict[str, Any],
+    limits: dict[str, Any],
+) -> Iterator[pa.Table]:
+    """A container's rows, read here, as plan rows of ``rows`` each, with the bytes and their values."""
+    _install(storage, limits)
+    held: list[tuple[Item, dict[str, Any]]] = []
+    for locator, values in container.rows():
+        reason = locator.reason if isinstance(locator, Unavailable) else None
+        held.append((Item(index, locator, {}, reason), values))
+        if len(held) >= rows:
+            yield _container_block(held, extras)
+            held = []
+    if held:
+        yield _container_block(held, extras)
+
+
+def _container_block(held: list[tuple[Item, dict[str, Any]]], extras: pa.DataType) -> pa.Table:
+    table = plan_table([item for item, _ in held], None)
+    return table.append_column(EXTRAS, pa.array([values for _, values in held], extras))
+
+
+class _Inputs(Datasource):
+    """A window's items as Ray Data read tasks, in input order: pages of plain items, and each container
+    on its own (read where it runs)."""
+
+    def __init__(self, reads: list[Any]) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, **_: Any
+    ) -> list[ReadTask]:
+        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(read, meta) for read in self.reads]  # one each: merging them would reorder nothing
+
+
+def reads_of(
+    window: list[Item], batch_size: int, storage: dict[str, Any], limits: dict[str, Any]
+) -> list[Any]:
+    """The read functions of a window's items, in order."""
+    from functools import partial
+
+    containers = [i.locator for i in window if is_container(i.locator)]
+    extras = pa.struct(list(containers[0].schema)) if containers else None
+    reads: list[Any] = []
+    page: list[Item] = []
+    for item in window:
+        if not is_container(item.locator):
+            page.append(item)
+            if len(page) >= batch_size:
+                reads.append(partial(read_page, plan_table(page, extras)))
+                page = []
+            continue
+        if page:
+            reads.append(partial(read_page, plan_table(page, extras)))
+            page = []
+        reads.append(partial(read_container, item.index, item.locator, batch_size, extras, storage, limits))
+    if page:
+        reads.append(partial(read_page, plan_table(page, extras)))
+    return reads
+
+
 # ---- the driver --------------------------------------------------------------------------------------
 
 
@@ -206,10 +315,11 @@ class RayEngine:
     program) is used as it is."""
 
     name = "ray"
+    reads_containers = True  # tar shards and dataset row groups are read by the workers (``containers``)
 
     def __init__(self, address: str | None = None, window_rows: int | None = None) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        self.window_rows = window_rows or int(os.environ.get("PERCEPTSCORE_RAY_WINDOW_ROWS", "1000000"))
+        self.window_rows = window_rows  # None: the run's limits say
         self._started = False
 
     def connect(self) -> None:
@@ -226,7 +336,7 @@ class RayEngine:
                 # Ray's C++ client logs each refusal of a missing token on standard error: the one
                 # line that says what to do replaces them
                 with _stderr_without(b"InvalidAuthToken"):
-                    _init_within(_connect_timeout(), address=self.address, **options)
+                    _init_within(current_limits().ray_connect_timeout, address=self.address, **options)
             else:
                 # "local": a new Ray, never the last `ray start` cluster Ray would otherwise look for
                 # (after that cluster died, ray.init would wait on its address for ever)
@@ -278,7 +388,7 @@ class RayEngine:
 
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
         self.connect()
-        watch = _ClusterWatch.of_this_driver(self.address or "the local Ray", _lost_after())
+        watch = _ClusterWatch.of_this_driver(self.address or "the local Ray", plan.limits.ray_lost_s)
         try:
             yield from _watched(self._run(plan, items), watch)
         finally:
@@ -295,18 +405,19 @@ class RayEngine:
         context.enable_progress_bars = False  # the command shows its own progress
         # Ray Data waits for ever by default for actors the cluster cannot place (no free GPU, not enough
         # memory for the models): a stalled cron job that says nothing. This ends it, naming why.
-        context.wait_for_min_actors_s = _actor_wait()
+        context.wait_for_min_actors_s = plan.limits.ray_actor_wait
         quiet = logging.getLogger("ray.data")
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)  # Ray Data logs a failed run's whole traceback
         try:
-            for window in _windows(iter(items), self.window_rows, _window_bytes()):
+            rows = self.window_rows or plan.limits.ray_window_rows
+            for window in _windows(iter(items), rows, plan.limits.ray_window_bytes):
                 yield from self._window(plan, window)
         except ray.exceptions.GetTimeoutError:
             needs = "one GPU" if plan.device.startswith("cuda") else "one CPU"
             raise UsageError(
-                f"no model actor could start within {_actor_wait()} s: the Ray cluster has no node with "
-                f"{needs} and the models' memory free (PERCEPTSCORE_RAY_ACTOR_WAIT sets the wait)"
+                f"no model actor could start within {plan.limits.ray_actor_wait} s: the Ray cluster has no "
+                f"node with {needs} and the models' memory free (PERCEPTSCORE_RAY_ACTOR_WAIT sets the wait)"
             ) from None
         except ray.exceptions.LocalRayletDiedError as exc:  # Ray noticed before the watch did
             where = self.address or "the local Ray"
@@ -324,25 +435,19 @@ class RayEngine:
             quiet.setLevel(level)
 
     def _window(self, plan: ScoringPlan, window: list[Item]) -> Iterator[pa.RecordBatch]:
-        wires = [to_wire(i.locator) for i in window]
-        table = pa.table(
-            [[i.index for i in window], [w[0] for w in wires], [i.error for i in window],
-             *([w[k] for w in wires] for k in (1, 2, 3))],
-            schema=PLAN_SCHEMA,
-        )  # fmt: skip
-        blocks = [table.slice(start, plan.batch_size) for start in range(0, len(table), plan.batch_size)]
         cluster, cuda = self.cluster(), plan.device.startswith("cuda")
         specs = list(dict.fromkeys(t.preprocess for t in plan.task_specs()))
-        settings = decoder_settings(specs, plan.fast_decode, plan.max_pixels)
+        settings = decoder_settings(specs, plan.fast_decode, plan.max_pixels, plan.limits)
+        storage, limits = dict(remote.current().options), plan.limits.to_dict()
         actors = ActorPoolStrategy(min_size=1, max_size=max(1, cluster["gpus"] if cuda else cluster["nodes"]))
         # The actors declare the memory their models take: Ray schedules by it, and the two stages'
         # differing needs keep Ray Data from fusing decoding into the model actors (decoding would then
         # wait for the model instead of running beside it).
         model_bytes = sum(os.path.getsize(w.path) for w in plan.weights)
         dataset = (
-            ray.data.from_arrow(blocks)
+            ray.data.read_datasource(_Inputs(reads_of(window, plan.batch_size, storage, limits)))
             .map_batches(
-                decode_block, fn_kwargs={"settings": settings, "storage": dict(remote.current().options)},
+                decode_block, fn_kwargs={"settings": settings, "storage": storage, "limits": limits},
                 batch_format="pyarrow", batch_size=None,
                 num_cpus=1,
             )
@@ -352,21 +457,38 @@ class RayEngine:
                 num_cpus=1, num_gpus=1 if cuda else 0, memory=model_bytes,
             )
         )  # fmt: skip
-        schema = core_schema(plan.task_specs())
-        expected = iter([i.index for i in window])
+        names = [*core_schema(plan.task_specs()).names, ITEM]
+        order = _Order(window)
         for out in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-            for got in out[ROW_INDEX].to_pylist():
-                if got != next(expected, None):
-                    raise RuntimeError(f"Ray returned row {got} out of order: rows would be mixed")
-            yield from out.select(schema.names).cast(schema).combine_chunks().to_batches()
-        if next(expected, None) is not None:
-            raise RuntimeError("Ray returned fewer rows than it was given")
+            order.check(out[ROW_INDEX].to_pylist())
+            out = out.rename_columns([ITEM if c == ROW_INDEX else c for c in out.column_names])
+            kept = out.select([*names, EXTRAS] if EXTRAS in out.column_names else names)
+            yield from kept.combine_chunks().to_batches()
+        order.finish()
 
 
-def _window_bytes() -> int:
-    """Bytes of items held by the driver at once (tar members carry theirs): a window ends at this many
-    bytes or ``window_rows`` rows, whichever comes first."""
-    return int(os.environ.get("PERCEPTSCORE_RAY_WINDOW_BYTES", str(1 << 30)))
+class _Order:
+    """Checks the rows Ray returns against the window: each plain item's row exactly once, a container's
+    rows together, all in input order (rows mixed up would be scores given to other files)."""
+
+    def __init__(self, window: list[Item]) -> None:
+        self.expected = iter([(i.index, is_container(i.locator)) for i in window])
+        self.current: tuple[int, bool] | None = None
+
+    def check(self, indices: list[int]) -> None:
+        for got in indices:
+            if self.current is not None and self.current == (got, True):
+                continue  # a container's next row
+            self.current = next(self.expected, None)
+            while self.current is not None and self.current[1] and self.current[0] != got:
+                self.current = next(self.expected, None)  # a container without rows
+            if self.current is None or self.current[0] != got:
+                raise RuntimeError(f"Ray returned row {got} out of order: rows would be mixed")
+
+    def finish(self) -> None:
+        for index, container in self.expected:
+            if not container:
+                raise RuntimeError(f"Ray returned no row for item {index}")
 
 
 def _windows(stream: Iterator[Item], rows: int, most: int) -> Iterator[list[Item]]:
@@ -407,12 +529,6 @@ def _ours(exc: BaseException) -> PerceptScoreError | None:
 
 
 _OUR_ERROR = re.compile(r"perceptscore\.errors\.(\w+): ([^\n]+)")
-
-
-def _lost_after() -> float:
-    """Seconds the cluster's GCS or this driver's raylet may not answer before the run ends (a restarting
-    GCS comes back within them). Under 60: Ray itself ends a driver whose GCS has been gone that long."""
-    return float(os.environ.get("PERCEPTSCORE_RAY_LOST_S", "30"))
 
 
 class _ClusterWatch:
@@ -602,14 +718,6 @@ def _stderr_without(marker: bytes) -> Iterator[None]:
         thread.join(2.0)
         if not thread.is_alive():
             os.close(saved)
-
-
-def _actor_wait() -> int:
-    return int(os.environ.get("PERCEPTSCORE_RAY_ACTOR_WAIT", "600"))
-
-
-def _connect_timeout() -> float:
-    return float(os.environ.get("PERCEPTSCORE_RAY_CONNECT_TIMEOUT", "60"))
 
 
 def _init_within(timeout: float, **options: Any) -> None:
