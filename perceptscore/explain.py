@@ -155,52 +155,75 @@ def explain_images(
     ``label``: for emotion, the class to explain (default: each image's predicted one). ``model`` in eval
     mode on its device and dtype; for ``attention-shift`` unmerged (``load_model(..., merge=False)``).
     """
+    _check_request(task, method, label)
+    if not images:
+        return []
+    views = [_View.of(image, task) for image in images]
+    param = next(model.parameters())
+    pixels = np.concatenate([crops_of(v.resized, v.offsets, task.preprocess.crop) for v in views])
+    x = normalize(torch.from_numpy(pixels).to(param.device), task.architecture.mean, task.architecture.std,
+                  param.dtype)  # fmt: skip
+    counts = [len(v.offsets) for v in views]
+    targets = _targets(model, task, x, counts, label, batch_size)
+    grids, raws = _maps(model, task, method, x, targets, batch_size)
+    explanations, start = [], 0
+    for view, n in zip(views, counts, strict=True):
+        target = int(targets[start]) if targets is not None else None
+        explanations.append(_explanation(task, method, view.resized, view.offsets, grids[start : start + n],
+                                         raws[start : start + n], target))  # fmt: skip
+        start += n
+    return explanations
+
+
+def _check_request(task: Task, method: str, label: str | None) -> None:
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose {' or '.join(METHODS)}")
     if label is not None and not task.labels:
         raise UsageError(f"--class is for a classifier (emotion), not {task.name}")
     if label is not None and label not in (task.labels or ()):
         raise UsageError(f"unknown class {label!r}; known: {', '.join(task.labels or ())}")
-    if not images:
-        return []
-    param = next(model.parameters())
-    spec, arch = task.preprocess, task.architecture
-    views = []  # per image: the resized pixels and where its crops are
-    for image in images:
-        resized = np.asarray(resize(image, spec.resize))
-        views.append((resized, crop_offsets(resized, spec)))
-    pixels = np.concatenate([crops_of(resized, offsets, spec.crop) for resized, offsets in views])
-    x = normalize(torch.from_numpy(pixels).to(param.device), arch.mean, arch.std, param.dtype)
-    counts = [len(offsets) for _, offsets in views]
-    targets = _targets(model, task, x, counts, label, batch_size)
 
-    def objective_from(start: int) -> Objective:
-        def objective(out: torch.Tensor) -> torch.Tensor:
-            if not task.labels:
-                return out[:, 0]  # the raw score
-            if targets is None:  # one crop per image: each row's own prediction is its image's
-                return out.gather(1, out.detach().argmax(dim=1, keepdim=True))[:, 0]
-            return out.gather(1, targets[start : start + len(out), None])[:, 0]
 
-        return objective
+@dataclass(frozen=True)
+class _View:
+    """An image as the task's preprocessing sees it: resized, and where its crops are."""
 
+    resized: np.ndarray
+    offsets: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, image: Image.Image, task: Task) -> _View:
+        resized = np.asarray(resize(image, task.preprocess.resize))
+        return cls(resized, crop_offsets(resized, task.preprocess))
+
+
+def _maps(
+    model: PerceptModel, task: Task, method: str, x: torch.Tensor, targets: torch.Tensor | None,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Every crop's patch grid and raw outputs (from the same forward passes), ``batch_size`` at a time."""
     pairs = []
     for start in range(0, len(x), batch_size):
         chunk = x[start : start + batch_size]
         if method == "relevance":
             either_way = not task.labels  # a score: what it depended on either way; a class: evidence for it
-            pairs.append(_relevance(model, chunk, objective_from(start), either_way))
+            pairs.append(_relevance(model, chunk, _objective(task, targets, start), either_way))
         else:
             pairs.append(_attention_shift(model, chunk))
-    grids = torch.cat([grid for grid, _ in pairs])
-    raws = torch.cat([out for _, out in pairs])  # the scores, from the same forward passes
-    explanations, start = [], 0
-    for (resized, offsets), n in zip(views, counts, strict=True):
-        target = int(targets[start]) if targets is not None else None
-        explanations.append(_explanation(task, method, resized, offsets, grids[start : start + n],
-                                         raws[start : start + n], target))  # fmt: skip
-        start += n
-    return explanations
+    return torch.cat([grid for grid, _ in pairs]), torch.cat([out for _, out in pairs])
+
+
+def _objective(task: Task, targets: torch.Tensor | None, start: int) -> Objective:
+    """What a batch of crops starting at crop ``start`` explains: the raw score, or a class's logit."""
+
+    def objective(out: torch.Tensor) -> torch.Tensor:
+        if not task.labels:
+            return out[:, 0]  # the raw score
+        if targets is None:  # one crop per image: each row's own prediction is its image's
+            return out.gather(1, out.detach().argmax(dim=1, keepdim=True))[:, 0]
+        return out.gather(1, targets[start : start + len(out), None])[:, 0]
+
+    return objective
 
 
 def _explanation(
