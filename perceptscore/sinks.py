@@ -1,27 +1,31 @@
-"""Where rows go: a scores file (any format of ``formats.FORMATS``) or CSV on stdout.
+"""Where rows go: one ``Sink`` interface (open, write, finish or abort) and a registry of its kinds by name,
+``SINKS``: a scores file (any format of ``formats.FORMATS``), CSV on standard output, or a table in memory.
 
 A file output is written under a temporary name in the same folder and renamed into place only when
 complete, so a file under the output name is always whole. Provenance goes where the format keeps it
-(parquet metadata, or ``<out>.meta.json`` beside CSV/JSONL, written first so data never lacks it).
+(parquet metadata, or ``<out>.meta.json`` beside CSV/JSONL, written first so data never lacks it). Files
+written whole (a list, a record, a shard) use ``replaced_whole`` / ``write_atomic``, the package's one
+temp-file-and-rename.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import json
 import os
 import select
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import pyarrow as pa
 
 from perceptscore.errors import UsageError
 from perceptscore.folders import check_output_folder
-from perceptscore.formats import FORMATS, Format, format_of, meta_path
+from perceptscore.formats import FORMATS, Format, TableWriter, format_of, meta_path
 
 
 def output_format(out: str) -> Format:
@@ -158,66 +162,119 @@ def one_line(exc: OSError) -> str:
     return " ".join((exc.strerror or str(exc)).split())  # one line, whoever raised it
 
 
-class Sink:
-    """Write rows (record batches, tables, or lists of dicts) with a fixed schema; ``close()`` publishes,
-    ``abort()`` discards."""
+Rows = pa.RecordBatch | pa.Table | list[dict[str, Any]]  # what a sink takes: Arrow rows, or dicts
 
-    def __init__(self, out: str, schema: pa.Schema, provenance: dict[str, Any]) -> None:
-        check_output(out)
-        self.out, self.format = out, output_format(out)
-        self.schema, self.provenance = schema, provenance
+
+class Sink(Protocol):
+    """Where a run's rows go, in the shape of Ray Data's datasinks: ``open`` with the rows' schema and
+    provenance, ``write`` each batch in order, then ``finish`` (the output is complete: published) or
+    ``abort`` (nothing that looks complete is left: a file output keeps what it held before). ``writing``
+    runs the four in order."""
+
+    name: str  # as ``SINKS`` knows it
+
+    def open(self, schema: pa.Schema, provenance: dict[str, Any]) -> None: ...
+
+    def write(self, rows: Rows) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+SINKS = {
+    "file": "perceptscore.sinks:FileSink",
+    "stream": "perceptscore.sinks:StreamSink",
+    "memory": "perceptscore.sinks:MemorySink",
+}
+"""Every kind of output by name, imported when first used (as ``engines.ENGINES``): a new kind of output is
+one class with the four methods of ``Sink`` and one line here."""
+
+
+def create(name: str, **options: Any) -> Sink:
+    """The sink called ``name`` (``SINKS``), made with ``options`` (``FileSink(path=...)``)."""
+    if name not in SINKS:
+        raise UsageError(f"unknown output kind {name!r}: use {', '.join(SINKS)}")
+    module, _, cls = SINKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(**options)  # type: ignore[no-any-return]
+
+
+def for_output(out: str) -> Sink:
+    """The sink for ``-o OUT``: CSV on standard output for ``-``, else a file of the suffix's format."""
+    return create("stream") if out == "-" else create("file", path=out)
+
+
+@contextlib.contextmanager
+def writing(sink: Sink, schema: pa.Schema, provenance: dict[str, Any]) -> Iterator[Sink]:
+    """``sink`` opened for the block, finished when it ends and aborted if it fails (a stop signal, a
+    failed batch, an engine's error): a file output appears only whole."""
+    sink.open(schema, provenance)
+    try:
+        yield sink
+    except BaseException:
+        sink.abort()
+        raise
+    sink.finish()
+
+
+def _as_table(rows: Rows, schema: pa.Schema) -> pa.Table:
+    """Rows as a table of exactly the schema's columns and types (a batch may carry more columns)."""
+    if isinstance(rows, pa.RecordBatch):
+        rows = pa.Table.from_batches([rows])
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+    return table.select(schema.names).cast(schema)
+
+
+class FileSink:
+    """A scores file (.csv/.parquet/.jsonl: ``formats``), written under a temporary name in its folder
+    (``.<name>.partial-<pid>``) and renamed into place by ``finish``; its provenance in the format's place,
+    a sidecar written first so the data never lacks it. The output is checked when the sink is made, before
+    any row is scored; a write that fails (full disk, folder gone) aborts and is one ``UsageError`` line."""
+
+    name = "file"
+
+    def __init__(self, path: str) -> None:
+        check_output(path)
+        if path == "-":
+            raise UsageError("standard output is the stream sink, not a file")
+        self.out, self.format = path, output_format(path)
+        self.path = Path(os.path.realpath(path))  # a symlinked output: its target is written, the link kept
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._stream: BinaryIO | None = None
-        if out == "-":
-            self.path = self.tmp = None
-            self._stream = sys.stdout.buffer
-        else:
-            self.path = Path(
-                os.path.realpath(out)
-            )  # a symlinked output: its target is written, the link kept
-            remove_orphaned_partials(self.path)
-            self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-            try:
-                self._stream = os.fdopen(create_new(self.tmp), "wb")  # closed in close()/abort()
-            except OSError as exc:
-                raise UsageError(f"cannot write {out!r}: {exc.strerror or exc}") from None
+        self._writer: TableWriter | None = None
+
+    def open(self, schema: pa.Schema, provenance: dict[str, Any]) -> None:
+        self.schema, self.provenance = schema, provenance
+        remove_orphaned_partials(self.path)
+        try:
+            self._stream = os.fdopen(create_new(self.tmp), "wb")  # closed by finish()/abort()
+        except OSError as exc:
+            raise UsageError(f"cannot write {self.out!r}: {exc.strerror or exc}") from None
         self._writer = self.format.open_writer(self._stream, schema, provenance)
 
-    def write(self, rows: list[dict[str, Any]] | pa.Table | pa.RecordBatch) -> None:
-        """Append rows: dicts (converted with the schema) or a table/batch with the schema's columns."""
-        if isinstance(rows, pa.RecordBatch):
-            rows = pa.Table.from_batches([rows])
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self.schema)
+    def write(self, rows: Rows) -> None:
+        assert self._writer is not None, "write() before open()"
         try:
-            self._writer.write(table.select(self.schema.names).cast(self.schema))
-            if self.path is None:
-                sys.stdout.buffer.flush()  # a pipe reader sees rows as they are scored
+            self._writer.write(_as_table(rows, self.schema))
         except OSError as exc:  # disk full, quota, file too large, output folder gone
             self.abort()
-            if self.path is None and _stdout_closed(exc):
-                raise StdoutClosed from None
             raise UsageError(f"cannot write {self.out!r}: {one_line(exc)}") from None
 
-    def close(self) -> None:
+    def finish(self) -> None:
         """Finish the file and move it under its name (the sidecar first, so data never lacks it)."""
         try:
-            self._close()
+            self._finish()
         except OSError as exc:
             self.abort()
-            if self.path is None and _stdout_closed(exc):
-                raise StdoutClosed from None
             raise UsageError(f"cannot write {self.out!r}: {one_line(exc)}") from None
 
-    def _close(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-        if self.path is None:
-            sys.stdout.buffer.flush()
-            return
-        assert self._stream is not None and self.tmp is not None
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
-        self._stream.close()
+    def _finish(self) -> None:
+        writer, self._writer, stream = self._writer, None, self._stream
+        assert writer is not None and stream is not None, "finish() before open()"
+        writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+        stream.close()
         if self.format.sidecar:
             write_atomic(meta_path(self.path), json.dumps(self.provenance, indent=2).encode())
         os.replace(self.tmp, self.path)
@@ -228,17 +285,75 @@ class Sink:
         if writer is not None:
             with contextlib.suppress(Exception):  # fails again on a full disk; the file goes anyway
                 writer.close()
-        if self._stream is not None and self.path is not None:
+        if self._stream is not None:
             with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
                 self._stream.close()
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> Sink:
-        return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+class StreamSink:
+    """CSV on standard output (``-o -``), each batch flushed as it is written so a pipe's reader sees rows
+    as they are scored. The reader going away (``score | head -1``) is ``StdoutClosed``, not an error."""
+
+    name = "stream"
+
+    def __init__(self) -> None:
+        self.format = FORMATS[".csv"]
+        self._writer: TableWriter | None = None
+
+    def open(self, schema: pa.Schema, provenance: dict[str, Any]) -> None:
+        self.schema = schema
+        self._writer = self.format.open_writer(sys.stdout.buffer, schema, provenance)
+
+    def write(self, rows: Rows) -> None:
+        writer = self._writer
+        assert writer is not None, "write() before open()"
+        table = _as_table(rows, self.schema)
+        self._guarded(lambda: (writer.write(table), sys.stdout.buffer.flush()))
+
+    def finish(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._guarded(lambda: (writer.close(), sys.stdout.buffer.flush()))
+
+    def abort(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):  # the pipe may be gone: nothing more to say to it
+                writer.close()
+
+    def _guarded(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except OSError as exc:
             self.abort()
+            if _stdout_closed(exc):
+                raise StdoutClosed from None
+            raise UsageError(f"cannot write '-': {one_line(exc)}") from None
+
+
+class MemorySink:
+    """Rows kept as one Arrow table (``table``, once finished; its provenance in ``provenance``): the
+    Python API's and ``rank``/``filter``'s rows, scored by the same loop as a file's."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.table: pa.Table | None = None
+        self._batches: list[pa.Table] | None = None
+
+    def open(self, schema: pa.Schema, provenance: dict[str, Any]) -> None:
+        self.schema, self.provenance = schema, provenance
+        self.table, self._batches = None, []
+
+    def write(self, rows: Rows) -> None:
+        assert self._batches is not None, "write() before open()"
+        self._batches.append(_as_table(rows, self.schema))
+
+    def finish(self) -> None:
+        assert self._batches is not None, "finish() before open()"
+        self.table = pa.concat_tables(self._batches) if self._batches else self.schema.empty_table()
+        self._batches = None
+
+    def abort(self) -> None:
+        self.table, self._batches = None, None

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from perceptscore.errors import UsageError
-from perceptscore.sinks import Sink
+from perceptscore.sinks import FileSink, writing
 
 SCHEMA = pa.schema([("path", pa.string()), ("memorability", pa.float64()), ("error", pa.string())])
 ROWS = [
@@ -23,7 +23,7 @@ ROWS = [
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
 def test_an_interrupted_write_leaves_nothing_under_the_name(tmp_path: Path, suffix: str) -> None:
     out = tmp_path / f"scores{suffix}"
-    with pytest.raises(KeyboardInterrupt), Sink(str(out), SCHEMA, {"run": 1}) as sink:
+    with pytest.raises(KeyboardInterrupt), writing(FileSink(str(out)), SCHEMA, {"run": 1}) as sink:
         sink.write(ROWS)
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
@@ -32,7 +32,7 @@ def test_an_interrupted_write_leaves_nothing_under_the_name(tmp_path: Path, suff
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
 def test_rows_and_provenance_read_back(tmp_path: Path, suffix: str) -> None:
     out = tmp_path / f"scores{suffix}"
-    with Sink(str(out), SCHEMA, {"run": 1}) as sink:
+    with writing(FileSink(str(out)), SCHEMA, {"run": 1}) as sink:
         sink.write(ROWS[:1])
         sink.write(ROWS[1:])
     df = {".csv": pd.read_csv, ".parquet": pd.read_parquet}.get(
@@ -52,6 +52,6 @@ def test_rows_and_provenance_read_back(tmp_path: Path, suffix: str) -> None:
 
 def test_output_mistakes_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"output folder .* does not exist"):
-        Sink(str(tmp_path / "no" / "x.csv"), SCHEMA, {})
+        FileSink(str(tmp_path / "no" / "x.csv"))
     with pytest.raises(UsageError, match="unknown format"):
-        Sink(str(tmp_path / "x.txt"), SCHEMA, {})
+        FileSink(str(tmp_path / "x.txt"))

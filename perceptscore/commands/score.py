@@ -40,7 +40,7 @@ from perceptscore.replacing import (
 from perceptscore.runs import InputsChanged, Interrupted, OutputLock, ShardedRun, StopOnSignal
 from perceptscore.safety import refuse_overwriting_an_input
 from perceptscore.scoring import Outcome, consume, scored
-from perceptscore.sinks import Sink, check_output, write_atomic
+from perceptscore.sinks import MemorySink, Sink, check_output, create, for_output, write_atomic, writing
 from perceptscore.sources import Sources
 from perceptscore.tasks import Task
 
@@ -181,17 +181,8 @@ class ScoreJob:
 
     def _to_stream(self, plan: ScoringPlan, sources: Sources, cluster: Engine | None) -> Outcome:
         """CSV on standard output, each batch as it is scored."""
-        engine, outcome = _engine(plan, 1, cluster), Outcome()
-        schema = plan.schema(sources.passthrough)
-        with (
-            Sink("-", schema, provenance(plan)) as sink,
-            _reporting(self.make_reporter, sources) as reporter,
-            contextlib.closing(
-                scored(engine, plan, sources, sources.passthrough, None, _loading(plan, reporter))
-            ) as rows,
-        ):
-            consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
-        outcome.ignored, outcome.scored = sources.ignored, outcome.rows - outcome.errors
+        engine, about = _engine(plan, 1, cluster), provenance(plan)
+        outcome = _score_into(create("stream"), about, plan, sources, self.make_reporter, engine)
         if outcome.rows == 0 and not self.guards.allow_empty:
             raise UsageError(no_images(plan.inputs, sources.ignored))
         return outcome
@@ -221,8 +212,10 @@ class ScoreJob:
             "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
             "seconds": round(time.monotonic() - started, 3),
         }  # fmt: skip
-        sink = Sink(plan.output, plan.schema(checked.sources.passthrough), about)
-        _assemble(filled.run, filled.counted.count, sink, outcome)
+        sink = create("file", path=plan.output)
+        _assemble(
+            filled.run, filled.counted.count, sink, plan.schema(checked.sources.passthrough), about, outcome
+        )
         outcome.ignored = checked.sources.ignored
         return outcome
 
@@ -552,9 +545,30 @@ def no_images(inputs: Sequence[str], ignored: Sequence[str]) -> str:
     return f"no images found in {named}{skipped}: nothing written (--allow-empty writes an empty output)"
 
 
-def _assemble(run: ShardedRun, rows: int, sink: Sink, outcome: Outcome) -> None:
+def _score_into(
+    sink: Sink, about: dict[str, Any], plan: ScoringPlan, sources: Sources, make_reporter: MakeReporter,
+    engine: Engine,
+) -> Outcome:  # fmt: skip
+    """Every item's row, in input order, into ``sink`` (finished, or aborted on any failure), counted; no
+    shards: standard output, or rows in memory."""
+    outcome = Outcome()
+    with (
+        writing(sink, plan.schema(sources.passthrough), about),
+        _reporting(make_reporter, sources) as reporter,
+        contextlib.closing(
+            scored(engine, plan, sources, sources.passthrough, None, _loading(plan, reporter))
+        ) as rows,
+    ):
+        consume(rows, reporter, lambda _, batch: sink.write(batch), outcome)
+    outcome.ignored, outcome.scored = sources.ignored, outcome.rows - outcome.errors
+    return outcome
+
+
+def _assemble(
+    run: ShardedRun, rows: int, sink: Sink, schema: pa.Schema, about: dict[str, Any], outcome: Outcome
+) -> None:
     """The output from the run's shards, in order, published whole; then the shards go."""
-    with sink:
+    with writing(sink, schema, about):
         for table in run.tables(rows):
             sink.write(table)
             outcome.count(table)
@@ -686,19 +700,10 @@ def scored_rows(
         return Scored(frame, about[0], Outcome(rows=len(frame)), roots)
     sources = options.sources(inputs, stdin)
     plan = make_plan(options, inputs)
-    batches: list[pa.RecordBatch] = []
-    outcome = Outcome()
-    with (
-        _reporting(make_reporter, sources) as reporter,
-        contextlib.closing(
-            scored(_engine(plan, 1), plan, sources, sources.passthrough, None, _loading(plan, reporter))
-        ) as rows,
-    ):
-        consume(rows, reporter, lambda _, batch: batches.append(batch), outcome)
-    outcome.scored = outcome.rows - outcome.errors
-    frame = frame_of(pa.Table.from_batches(batches, schema=plan.schema(sources.passthrough)))
-    outcome.ignored = sources.ignored
-    return Scored(frame, provenance(plan), outcome)
+    rows, about = MemorySink(), provenance(plan)
+    outcome = _score_into(rows, about, plan, sources, make_reporter, _engine(plan, 1))
+    assert rows.table is not None  # finished
+    return Scored(frame_of(rows.table), about, outcome)
 
 
 def _read_stdin(stream: TextIO) -> tuple[pa.Table | None, TextIO]:
@@ -740,7 +745,7 @@ class _Lines(io.TextIOBase):
 def write_rows(frame: pd.DataFrame, out: str, about: dict[str, Any]) -> None:
     """A selection as a scores file (.csv/.parquet/.jsonl or - for CSV on stdout)."""
     table = _arrow_of(frame)
-    with Sink(out, table.schema, about) as sink:
+    with writing(for_output(out), table.schema, about) as sink:
         sink.write(table)
 
 

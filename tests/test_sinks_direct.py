@@ -1,0 +1,154 @@
+"""Each sink of ``sinks.SINKS`` on its own: rows written are the rows read back, and a write that does not
+finish leaves nothing that looks complete (the file sink's CSV/parquet/JSONL are in test_sinks.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from perceptscore.errors import UsageError
+from perceptscore.formats import read_csv_scores, read_provenance, read_scores
+from perceptscore.sinks import SINKS, FileSink, MemorySink, Sink, StreamSink, create, for_output, writing
+
+SCHEMA = pa.schema([("path", pa.string()), ("memorability", pa.float64()), ("error", pa.string())])
+ROWS = [
+    {"path": "a.jpg", "memorability": 0.5, "error": None},
+    {"path": '=b,"c".jpg', "memorability": None, "error": "empty file"},  # quoting, a formula-like name
+]
+
+
+def test_every_registered_sink_is_made_by_name() -> None:
+    assert isinstance(create("memory"), MemorySink)
+    assert isinstance(create("stream"), StreamSink)
+    assert isinstance(for_output("-"), StreamSink)
+    assert {"file", "stream", "memory"} <= set(SINKS)
+    with pytest.raises(UsageError, match="unknown output kind 'nowhere'"):
+        create("nowhere")
+
+
+def test_the_memory_sink_holds_the_rows_in_order_with_the_schemas_types() -> None:
+    sink = MemorySink()
+    batch = pa.RecordBatch.from_pylist(ROWS[1:], schema=SCHEMA)
+    extra = pa.Table.from_pylist(ROWS[:1]).append_column("ignored", pa.array([1]))  # columns beyond
+    with writing(sink, SCHEMA, {"run": 1}):
+        sink.write(extra)
+        sink.write(batch)
+    assert sink.table is not None and sink.table.schema == SCHEMA
+    assert sink.table.to_pylist() == [ROWS[0], ROWS[1]]
+    assert sink.provenance == {"run": 1}
+
+
+def test_an_aborted_memory_sink_has_no_table() -> None:
+    sink = MemorySink()
+    with pytest.raises(RuntimeError), writing(sink, SCHEMA, {}):
+        sink.write(ROWS)
+        raise RuntimeError("the engine failed")
+    assert sink.table is None
+
+
+def test_an_empty_memory_sink_is_an_empty_table_of_the_schema() -> None:
+    sink = MemorySink()
+    with writing(sink, SCHEMA, {}):
+        pass
+    assert sink.table is not None and sink.table.num_rows == 0 and sink.table.schema == SCHEMA
+
+
+_STREAM = """
+import sys, pyarrow as pa
+from perceptscore.sinks import create, writing
+schema = pa.schema([("path", pa.string()), ("memorability", pa.float64()), ("error", pa.string())])
+rows = {rows!r}
+with writing(create("stream"), schema, {{}}) as sink:
+    for row in rows:
+        sink.write([row])
+"""
+
+
+def test_the_stream_sink_writes_csv_that_reads_back_exactly() -> None:
+    done = subprocess.run([sys.executable, "-c", _STREAM.format(rows=ROWS)], capture_output=True, check=True)
+    table = read_csv_scores(io.BytesIO(done.stdout))
+    assert table.to_pylist() == ROWS
+
+
+_ENDLESS = """
+import os, sys, pyarrow as pa
+from perceptscore.sinks import StdoutClosed, create, writing
+schema = pa.schema([("path", pa.string())])
+try:
+    with writing(create("stream"), schema, {}) as sink:
+        for i in range(1_000_000):
+            sink.write([{"path": f"{i}.jpg"}] * 100)
+except StdoutClosed:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what the CLI does too: no "Exception ignored" at exit
+    sys.exit("stdout closed")
+"""
+
+
+def test_the_stream_sink_says_so_when_its_reader_goes_away() -> None:
+    """``score | head``: the end of a pipeline is ``StdoutClosed`` (the CLI ends quietly), not an error."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _ENDLESS], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert writer.stdout is not None
+    assert writer.stdout.read(100).startswith(b'"path"')
+    writer.stdout.close()
+    _, err = writer.communicate(timeout=60)
+    assert err.decode().strip() == "stdout closed"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_an_aborted_file_sink_keeps_the_earlier_output_and_its_provenance(
+    tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / f"scores{suffix}"
+    with writing(FileSink(str(out)), SCHEMA, {"run": 1}) as sink:
+        sink.write(ROWS[:1])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(KeyboardInterrupt), writing(FileSink(str(out)), SCHEMA, {"run": 2}) as sink:
+        sink.write(ROWS)
+        raise KeyboardInterrupt
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no partial file left either
+    assert read_scores(str(out)).to_pylist() == ROWS[:1] and read_provenance(str(out)) == {"run": 1}
+
+
+_KILLED = """
+import os, signal, pyarrow as pa
+from perceptscore.sinks import FileSink
+schema = pa.schema([("path", pa.string())])
+sink = FileSink({out!r})
+sink.open(schema, {{}})
+sink.write([{{"path": "a.jpg"}}] * 1000)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_killed_writer_leaves_no_output_and_the_next_one_clears_its_partial(
+    tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / f"scores{suffix}"
+    done = subprocess.run([sys.executable, "-c", _KILLED.format(out=str(out))], capture_output=True)
+    assert done.returncode == -9
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(f".{out.name}.partial-")  # hidden, named as unfinished
+    sink: Sink = FileSink(str(out))
+    with writing(sink, SCHEMA, {"run": 3}):
+        sink.write(ROWS)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".meta.json")) == [out.name]
+    assert read_scores(str(out)).to_pylist() == ROWS
+    if suffix == ".csv":
+        assert json.loads(Path(f"{out}.meta.json").read_text()) == {"run": 3}
+
+
+def test_a_file_sink_refuses_stdout_and_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="stream sink"):
+        FileSink("-")
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(UsageError, match="is a folder"):
+        FileSink(str(tmp_path / "d.csv"))
