@@ -82,12 +82,9 @@ def errors_line(outcome: Outcome, out: str | None) -> str:
 
 
 def as_json(
-    outcome: Outcome,
-    out: str,
-    seconds: float,
-    incremental: str | None = None,
-    retry_errors: str | None = None,
-) -> dict[str, Any]:
+    outcome: Outcome, out: str, seconds: float,
+    incremental: str | None = None, retry_errors: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The same, as one JSON object: stable keys for scripts."""
     return {
         "output": None if out == "-" else without_secrets(out),
