@@ -15,6 +15,7 @@ from perceptscore.containers import is_container
 from perceptscore.errors import UsageError
 from perceptscore.formats import is_scores_file, read_scores
 from perceptscore.items import Item
+from perceptscore.locators import DATASET_ROW, TAR_SCHEME
 from perceptscore.tasks import Task
 
 
@@ -31,6 +32,7 @@ class Previous:
         self._kept: dict[int, dict[str, Any]] = {}  # keeping: item index -> its row of OLD (``tracked``)
         self._containers: set[int] = set()  # keeping: the items that are containers (a shard read again)
         self._member_seen: dict[str, int] = {}  # keeping: their rows matched so far, by path
+        self._covered: set[str] | None = None  # the containers some row here came from (``covers``)
 
     @classmethod
     def read(cls, path: str, tasks: Sequence[Task], keep: bool = False, named: str | None = None) -> Previous:
@@ -58,6 +60,7 @@ class Previous:
         """Take ``table``'s scored rows (later ones win: they are newer). Keeping (``--retry-errors``),
         every row is taken in order, so a path that appears twice (a tar member name repeated in its
         shard) is matched occurrence by occurrence, never to another occurrence's score."""
+        self._covered = None  # recounted when next asked
         for row in table.select(self._needed).to_pylist():
             if self.keep:
                 self.occurrences.setdefault(row[PATH], []).append(row if row[ERROR] is None else None)
@@ -82,6 +85,14 @@ class Previous:
             if n < len(rows) and rows[n] is not None:
                 self._kept[item.index] = rows[n]
             yield item
+
+    def covers(self, container: str) -> bool:
+        """Whether rows of the container at ``container`` (a shard's URL, a dataset file) are here: then
+        its rows are read where this run can match them (their bytes' size and stat), not whole."""
+        if self._covered is None:
+            paths = self.occurrences if self.keep else self.rows
+            self._covered = {c for c in map(container_of, paths) if c is not None}
+        return container in self._covered
 
     def _member(self, item: Item) -> dict[str, Any] | None:
         """A row of a container read again (a failed shard's member): OLD's row of the same path, the n-th
@@ -110,3 +121,11 @@ class Previous:
         self.skipped += 1
         return {PATH: item.path, **{c: old[c] for c in self.columns}, ERROR: None,
                 FILE_SIZE: stat[0], FILE_MTIME: stat[1]}  # fmt: skip
+
+
+def container_of(path: str) -> str | None:
+    """The container a row's path names: a tar member's shard, a dataset row's file; else None."""
+    if path.startswith(TAR_SCHEME) and "::" in path:
+        return path.rpartition("::")[2]
+    found = DATASET_ROW.match(path) if "::" in path else None
+    return found.group("file") if found else None

@@ -74,7 +74,9 @@ def scored(
 
     def to_engine() -> Iterator[Item]:
         for item in items:
-            for one in [item] if whole else expand(item):
+            # a container some of whose rows ``previous`` holds is read here: its rows are matched
+            mine = whole and not (previous and is_container(item.locator) and previous.covers(item.path))
+            for one in [item] if mine else expand(item):
                 row = previous.reusable(one) if previous else None  # a dataset's row: by its bytes
                 if row is not None:
                     match.reused.append((one, row))
@@ -102,7 +104,9 @@ class _Matcher:
         self.reused: deque[tuple[Item, dict[str, Any]]] = deque()
 
     def one_each(self, batch: pa.RecordBatch) -> Iterator[Rows]:
-        """A row per item fed, in order."""
+        """A row per item fed, in order (containers before them have ended: their rows were given)."""
+        while self.fed and is_container(self.fed[0].locator):
+            self.fed.popleft()
         mine = [self.fed.popleft() for _ in range(batch.num_rows)]
         start = 0
         for position, item in enumerate(mine):  # reused rows between this batch's rows go between them

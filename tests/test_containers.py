@@ -134,3 +134,105 @@ def test_a_containers_rows_stay_held_until_it_ends(tmp_path: Path) -> None:
     assert [i.index for i in again.pending(items)] == [1]
     again.add([1, 1, 1], rows("tar://x.jpg::s", "tar://y.jpg::s", "tar://z.jpg::s"))
     assert [t.num_rows for t in again.tables(2)] == [1, 3]
+
+
+def noise_shard_and_dataset(folder: Path, count: int) -> tuple[list[Path], int]:
+    """A tar shard and a parquet dataset (``datasets``' Image layout) of the same noise JPEGs (~60 KB each:
+    their bytes dwarf everything else a run reads); and the images' bytes in all."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    shard = folder / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        for n, data in enumerate(images):
+            member = tarfile.TarInfo(f"{n:05d}.jpg")
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = pa.table({"image": pa.array([{"bytes": d, "path": None} for d in images], image)})
+    pq.write_table(rows, folder / "ds.parquet", row_group_size=max(1, count // 3))
+    return [shard, folder / "ds.parquet"], 2 * sum(map(len, images))
+
+
+def read_bytes() -> int:
+    """Bytes read by this process's threads alive now (every read syscall; Arrow's reader threads among
+    them). Not /proc/self/io: that adds the counts of children reaped meanwhile, decode workers too."""
+    import os
+
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/io") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def test_the_scoring_process_reads_no_image_bytes_its_workers_do(release_checkpoints, tmp_path: Path) -> None:
+    """Shards and datasets are read by the decode workers: the bytes this process's thread reads (the one
+    that reads anything here) stay far below the images' size; with no workers (the same run, decoded
+    here) they pass it, which shows the count sees them. The rows are the same either way."""
+    from perceptscore.scorer import Scorer
+
+    inputs, image_bytes = noise_shard_and_dataset(tmp_path, 24)
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    frames, counted = [], []
+    for workers in (0, 1):  # the first run also imports what a run needs (read from disk too)
+        scorer = Scorer(["memorability"], checkpoint, device="cpu", batch_size=4, workers=workers)
+        before = read_bytes()
+        frames.append(scorer.score([str(p) for p in inputs]))
+        counted.append(read_bytes() - before)
+    here, in_workers = counted
+    assert here > image_bytes and in_workers < 0.2 * image_bytes, (in_workers, here, image_bytes)
+    b, a = frames
+    assert len(a) == 48 and a["error"].isna().all()
+    assert a["path"].tolist() == b["path"].tolist() and a["row"].equals(b["row"])
+    np.testing.assert_allclose(a["memorability"], b["memorability"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_a_member_that_kills_or_hangs_its_worker_is_one_error_row(
+    fault: str, release_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a shard read by a worker: the worker dies (SIGSEGV, as a decoder bug in C does) or hangs
+    past the time limit on one member; that member is an error row, every other row is scored, in order."""
+    import os
+    import time
+
+    import perceptscore.batches
+    from perceptscore.scorer import Scorer
+
+    inputs, _ = noise_shard_and_dataset(tmp_path, 10)
+    shard = inputs[0]
+    real = perceptscore.batches.decode
+    with tarfile.open(shard) as archive:
+        culprit = archive.extractfile("00006.jpg").read()  # type: ignore[union-attr]
+
+    def faulty(f, *args):  # type: ignore[no-untyped-def]
+        if f.getvalue() == culprit:
+            if fault == "crash":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(3600)
+        return real(f, *args)
+
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    clean = Scorer(["memorability"], checkpoint, device="cpu", batch_size=3, workers=1).score([str(shard)])
+    monkeypatch.setattr(perceptscore.batches, "decode", faulty)  # forked workers inherit it
+    monkeypatch.setenv("PERCEPTSCORE_DECODE_TIMEOUT", "3")  # read when the scorer is made
+    start = time.monotonic()
+    df = Scorer(["memorability"], checkpoint, device="cpu", batch_size=3, workers=1).score([str(shard)])
+    assert time.monotonic() - start < 120
+    assert df["path"].tolist() == clean["path"].tolist() and len(df) == 10
+    assert df["error"][6] == "the decoder crashed, or hung for 3 s, in its worker process"
+    assert df["error"].drop(6).isna().all()
+    ok = df["error"].isna()
+    np.testing.assert_allclose(df.loc[ok, "memorability"], clean.loc[ok, "memorability"], atol=1e-6, rtol=0)

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain, islice
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from perceptscore import remote
 from perceptscore.batches import Batch, Decoded, collate, decode_item
+from perceptscore.containers import is_container
+from perceptscore.engines._containers import GROUP, ContainerRun, Job, Reading, without_bytes
 from perceptscore.images import draft_side
 from perceptscore.items import Item
 from perceptscore.limits import Limits, current, install
@@ -78,7 +81,7 @@ class _DecodeDataset(Dataset[Decoded]):
             # like a crash.
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
         try:
-            return decode_item(item, self.specs, self.draft, self.max_pixels)
+            return without_bytes(decode_item(item, self.specs, self.draft, self.max_pixels))
         finally:
             if in_worker:
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -150,6 +153,7 @@ class LocalEngine:
     passes its in-training model this way."""
 
     name = "local"
+    reads_containers = True  # tar shards and dataset row groups are read by the decode workers
 
     def __init__(self, predictor: Callable[[ScoringPlan], Predictor] = Predictor.from_plan) -> None:
         self.make_predictor = predictor
@@ -172,8 +176,63 @@ class LocalEngine:
         with isolating_worker_deaths():
             start = functools.partial(worker_init, limits=plan.limits, storage=remote.current())
             run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin, start)
-            # remote objects: fetched ahead
-            yield from run.batches(prefetched((_bare(i) for i in chain([first], stream)), plan.limits))
+            containers = _container_run(run, plan, specs, draft)
+            segments = _Segments(chain([first], stream), GROUP * max(1, plan.workers))
+            while segments.more():
+                if segments.at_container():
+                    yield from containers.batches(segments.containers())
+                else:  # remote objects: fetched ahead
+                    yield from run.batches(prefetched((_bare(i) for i in segments.plain()), plan.limits))
+
+
+def _container_run(run: _Run, plan: ScoringPlan, specs: list[Preprocess], draft: int | None) -> ContainerRun:
+    """The containers' reader, with this run's decode settings, worker set-up and waits."""
+    timeout = plan.limits.decode_timeout
+
+    def reading(jobs: list[Job]) -> Reading:
+        return Reading(jobs, specs, draft, timeout, plan.max_pixels)
+
+    def loader_args(workers: int) -> dict[str, Any]:
+        return {
+            "pin_memory": run.pin,
+            "worker_init_fn": run.start if workers else None,
+            "generator": torch.Generator(),
+            "timeout": POLL_S if workers else 0,
+        }
+
+    def next_batch(batches: Iterator[Any], size: int) -> Any:
+        return _next_batch(batches, batch_wait(size, timeout))
+
+    reason = f"the decoder crashed, or hung for {timeout:.0f} s, in its worker process"
+    return ContainerRun(run.predictor, reading, plan.batch_size, plan.workers, loader_args, next_batch,
+                        _worker_died, reason)  # fmt: skip
+
+
+class _Segments:
+    """The items as runs of plain items (a lazy stream: the map-style loader's) and of containers (a list
+    of at most ``most``: one reading pass of the container workers)."""
+
+    def __init__(self, items: Iterator[Item], most: int) -> None:
+        self.items, self.most = items, most
+        self.head: Item | None = next(items, None)
+
+    def more(self) -> bool:
+        return self.head is not None
+
+    def at_container(self) -> bool:
+        return self.head is not None and is_container(self.head.locator)
+
+    def plain(self) -> Iterator[Item]:
+        while self.head is not None and not is_container(self.head.locator):
+            item, self.head = self.head, next(self.items, None)
+            yield item
+
+    def containers(self) -> list[Item]:
+        taken = []
+        while self.head is not None and is_container(self.head.locator) and len(taken) < self.most:
+            taken.append(self.head)
+            self.head = next(self.items, None)
+        return taken
 
 
 class _Run:
