@@ -124,7 +124,7 @@ class ScoreJob:
         """Refuse what cannot work (flags, output, report), then read what the run needs (the inputs, the
         earlier files, the weights files) and probe a remote output: a mistake fails in one line now."""
         _refuse_engine_mistakes(self.engine, self.out, self.processes, self.ray_address, self.inputs)
-        remote.configure(self.options.storage)  # before any URL is looked at (an output, --retry-errors')
+        self.options.install()  # limits and storage options, before any URL is looked at (-o, earlier files)
         self.out = self.out if self.out == "-" else remote.local_path(self.out)  # file:// is a local path
         self.inputs = [_local(text) for text in self.inputs]
         self.incremental, self.retry_errors = _earlier_files(
