@@ -73,7 +73,7 @@ def explain(
     # The whole input list and every output name are settled before anything is written: a run never
     # explains its own outputs, and never writes over one of its inputs.
     sources = ScoreOptions([spec.name], recursive=recursive).sources(inputs, skip_folders=[str(out_dir)])
-    planned = plan_outputs(list(sources), out_dir, f".{spec.name}.{method}")
+    planned = plan_outputs(list(sources.rows()), out_dir, f".{spec.name}.{method}")
     refuse_writing_over_inputs(planned, inputs, raw)
     for png in (entry.png for entry in planned if entry.png is not None):  # an earlier run's maps: replaced
         for path in (png, png.with_suffix(".npy")) if raw else (png,):
