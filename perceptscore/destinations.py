@@ -14,13 +14,16 @@ get no such lock: there only the local lock holds.
 
 The finished file is uploaded once, whole: an object store shows an object only when its upload completes,
 so nothing half-written ever appears under the name. The CSV/JSONL provenance sidecar goes first, as the
-local rule writes it (``sinks.Sink``); if the data then fails, the earlier sidecar is put back, so data and
-provenance never disagree.
+local rule writes it (``sinks.FileSink``); if the data then fails, the earlier sidecar is put back, so data
+and provenance never disagree.
 
 Before any scoring, a small probe object is written and removed beside the output: a bucket that does not
 exist or refuses writes fails in a second, not after the run. A failed upload keeps the finished file and
 says so; the same command uploads it without scoring again when every row's file is unchanged, and
 otherwise reuses its rows as ``--incremental`` does (a ``ready.json`` records which run it is).
+
+``RemoteSink`` is this output as a ``sinks.Sink`` (``SINKS["remote"]``): the rows go to the local copy, and
+its ``finish`` uploads it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +50,7 @@ from perceptscore._text import redacted_command
 from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.errors import DecodeError, UsageError
 from perceptscore.formats import format_of, meta_path, read_scores
-from perceptscore.sinks import process_alive, write_atomic
+from perceptscore.sinks import FileSink, Rows, process_alive, write_atomic
 
 if TYPE_CHECKING:
     from perceptscore.items import Item
@@ -320,6 +323,10 @@ def _stale(holder: dict[str, Any], info: dict[str, Any]) -> bool:
 
 
 class RemoteOutput:
+    """An object-store output of one run: its private local copy (``local``), the lock other hosts see
+    (``locked``), the upload once complete (``finished``, ``upload``) and what an earlier run whose upload
+    failed left (``finished_rows``). Made before the plan; its rows are written through ``RemoteSink``."""
+
     def __init__(self, url: str) -> None:
         name = remote.scheme(url)
         shown_as = remote.without_secrets(url)
@@ -475,3 +482,49 @@ class RemoteOutput:
         """Once the lock is given up: the work folder goes if nothing is left in it."""
         with contextlib.suppress(OSError):
             self.folder.rmdir()
+
+
+class RemoteSink:
+    """An object-store output as a ``Sink`` (``SINKS["remote"]``): rows go to its local copy (a
+    ``FileSink`` in the private work folder), which ``finish`` completes, records as ``fingerprint``'s run
+    and uploads whole; a failed upload keeps it for the same command to upload without scoring again.
+    ``abort`` drops the partial local file; the store is not touched before the upload.
+
+    ``output``: the run's ``RemoteOutput`` (prepared, and locked while the run holds it: a lock taken over
+    meanwhile refuses the upload), or a URL, checked and probed now as a file sink checks its file when
+    made. ``before_upload``: called with the complete local copy before it is uploaded (``score`` then
+    removes its shards and makes its ``--report`` from it)."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        output: RemoteOutput | str,
+        fingerprint: dict[str, Any],
+        before_upload: Callable[[Path], None] | None = None,
+    ) -> None:
+        if isinstance(output, str):
+            output = RemoteOutput(output)
+            output.prepare()
+        self.output, self.fingerprint, self.before_upload = output, fingerprint, before_upload
+        self._file = FileSink(str(output.local))
+
+    def open(self, schema: pa.Schema, provenance: dict[str, Any]) -> None:
+        self._file.open(schema, provenance)
+
+    def write(self, rows: Rows) -> None:
+        self._file.write(rows)
+
+    def finish(self) -> None:
+        """The local copy complete, then (in this order, as ``score`` always did) ``before_upload``, the
+        record of which run it is, the upload."""
+        self._file.finish()
+        if self.before_upload is not None:
+            self.before_upload(self.output.local)
+        self.output.finished(self.fingerprint)
+        self.output.upload()
+
+    def abort(self) -> None:
+        # Not ``discard()``: a file an earlier run of this plan finished (kept by --retry-errors) is still
+        # the next run's to upload; only what this sink wrote goes.
+        self._file.abort()

@@ -1,5 +1,6 @@
 """Where rows go: one ``Sink`` interface (open, write, finish or abort) and a registry of its kinds by name,
-``SINKS``: a scores file (any format of ``formats.FORMATS``), CSV on standard output, or a table in memory.
+``SINKS``: a scores file (any format of ``formats.FORMATS``), CSV on standard output, a table in memory, or
+an object in a store (``destinations.RemoteSink``: a local file uploaded once complete).
 
 A file output is written under a temporary name in the same folder and renamed into place only when
 complete, so a file under the output name is always whole. Provenance goes where the format keeps it
@@ -186,6 +187,7 @@ SINKS = {
     "file": "perceptscore.sinks:FileSink",
     "stream": "perceptscore.sinks:StreamSink",
     "memory": "perceptscore.sinks:MemorySink",
+    "remote": "perceptscore.destinations:RemoteSink",
 }
 """Every kind of output by name, imported when first used (as ``engines.ENGINES``): a new kind of output is
 one class with the four methods of ``Sink`` and one line here."""

@@ -7,14 +7,21 @@ import io
 import json
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from perceptscore import limits
+from perceptscore.destinations import RemoteOutput, RemoteSink
 from perceptscore.errors import UsageError
 from perceptscore.formats import read_csv_scores, read_provenance, read_scores
 from perceptscore.sinks import SINKS, FileSink, MemorySink, Sink, StreamSink, create, for_output, writing
+
+from servers import MotoS3
 
 SCHEMA = pa.schema([("path", pa.string()), ("memorability", pa.float64()), ("error", pa.string())])
 ROWS = [
@@ -152,3 +159,103 @@ def test_a_file_sink_refuses_stdout_and_a_folder(tmp_path: Path) -> None:
     (tmp_path / "d.csv").mkdir()
     with pytest.raises(UsageError, match="is a folder"):
         FileSink(str(tmp_path / "d.csv"))
+
+
+# ---- the remote sink (an object-store output) against moto's S3 server -------------------------------
+
+
+@pytest.fixture
+def bucket(moto_s3: MotoS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A bucket of this test's own, the environment that finds it, a work folder of the test's; the
+    process's limits put back after."""
+    quick = {"PERCEPTSCORE_REMOTE_TIMEOUT": "2", "PERCEPTSCORE_REMOTE_TRIES": "1"}
+    for name, value in {**moto_s3.env, **quick, "PERCEPTSCORE_WORK": str(tmp_path / "work")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    before = limits.installed()
+    limits.install(limits.Limits.from_env())
+    name = f"sink-{uuid.uuid4().hex[:10]}"
+    moto_s3.make_bucket(name)
+    yield name
+    limits.restore(before)
+
+
+def _work_files(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "work").rglob("*") if not p.is_dir())
+
+
+def _parquet_provenance(data: bytes, tmp_path: Path) -> dict[str, object]:
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(data)
+    return read_provenance(str(copy))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_the_remote_sink_uploads_the_rows_whole_once_finished(
+    moto_s3: MotoS3, bucket: str, tmp_path: Path, suffix: str
+) -> None:
+    name = f"night/scores{suffix}"
+    sink = create("remote", output=f"s3://{bucket}/{name}", fingerprint={"plan": 1})
+    assert isinstance(sink, RemoteSink) and "remote" in SINKS
+    with writing(sink, SCHEMA, {"run": 1}):
+        sink.write(ROWS[:1])
+        sink.write(pa.Table.from_pylist(ROWS[1:], schema=SCHEMA))
+        assert moto_s3.keys(bucket) == []  # nothing in the store before the whole file is (probe gone)
+    data = moto_s3.get(bucket, name)
+    if suffix == ".csv":
+        assert read_csv_scores(io.BytesIO(data)).to_pylist() == ROWS
+        assert json.loads(moto_s3.get(bucket, f"{name}.meta.json")) == {"run": 1}
+        assert moto_s3.keys(bucket) == [name, f"{name}.meta.json"]
+    else:
+        assert pq.read_table(io.BytesIO(data)).to_pylist() == ROWS
+        assert _parquet_provenance(data, tmp_path) == {"run": 1}
+        assert moto_s3.keys(bucket) == [name]
+    assert _work_files(tmp_path) == []  # the local copy and its record go once uploaded
+
+
+def test_an_aborted_remote_sink_leaves_the_bucket_as_it_was(
+    moto_s3: MotoS3, bucket: str, tmp_path: Path
+) -> None:
+    url = f"s3://{bucket}/scores.csv"
+    with pytest.raises(KeyboardInterrupt), writing(RemoteSink(url, {"plan": 1}), SCHEMA, {}) as sink:
+        sink.write(ROWS)
+        raise KeyboardInterrupt
+    assert moto_s3.keys(bucket) == [] and _work_files(tmp_path) == []
+
+    moto_s3.put(bucket, "scores.csv", b"earlier")
+    with pytest.raises(RuntimeError), writing(RemoteSink(url, {"plan": 2}), SCHEMA, {}) as sink:
+        sink.write(ROWS)
+        raise RuntimeError("the engine failed")
+    assert moto_s3.keys(bucket) == ["scores.csv"] and moto_s3.get(bucket, "scores.csv") == b"earlier"
+    assert _work_files(tmp_path) == []
+
+
+def test_before_upload_sees_the_complete_local_copy_before_the_store_does(
+    moto_s3: MotoS3, bucket: str
+) -> None:
+    """What ``score --report`` is made from: the whole file, not yet uploaded."""
+    seen: list[tuple[list[dict[str, object]], list[str]]] = []
+    output = RemoteOutput(f"s3://{bucket}/scores.parquet")
+    output.prepare()
+    hook = lambda local: seen.append((read_scores(str(local)).to_pylist(), moto_s3.keys(bucket)))  # noqa: E731
+    with writing(RemoteSink(output, {"plan": 1}, before_upload=hook), SCHEMA, {}) as sink:
+        sink.write(ROWS)
+    assert seen == [(ROWS, [])]
+    assert pq.read_table(io.BytesIO(moto_s3.get(bucket, "scores.parquet"))).to_pylist() == ROWS
+
+
+def test_a_failed_upload_keeps_the_finished_copy_for_the_same_plan(
+    moto_s3: MotoS3, bucket: str, tmp_path: Path
+) -> None:
+    """The store goes away after the rows are written: one line, and the local copy stays recorded as
+    this plan's run, so the same command uploads it without scoring again (another plan's is discarded)."""
+    url = f"s3://{bucket}/scores.parquet"
+    sink = RemoteSink(url, {"plan": 1})
+    failed = pytest.raises(UsageError, match=r"complete in .* could not be uploaded")
+    with failed, writing(sink, SCHEMA, {}):
+        sink.write(ROWS)
+        moto_s3.client().delete_bucket(Bucket=bucket)  # empty: the probe was removed
+    assert "scores.parquet" in _work_files(tmp_path)
+    finished = RemoteOutput(url).finished_rows({"plan": 1})
+    assert finished is not None and finished.to_pylist() == ROWS
+    assert RemoteOutput(url).finished_rows({"plan": 2}) is None and _work_files(tmp_path) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import os
@@ -168,11 +169,6 @@ class ScoreJob:
             if stop is None:
                 return self._to_stream(plan, checked.sources, cluster)
             outcome = self._to_file(plan, checked, stop, cluster)
-            if self.report:  # the HTML report of the output, made once the output is complete
-                _write_report(target, self.report, outcome, self.guards.overwrite)
-            if self.destination is not None:
-                self.destination.finished(plan.fingerprint())
-                self.destination.upload()
         if self.destination is not None:
             self.destination.tidy()
         outcome.notes[:0] = self.notes
@@ -190,15 +186,16 @@ class ScoreJob:
     def _to_file(
         self, plan: ScoringPlan, checked: Checked, stop: StopOnSignal, cluster: Engine | None
     ) -> Outcome:
-        """Score into the run's shards, then assemble the output. A remote output whose earlier run
-        finished but failed to upload is uploaded as it is when every row's file is as it was scored.
-        Nothing is replaced when the inputs held no image, or when more of the output's rows (or of
-        ``earlier``'s) would go than ``guards`` allow: the scored rows stay in the run's shards."""
+        """Score into the run's shards, then assemble the output (a remote one is uploaded once complete),
+        and its report. A remote output whose earlier run finished but failed to upload is uploaded as it
+        is when every row's file is as it was scored. Nothing is replaced when the inputs held no image,
+        or when more of the output's rows (or of ``earlier``'s) would go than ``guards`` allow: the scored
+        rows stay in the run's shards."""
         previous = checked.previous
         if self.destination is not None and not self.restart:
             as_is, previous = _finished_before(self.destination, plan, checked.sources, previous)
             if as_is:  # every row's file is as it was scored: uploaded as it is
-                return _already_scored(plan.output)
+                return self._upload_earlier(self.destination, plan)
         engine, outcome = _engine(plan, self.processes, cluster), Outcome()
         started = time.monotonic()  # how long the run took goes into its provenance (the report shows it)
         with _reporting(self.make_reporter, checked.sources) as reporter:
@@ -212,12 +209,43 @@ class ScoreJob:
             "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
             "seconds": round(time.monotonic() - started, 3),
         }  # fmt: skip
-        sink = create("file", path=plan.output)
+        sink = self._sink(plan, outcome, filled.run)
         _assemble(
             filled.run, filled.counted.count, sink, plan.schema(checked.sources.passthrough), about, outcome
         )
         outcome.ignored = checked.sources.ignored
+        if self.destination is None:  # (a remote output's, before its upload: _sink)
+            self._completed(filled.run, outcome, plan.output)
         return outcome
+
+    def _sink(self, plan: ScoringPlan, outcome: Outcome, run: ShardedRun) -> Sink:
+        """The output's sink: the file, or a remote output's local copy, uploaded once complete (after
+        ``_completed``, then the record of this plan's run that a failed upload is tried again from)."""
+        if self.destination is None:
+            return create("file", path=plan.output)
+        completed = functools.partial(self._completed, run, outcome)
+        return create(
+            "remote", output=self.destination, fingerprint=plan.fingerprint(), before_upload=completed
+        )
+
+    def _completed(self, run: ShardedRun, outcome: Outcome, scores: str | Path) -> None:
+        """Once the output file is whole: the run's shards go (a failed upload is tried again from the
+        file, not from them), then its report is made from it."""
+        run.remove()
+        self._report(scores, outcome)
+
+    def _upload_earlier(self, destination: RemoteOutput, plan: ScoringPlan) -> Outcome:
+        """The file an earlier run of this plan finished, unchanged since: its report, then its upload."""
+        outcome = _already_scored(plan.output)
+        self._report(plan.output, outcome)
+        destination.finished(plan.fingerprint())
+        destination.upload()
+        return outcome
+
+    def _report(self, scores: str | Path, outcome: Outcome) -> None:
+        """The HTML report of the output (``--report``), made once the output is complete."""
+        if self.report:
+            _write_report(str(scores), self.report, outcome, self.guards.overwrite)
 
     def _fill_shards(
         self, plan: ScoringPlan, engine: Engine, previous: Previous | None, reporter: Reporter,
@@ -567,12 +595,12 @@ def _score_into(
 def _assemble(
     run: ShardedRun, rows: int, sink: Sink, schema: pa.Schema, about: dict[str, Any], outcome: Outcome
 ) -> None:
-    """The output from the run's shards, in order, published whole; then the shards go."""
+    """The output from the run's shards, in order, published whole (the shards go once it is: the
+    caller's ``_completed``)."""
     with writing(sink, schema, about):
         for table in run.tables(rows):
             sink.write(table)
             outcome.count(table)
-    run.remove()
 
 
 def _fill(
