@@ -3,6 +3,7 @@ row assembly as the CLI, with the models loaded once and kept for every ``score(
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from perceptscore.predict import Predictor
 from perceptscore.remote import Settings
 from perceptscore.scoring import scored
 from perceptscore.shards import parse_fields
+from perceptscore.sinks import MemorySink, writing
 from perceptscore.sources import Sources
 from perceptscore.tasks import get_task
 
@@ -87,6 +89,12 @@ class Scorer:
         options = ScoreOptions(self.plan.tasks, recursive=recursive, path_column=path_column,
                                tar_fields=fields, storage=storage, image_column=image_column)  # fmt: skip
         sources: Sources = options.sources([inputs] if isinstance(inputs, str) else inputs)
-        batches = [batch for _, batch in scored(self.engine, self.plan, sources, sources.passthrough)]
-        schema = self.plan.schema(sources.passthrough)
-        return pa.Table.from_batches(batches, schema=schema).to_pandas()
+        rows = MemorySink()  # the CLI's sink for rows in memory (rank, filter)
+        with (
+            writing(rows, self.plan.schema(sources.passthrough), {}),
+            contextlib.closing(scored(self.engine, self.plan, sources, sources.passthrough)) as batches,
+        ):
+            for _, batch in batches:
+                rows.write(batch)
+        assert rows.table is not None  # finished
+        return rows.table.to_pandas()
