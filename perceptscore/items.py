@@ -3,10 +3,13 @@ others need the type, not the sources that make items (and the pyarrow and fsspe
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from perceptscore.locators import Locator
+import pyarrow as pa
+
+from perceptscore.locators import Locator, from_wire, to_wire
 
 
 @dataclass(frozen=True)
@@ -33,3 +36,24 @@ class Item:
 # An engine that reads containers (``containers``) says which item each row is, and gives a container's
 # rows their own passthrough values, in these two columns besides the core ones.
 ITEM, EXTRAS = "_item", "_extras"
+
+
+# Items on their way to another process (a --processes child, a Ray task): the ONE wire schema. Bytes a
+# locator already holds (a tar member read by the parent) travel with it; passthrough values never do.
+WIRE_SCHEMA = pa.schema(
+    [("row_index", pa.int64()), ("path", pa.string()), ("error", pa.string()), ("data", pa.large_binary()),
+     ("known_size", pa.int64()), ("known_version", pa.int64())]
+)  # fmt: skip
+
+
+def to_wire_batch(items: Sequence[Item]) -> pa.RecordBatch:
+    wires = [to_wire(i.locator) for i in items]
+    columns = [[i.index for i in items], [w[0] for w in wires], [i.error for i in items],
+               *([w[k] for w in wires] for k in (1, 2, 3))]  # fmt: skip
+    return pa.record_batch(columns, schema=WIRE_SCHEMA)
+
+
+def from_wire_batch(batch: pa.RecordBatch | pa.Table) -> Iterator[Item]:
+    columns = (batch.column(name).to_pylist() for name in WIRE_SCHEMA.names)
+    for index, uri, error, data, size, version in zip(*columns, strict=True):
+        yield Item(index, from_wire(uri, data, size, version), {}, error)

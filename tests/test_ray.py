@@ -320,6 +320,7 @@ def test_the_driver_reads_no_image_bytes_of_shards_or_datasets(ray_address: str,
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     before, now = result["driver reads (before)"], result["workers read (now)"]
-    assert result["same_scores"] and now["rows"] == before["rows"] == 32 and now["errors"] == 0
+    assert result["same_rows"] and now["rows"] == before["rows"] == 32 and now["errors"] == 0
+    assert result["max_difference"] <= 1e-6
     assert before["read"] > 0.9 * result["image_bytes"]  # the driver read every image once
     assert now["read"] < 0.2 * result["image_bytes"]  # Ray's own traffic only

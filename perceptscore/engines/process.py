@@ -35,15 +35,9 @@ import pyarrow as pa
 from perceptscore import limits, remote
 from perceptscore.columns import core_schema
 from perceptscore.errors import UsageError
-from perceptscore.items import Item
-from perceptscore.locators import from_wire, to_wire
+from perceptscore.items import WIRE_SCHEMA, Item, from_wire_batch, to_wire_batch
 from perceptscore.plan import ScoringPlan
 
-# an item as a child rebuilds it: bytes already read (a tar member) travel with it (``locators.to_wire``)
-ITEM_SCHEMA = pa.schema(
-    [("index", pa.int64()), ("uri", pa.string()), ("error", pa.string()), ("data", pa.large_binary()),
-     ("size", pa.int64()), ("version", pa.int64())]
-)  # fmt: skip
 _DONE = object()
 
 
@@ -164,20 +158,17 @@ class _Child:
         self.proc.stdin.write(plan.to_json().encode() + b"\n")
         # storage options (credentials, maybe) on the pipe, never in argv or the environment
         self.proc.stdin.write(json.dumps(remote.current().options).encode() + b"\n")
-        self._writer: pa.RecordBatchStreamWriter | None = pa.ipc.new_stream(self.proc.stdin, ITEM_SCHEMA)
+        self._writer: pa.RecordBatchStreamWriter | None = pa.ipc.new_stream(self.proc.stdin, WIRE_SCHEMA)
         self._results: queue.Queue[Any] = queue.Queue()
         self._held: pa.RecordBatch | None = None
         self._reader = threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True)
         self._reader.start()
 
     def send(self, items: list[Item]) -> None:
-        wires = [to_wire(i.locator) for i in items]
-        columns = [[i.index for i in items], [w[0] for w in wires], [i.error for i in items],
-                   *([w[k] for w in wires] for k in (1, 2, 3))]  # fmt: skip
         writer = self._writer
         if writer is None:
             raise BrokenPipeError("the child's input is closed")
-        writer.write_batch(pa.record_batch(columns, schema=ITEM_SCHEMA))
+        writer.write_batch(to_wire_batch(items))
         assert self.proc.stdin is not None
         self.proc.stdin.flush()
 
@@ -283,10 +274,7 @@ def _child_main() -> int:
     def items() -> Iterator[Item]:
         with pa.ipc.open_stream(stdin) as reader:
             for batch in reader:
-                for index, uri, error, data, size, version in zip(
-                    *(c.to_pylist() for c in batch.columns), strict=True
-                ):
-                    yield Item(index, from_wire(uri, data, size, version), {}, error)
+                yield from from_wire_batch(batch)
 
     writer = pa.ipc.new_stream(sys.stdout.buffer, core_schema(plan.task_specs()))
     for batch in LocalEngine().run(plan, items()):

@@ -53,20 +53,15 @@ from perceptscore.containers import Container, is_container
 from perceptscore.errors import EngineFailed, PerceptScoreError, UsageError
 from perceptscore.images import draft_side
 from perceptscore.isolated_decode import Decoded, IsolatedDecoder, settings_for
-from perceptscore.items import EXTRAS, ITEM, Item
+from perceptscore.items import EXTRAS, ITEM, WIRE_SCHEMA, Item, from_wire_batch, to_wire_batch
 from perceptscore.limits import Limits, install
 from perceptscore.limits import current as current_limits
-from perceptscore.locators import InMemory, Unavailable, from_wire, to_wire
+from perceptscore.locators import InMemory, Unavailable
 from perceptscore.plan import ScoringPlan
 from perceptscore.prefetch import prefetched
 from perceptscore.tasks import Preprocess
 
-ROW_INDEX = "row_index"
-DATA, SIZE, VERSION = "data", "known_size", "known_version"  # bytes already read, and their stat
-PLAN_SCHEMA = pa.schema(
-    [(ROW_INDEX, pa.int64()), (PATH, pa.string()), (ERROR, pa.string()), (DATA, pa.large_binary()),
-     (SIZE, pa.int64()), (VERSION, pa.int64())]
-)  # fmt: skip
+ROW_INDEX = WIRE_SCHEMA.names[0]  # the plan table is the wire schema (``items``)
 
 
 def pixels_column(number: int) -> str:
@@ -115,12 +110,7 @@ def decode_block(
     decoder = _decoder(settings)
     errors, sizes, mtimes = [], [], []
     pixels: list[list[bytes | None]] = [[] for _ in settings["specs"]]
-    columns = (table[c].to_pylist() for c in (ROW_INDEX, PATH, ERROR, DATA, SIZE, VERSION))
-    items = (
-        Item(index, from_wire(uri, data, size, version), {}, error)
-        for index, uri, error, data, size, version in zip(*columns, strict=True)
-    )
-    for item in prefetched(items, current_limits()):
+    for item in prefetched(from_wire_batch(table), current_limits()):
         decoded = _decoded(decoder, item)
         errors.append(decoded.error)
         sizes.append(decoded.stat[0] if decoded.stat else None)
@@ -223,12 +213,7 @@ def weights_here(plan: ScoringPlan) -> ScoringPlan:
 
 def plan_table(items: list[Item], extras: pa.DataType | None) -> pa.Table:
     """Plain items as plan rows: what a decode task needs (bytes only where the driver held them)."""
-    wires = [to_wire(i.locator) for i in items]
-    table = pa.table(
-        [[i.index for i in items], [w[0] for w in wires], [i.error for i in items],
-         *([w[k] for w in wires] for k in (1, 2, 3))],
-        schema=PLAN_SCHEMA,
-    )  # fmt: skip
+    table = pa.Table.from_batches([to_wire_batch(items)])
     return table if extras is None else table.append_column(EXTRAS, pa.nulls(len(items), extras))
 
 
