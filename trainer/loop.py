@@ -30,6 +30,7 @@ from perceptscore.errors import CheckpointError
 from perceptscore.model import PerceptHead, PerceptModel
 from perceptscore.preprocess import normalize
 from perceptscore.runs import Interrupted, StopOnSignal
+from perceptscore.sinks import replaced_whole
 from perceptscore.tasks import Architecture, Task
 from perceptscore.trainer import metrics
 from perceptscore.trainer.base import Base
@@ -174,9 +175,8 @@ class StageRun:
             "rng_cuda": torch.cuda.get_rng_state_all() if self.dev.device.type == "cuda" else [],
             "best": json.dumps(self.best),
         }
-        tmp = self.folder / f".checkpoint.pt.partial-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        with replaced_whole(self.checkpoint_path, follow=False) as tmp:  # a kill keeps the last whole one
+            torch.save(state, tmp)
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
@@ -273,9 +273,8 @@ class StageRun:
         if (score == score and (previous != previous or score > previous)) or not self.best:  # NaN: no score
             self.best = {"score": score, "metric": key, "epoch": epoch + 1, "step": self.step, "val": results}
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.net.trainable().items()}
-            tmp = self.folder / f".best.safetensors.partial-{os.getpid()}"
-            save_file(tensors, tmp)
-            os.replace(tmp, self.folder / "best.safetensors")
+            with replaced_whole(self.folder / "best.safetensors", follow=False) as tmp:
+                save_file(tensors, tmp)
 
     def metrics(self, data: LabelledSet, split: str) -> tuple[dict[str, float], np.ndarray]:
         self.net.eval()
@@ -330,12 +329,10 @@ def _truncate_csv(path: Path, step: int) -> None:
     if not rows:
         return
     kept = [r for r in rows if int(r["step"]) <= step]
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("w", newline="") as f:
+    with replaced_whole(path, follow=False) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(kept)
-    os.replace(tmp, path)
 
 
 class _Progress:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -266,9 +265,9 @@ def _check_config(path: Path, config: dict[str, Any], options: TrainOptions) -> 
                 "run it with the same options, or choose another -o"
             )
         return
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path)
+    from perceptscore.sinks import write_atomic
+
+    write_atomic(path, json.dumps(config, indent=2).encode(), follow=False)
 
 
 # ---- perceptscore eval ------------------------------------------------------------------------------------
