@@ -259,3 +259,27 @@ def test_a_failed_upload_keeps_the_finished_copy_for_the_same_plan(
     finished = RemoteOutput(url).finished_rows({"plan": 1})
     assert finished is not None and finished.to_pylist() == ROWS
     assert RemoteOutput(url).finished_rows({"plan": 2}) is None and _work_files(tmp_path) == []
+
+
+def test_score_writes_a_remote_output_through_the_sink_with_its_report(
+    moto_s3: MotoS3, bucket: str, photo_dir: Path, release_checkpoints, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """``score -o s3://... --report``: the report is made from the complete local copy, the rows are
+    uploaded, and nothing is left in the work folder (shards, copy, record)."""
+    from rich.console import Console
+
+    from perceptscore.commands.score import score
+    from perceptscore.plan import ScoreOptions
+    from perceptscore.progress import Reporter
+
+    photos = sorted(photo_dir.iterdir())[:3]
+    checkpoint = str(release_checkpoints["memorability"][0])
+    options = ScoreOptions(["mem"], {"mem": checkpoint}, device="cpu", workers=0)
+    page = tmp_path / "page.html"
+    outcome = score([str(p) for p in photos], f"s3://{bucket}/scores.parquet", options,
+                    lambda total: Reporter(Console(file=io.StringIO()), total), report=str(page))  # fmt: skip
+    rows = pq.read_table(io.BytesIO(moto_s3.get(bucket, "scores.parquet")))
+    assert rows.column("path").to_pylist() == [str(p) for p in photos] and outcome.rows == 3
+    assert moto_s3.keys(bucket) == ["scores.parquet"]  # the probe and the lock object removed
+    assert page.is_file() and "report -> " in (outcome.report or "") and not outcome.report_failed
+    assert _work_files(tmp_path) == []
