@@ -133,9 +133,9 @@ def test_several_row_groups_stream_in_order(published: dict[str, Path], photos: 
     metadata = pq.ParquetFile(published["parquet"]).metadata
     assert metadata.num_row_groups == 3
     sources = Sources([str(published["parquet"])], reserved=RESERVED)
-    (kind, dataset), = sources._plan  # fmt: skip
-    assert kind == "dataset"
-    assert [(t.part, t.first_row) for t in dataset.read_tasks()] == [(0, 0), (1, 2), (2, 4)]
+    (found,) = sources._plan
+    assert found.kind == "dataset"
+    assert [(t.part, t.first_row) for t in found.dataset.read_tasks()] == [(0, 0), (1, 2), (2, 4)]
     assert sources.count() == len(photos)
     assert Sources([str(published["saved"])], reserved=RESERVED).count() == len(photos)  # arrow, mapped
     containers = list(sources)  # a container per row group: its rows are read where they are decoded
