@@ -212,20 +212,35 @@ def row_key(path: str, known: tuple[int, int] | None) -> bytes:
 
 
 def item_key(item: Item) -> bytes:
-    """What a shard's digest holds of an item (``row_key``); a container's is its own place: the shard's
-    URL, or the dataset file's with the read task's number and the file's size and mtime."""
+    """What a shard's digest holds of an item (``row_key``). A container's is its place and what says its
+    rows are the same: a local shard's or dataset file's size and mtime; a dataset read task's first row;
+    a downloaded copy's size only (each run downloads it again, at a new mtime). A remote shard's is its
+    URL alone: a request per shard to resume would cost more than it guards."""
+    if not is_container(item.locator):
+        return row_key(item.path, item.locator.stat() if is_dataset_row(item.path) else None)  # in memory
     if isinstance(item.locator, TableRows):
         task = item.locator.task
-        try:
-            st = os.stat(task.local) if not remote.is_remote(task.local) else None
-        except OSError:
-            st = None
-        known = (st.st_size, st.st_mtime_ns) if st else None
-        where = f"{task.file}::{task.part}".encode("utf-8", "surrogateescape")
-        return where + (f"\t{known[0]}\t{known[1]}".encode() if known else b"") + b"\n"
-    if is_container(item.locator):
-        return row_key(item.path, None)
-    return row_key(item.path, item.locator.stat() if is_dataset_row(item.path) else None)  # in memory
+        where, local, copy = f"{task.file}::{task.part}@{task.first_row}", task.local, task.local != task.file
+    else:
+        where, local, copy = item.path, item.path, False
+    known = _stat(local)
+    if known is not None and copy:
+        known = (known[0], 0)
+    return (
+        where.encode("utf-8", "surrogateescape")
+        + (f"\t{known[0]}\t{known[1]}".encode() if known else b"")
+        + b"\n"
+    )
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    if remote.is_remote(path):
+        return None
+    try:
+        st = os.stat(remote.local_path(path))
+    except (OSError, ValueError, UsageError):
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def is_dataset_row(path: str) -> bool:

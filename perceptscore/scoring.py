@@ -127,12 +127,14 @@ class _Matcher:
         start, extras = 0, []
         for position, index in enumerate(owners):
             item = self._owner(index)
-            if self.reused and self.reused[0][0].order < (index, 0):
+            # a row of a container read here (matched to ``previous``) has its own place among its rows
+            order = (index, 0) if is_container(item.locator) else item.order
+            if self.reused and self.reused[0][0].order < order:
                 if position > start:
                     yield _rows(owners[start:position], core.slice(start, position - start), extras,
                                 self.passthrough)  # fmt: skip
                 start, extras = position, []
-                yield from self.reused_before((index, 0))
+                yield from self.reused_before(order)
             if is_container(item.locator):
                 extras.append({**(own[position] or {}), **item.extras})
             else:

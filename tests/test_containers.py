@@ -4,6 +4,7 @@ without rows leaves its item out of every shard, and the run still completes."""
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import tarfile
@@ -236,3 +237,32 @@ def test_a_member_that_kills_or_hangs_its_worker_is_one_error_row(
     assert df["error"].drop(6).isna().all()
     ok = df["error"].isna()
     np.testing.assert_allclose(df.loc[ok, "memorability"], clean.loc[ok, "memorability"], atol=1e-6, rtol=0)
+
+
+def test_a_shard_rewritten_between_a_stop_and_its_resume_is_refused(tmp_path: Path) -> None:
+    """A run's shard holds a tar shard's rows; the shard is then written again (other members): resuming
+    would keep rows of members that are gone and skip the new ones, so the run says its inputs changed."""
+    from perceptscore.runs import InputsChanged
+
+    schema, out = output_schema([get_task("memorability")]), tmp_path / "s.parquet"
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        for name in ("x0.jpg", "x1.jpg"):
+            member = tarfile.TarInfo(name)
+            member.size = 1
+            archive.addfile(member, io.BytesIO(b"x"))
+    items = [Item(0, ShardRows(str(shard)))]
+    run = ShardedRun(out, schema, {"run": 1})
+    list(run.pending(items))
+    one = {"memorability": 0.5, "error": None, "file_size": 1, "file_mtime_ns": 1}
+    rows = [{"path": f"tar://x{n}.jpg::{shard}", **one} for n in range(2)]
+    run.add([0, 0], pa.RecordBatch.from_pylist(rows, schema=schema))
+    run.flush(whole=True)
+    assert [i.index for i in ShardedRun(out, schema, {"run": 1}).pending(items)] == []  # unchanged: done
+    with tarfile.open(shard, "w") as archive:  # written again: other members, another size
+        for name in ("y0.jpg", "y1.jpg", "y2.jpg"):
+            member = tarfile.TarInfo(name)
+            member.size = 1
+            archive.addfile(member, io.BytesIO(b"y"))
+    with pytest.raises(InputsChanged, match="other files than were scored"):
+        list(ShardedRun(out, schema, {"run": 1}).pending(items))

@@ -324,3 +324,64 @@ def test_the_driver_reads_no_image_bytes_of_shards_or_datasets(ray_address: str,
     assert result["max_difference"] <= 1e-6
     assert before["read"] > 0.9 * result["image_bytes"]  # the driver read every image once
     assert now["read"] < 0.2 * result["image_bytes"]  # Ray's own traffic only
+
+
+def test_the_driver_refuses_rows_lost_repeated_or_out_of_order() -> None:
+    """``_Order``, the driver's check of what Ray returns: a plain item's row once, a container's rows
+    numbered from 0 to the one marked last; a container may have none (an empty shard)."""
+    from perceptscore.containers import ShardRows
+    from perceptscore.engines.ray import _Order
+    from perceptscore.items import Item
+    from perceptscore.locators import LocalFile
+
+    window = [
+        Item(0, LocalFile("a")),
+        Item(1, ShardRows("s1")),
+        Item(2, ShardRows("s2")),
+        Item(3, LocalFile("b")),
+    ]
+
+    def check(rows: list[tuple[int, int, bool]]) -> None:
+        order = _Order(window)
+        order.check(*map(list, zip(*rows, strict=True))) if rows else None
+        order.finish()
+
+    check([(0, 0, True), (1, 0, False), (1, 1, True), (2, 0, True), (3, 0, True)])
+    check([(0, 0, True), (1, 0, True), (3, 0, True)])  # container 2 without rows
+    for wrong in (
+        [(0, 0, True), (1, 0, False), (1, 2, True), (3, 0, True)],  # a row of container 1 lost
+        [(0, 0, True), (1, 0, False), (1, 0, False), (1, 1, True), (3, 0, True)],  # one twice
+        [(0, 0, True), (1, 0, False), (3, 0, True)],  # container 1 cut short
+        [(0, 0, True), (1, 0, False), (1, 1, False)],  # cut short at the end
+        [(0, 0, True), (2, 0, True), (1, 0, True), (3, 0, True)],  # out of order
+        [(0, 0, True), (1, 0, True)],  # plain item 3 never came
+    ):
+        with pytest.raises(RuntimeError):
+            check(wrong)
+
+
+def test_retry_errors_on_ray_keeps_a_repaired_shards_rows_in_order(
+    ray_address: str, photo_dir: Path, checkpoint_args: list[str], tmp_path: Path
+) -> None:
+    """--retry-errors reads a repaired shard again on the driver (its intact rows are kept, not scored
+    twice): kept and new rows of the shard go in member order, as the local engine puts them."""
+    import tarfile
+
+    photos = sorted(photo_dir.iterdir())
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        for n, photo in enumerate(photos):
+            archive.add(photo, arcname=f"{n:05d}{photo.suffix}")
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) * 2 // 3])  # cut short: the first members scored, then an error
+    base = ["score", "-t", "memorability", *checkpoint_args[:2], "--device", "cpu"]
+    first = run(*base, shard, "-o", tmp_path / "first.parquet")
+    assert first.returncode == 1, first.stderr
+    shard.write_bytes(whole)
+    local = run(*base, "--retry-errors", tmp_path / "first.parquet", "-o", tmp_path / "local.parquet")
+    ray = run(*base, "--retry-errors", tmp_path / "first.parquet", "-o", tmp_path / "ray.parquet",
+              "--engine", "ray", "--ray-address", ray_address)  # fmt: skip
+    assert local.returncode == ray.returncode == 0, ray.stderr
+    a, b = pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(tmp_path / "ray.parquet")
+    assert a["path"].tolist() == [f"tar://{n:05d}{p.suffix}::{shard}" for n, p in enumerate(photos)]
+    assert b["path"].tolist() == a["path"].tolist()

@@ -13,7 +13,7 @@ as before.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -148,9 +148,7 @@ class ContainerRun:
             try:
                 for samples, batch in self._read(jobs, workers, alone):
                     self._score(samples, batch, by_index)
-                    while given < len(group) and group[given].ended:
-                        yield from self._given(group[given], extras)
-                        given += 1
+                    given = yield from self._ready(group, given, extras)
             except RuntimeError as exc:
                 if not self.died(exc):
                     raise
@@ -167,6 +165,19 @@ class ContainerRun:
         while given < len(group):
             yield from self._given(group[given], extras)
             given += 1
+
+    def _ready(
+        self, group: list[_Held], given: int, extras: pa.DataType
+    ) -> Generator[pa.RecordBatch, None, int]:
+        """Give back what can be, in order: the ended containers at the head, and the rows so far of the
+        first one still being read (so a stop is honoured within a batch: a run's shards hold back a
+        container's rows until it ends). Returns how many containers are given back whole."""
+        while given < len(group):
+            yield from self._given(group[given], extras)
+            if not group[given].ended:
+                break
+            given += 1
+        return given
 
     def _read(
         self, jobs: list[Job], workers: int, alone: bool

@@ -62,6 +62,11 @@ from perceptscore.prefetch import prefetched
 from perceptscore.tasks import Preprocess
 
 ROW_INDEX = WIRE_SCHEMA.names[0]  # the plan table is the wire schema (``items``)
+# where a row is in its item (0 for a plain item's one row), and whether it is the item's last: the driver
+# checks every container's rows come whole, in order (``_Order``). With EXTRAS, the columns that ride
+# through the stages untouched.
+PART, LAST = "_part", "_last"
+RIDING = (EXTRAS, PART, LAST)
 
 
 def pixels_column(number: int) -> str:
@@ -125,8 +130,7 @@ def decode_block(
         FILE_MTIME: pa.array(mtimes, pa.int64()),
     }
     columns |= {pixels_column(i): pa.array(p, pa.binary()) for i, p in enumerate(pixels)}
-    if EXTRAS in table.column_names:  # a container's rows' own passthrough values, on to the driver
-        columns[EXTRAS] = table[EXTRAS]
+    columns |= {name: table[name] for name in RIDING if name in table.column_names}  # on to the driver
     return pa.table(columns)
 
 
@@ -175,7 +179,10 @@ class PredictStage:
         ]
         rows = self.predictor.rows(table[PATH].to_pylist(), errors, stats, pixels)
         out = pa.Table.from_batches([rows]).add_column(0, ROW_INDEX, table[ROW_INDEX])
-        return out.append_column(EXTRAS, table[EXTRAS]) if EXTRAS in table.column_names else out
+        for name in RIDING:
+            if name in table.column_names:
+                out = out.append_column(name, table[name])
+        return out
 
 
 def weights_here(plan: ScoringPlan) -> ScoringPlan:
@@ -211,10 +218,12 @@ def weights_here(plan: ScoringPlan) -> ScoringPlan:
 # ---- the read tasks (run on the workers) ------------------------------------------------------------
 
 
-def plan_table(items: list[Item], extras: pa.DataType | None) -> pa.Table:
+def plan_table(items: list[Item], extras: pa.DataType) -> pa.Table:
     """Plain items as plan rows: what a decode task needs (bytes only where the driver held them)."""
     table = pa.Table.from_batches([to_wire_batch(items)])
-    return table if extras is None else table.append_column(EXTRAS, pa.nulls(len(items), extras))
+    table = table.append_column(EXTRAS, pa.nulls(len(items), extras))
+    table = table.append_column(PART, pa.array([0] * len(items), pa.int64()))
+    return table.append_column(LAST, pa.array([True] * len(items), pa.bool_()))
 
 
 def read_page(table: pa.Table) -> Iterator[pa.Table]:
@@ -229,22 +238,26 @@ def read_container(
     storage: dict[str, Any],
     limits: dict[str, Any],
 ) -> Iterator[pa.Table]:
-    """A container's rows, read here, as plan rows of ``rows`` each, with the bytes and their values."""
+    """A container's rows, read here, as plan rows of ``rows`` each, with the bytes and their values; its
+    last row says so."""
     _install(storage, limits)
     held: list[tuple[Item, dict[str, Any]]] = []
-    for locator, values in container.rows():
-        reason = locator.reason if isinstance(locator, Unavailable) else None
-        held.append((Item(index, locator, {}, reason), values))
-        if len(held) >= rows:
-            yield _container_block(held, extras)
+    for part, (locator, values) in enumerate(container.rows()):
+        if len(held) >= rows:  # a row more has come: the held ones are not the last
+            yield _container_block(held, extras, last=False)
             held = []
+        reason = locator.reason if isinstance(locator, Unavailable) else None
+        held.append((Item(index, locator, {}, reason, part), values))
     if held:
-        yield _container_block(held, extras)
+        yield _container_block(held, extras, last=True)
 
 
-def _container_block(held: list[tuple[Item, dict[str, Any]]], extras: pa.DataType) -> pa.Table:
-    table = plan_table([item for item, _ in held], None)
-    return table.append_column(EXTRAS, pa.array([values for _, values in held], extras))
+def _container_block(held: list[tuple[Item, dict[str, Any]]], extras: pa.DataType, last: bool) -> pa.Table:
+    table = pa.Table.from_batches([to_wire_batch([item for item, _ in held])])
+    table = table.append_column(EXTRAS, pa.array([values for _, values in held], extras))
+    table = table.append_column(PART, pa.array([item.part for item, _ in held], pa.int64()))
+    lasts = [False] * (len(held) - 1) + [last]
+    return table.append_column(LAST, pa.array(lasts, pa.bool_()))
 
 
 class _Inputs(Datasource):
@@ -265,29 +278,37 @@ class _Inputs(Datasource):
         return [ReadTask(read, meta) for read in self.reads]  # one each: merging them would reorder nothing
 
 
+def _read(function: Any, *args: Any) -> Any:
+    """A read task's function: ``function`` of ``args``, named as it (Ray Data names its stages by it)."""
+
+    def read() -> Iterator[pa.Table]:
+        return function(*args)  # type: ignore[no-any-return]
+
+    read.__name__ = read.__qualname__ = function.__name__
+    return read
+
+
 def reads_of(
     window: list[Item], batch_size: int, storage: dict[str, Any], limits: dict[str, Any]
 ) -> list[Any]:
     """The read functions of a window's items, in order."""
-    from functools import partial
-
     containers = [i.locator for i in window if is_container(i.locator)]
-    extras = pa.struct(list(containers[0].schema)) if containers else None
+    extras = pa.struct(list(containers[0].schema)) if containers else pa.struct([])
     reads: list[Any] = []
     page: list[Item] = []
     for item in window:
         if not is_container(item.locator):
             page.append(item)
             if len(page) >= batch_size:
-                reads.append(partial(read_page, plan_table(page, extras)))
+                reads.append(_read(read_page, plan_table(page, extras)))
                 page = []
             continue
         if page:
-            reads.append(partial(read_page, plan_table(page, extras)))
+            reads.append(_read(read_page, plan_table(page, extras)))
             page = []
-        reads.append(partial(read_container, item.index, item.locator, batch_size, extras, storage, limits))
+        reads.append(_read(read_container, item.index, item.locator, batch_size, extras, storage, limits))
     if page:
-        reads.append(partial(read_page, plan_table(page, extras)))
+        reads.append(_read(read_page, plan_table(page, extras)))
     return reads
 
 
@@ -445,7 +466,7 @@ class RayEngine:
         names = [*core_schema(plan.task_specs()).names, ITEM]
         order = _Order(window)
         for out in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-            order.check(out[ROW_INDEX].to_pylist())
+            order.check(out[ROW_INDEX].to_pylist(), out[PART].to_pylist(), out[LAST].to_pylist())
             out = out.rename_columns([ITEM if c == ROW_INDEX else c for c in out.column_names])
             kept = out.select([*names, EXTRAS] if EXTRAS in out.column_names else names)
             yield from kept.combine_chunks().to_batches()
@@ -453,24 +474,31 @@ class RayEngine:
 
 
 class _Order:
-    """Checks the rows Ray returns against the window: each plain item's row exactly once, a container's
-    rows together, all in input order (rows mixed up would be scores given to other files)."""
+    """Checks the rows Ray returns against the window: each plain item's row exactly once; a container's
+    rows together, numbered from 0 without a gap or a repeat, up to the one marked last; all in input
+    order (rows mixed up would be scores given to other files). A container that gives no row at all
+    cannot be told from one whose rows were all lost: only the first happens (an empty shard)."""
 
     def __init__(self, window: list[Item]) -> None:
         self.expected = iter([(i.index, is_container(i.locator)) for i in window])
-        self.current: tuple[int, bool] | None = None
+        self.inside: int | None = None  # a container whose last row has not come
+        self.part = 0  # the part its next row must have
 
-    def check(self, indices: list[int]) -> None:
-        for got in indices:
-            if self.current is not None and self.current == (got, True):
-                continue  # a container's next row
-            self.current = next(self.expected, None)
-            while self.current is not None and self.current[1] and self.current[0] != got:
-                self.current = next(self.expected, None)  # a container without rows
-            if self.current is None or self.current[0] != got:
-                raise RuntimeError(f"Ray returned row {got} out of order: rows would be mixed")
+    def check(self, indices: list[int], parts: list[int], lasts: list[bool]) -> None:
+        for got, part, last in zip(indices, parts, lasts, strict=True):
+            if self.inside is None:
+                current = next(self.expected, None)
+                while current is not None and current[1] and current[0] != got:
+                    current = next(self.expected, None)  # a container without rows
+                if current is None or current[0] != got or part != 0:
+                    raise RuntimeError(f"Ray returned row {got} out of order: rows would be mixed")
+            elif (got, part) != (self.inside, self.part):
+                raise RuntimeError(f"Ray returned row {part} of item {got} out of order: rows would be mixed")
+            self.inside, self.part = (None, 0) if last else (got, part + 1)
 
     def finish(self) -> None:
+        if self.inside is not None:
+            raise RuntimeError(f"Ray returned the rows of item {self.inside} cut short")
         for index, container in self.expected:
             if not container:
                 raise RuntimeError(f"Ray returned no row for item {index}")
