@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +90,13 @@ class Scorer:
         options = ScoreOptions(self.plan.tasks, recursive=recursive, path_column=path_column,
                                tar_fields=fields, storage=storage, image_column=image_column)  # fmt: skip
         sources: Sources = options.sources([inputs] if isinstance(inputs, str) else inputs)
+        # the limits as the environment says now, for every part of this call (a command's are read as it
+        # starts; a Scorer may live longer than one setting)
+        plan = replace(self.plan, limits=options.limits)
         rows = MemorySink()  # the CLI's sink for rows in memory (rank, filter)
         with (
-            writing(rows, self.plan.schema(sources.passthrough), {}),
-            contextlib.closing(scored(self.engine, self.plan, sources, sources.passthrough)) as batches,
+            writing(rows, plan.schema(sources.passthrough), {}),
+            contextlib.closing(scored(self.engine, plan, sources, sources.passthrough)) as batches,
         ):
             for _, batch in batches:
                 rows.write(batch)
