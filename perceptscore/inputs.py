@@ -839,6 +839,10 @@ class Retry(Input):
             raise UsageError(f"--retry-errors {text!r}: not a scores file written by perceptscore score")
         return cls(ManifestTable(text, PATH, drop=context.reserved))
 
+    def passthrough(self) -> tuple[str, pa.Schema] | None:
+        """The scores file's own passthrough columns (``shard``, ``key``, a manifest's) go on as they were."""
+        return self.table.named, self.table.extras
+
     def rows(self, context: Context) -> Iterator[Row]:
         """Each row as it was (the scores are reused by ``Previous``), but a failed shard's row becomes
         the shard's members, read again (its rows that had been scored before it broke off are dropped:
