@@ -15,7 +15,7 @@ from perceptscore.containers import is_container
 from perceptscore.errors import UsageError
 from perceptscore.formats import is_scores_file, read_scores
 from perceptscore.items import Item
-from perceptscore.locators import DATASET_ROW, TAR_SCHEME
+from perceptscore.locators import DATASET_ROW, TAR_SCHEME, TarMember
 from perceptscore.tasks import Task
 
 
@@ -126,6 +126,6 @@ class Previous:
 def container_of(path: str) -> str | None:
     """The container a row's path names: a tar member's shard, a dataset row's file; else None."""
     if path.startswith(TAR_SCHEME) and "::" in path:
-        return path.rpartition("::")[2]
+        return TarMember(path).parts()[1]
     found = DATASET_ROW.match(path) if "::" in path else None
     return found.group("file") if found else None

@@ -40,7 +40,7 @@ from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.containers import TableRows, is_container
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.items import Item
-from perceptscore.locators import DATASET_ROW
+from perceptscore.locators import DATASET_ROW, LocalFile
 from perceptscore.prefetch import stop_requested
 from perceptscore.sinks import one_line, replaced_whole, write_atomic
 
@@ -235,12 +235,11 @@ def item_key(item: Item) -> bytes:
 
 def _stat(path: str) -> tuple[int, int] | None:
     if remote.is_remote(path):
-        return None
+        return None  # a request per item to resume would cost more than it guards
     try:
-        st = os.stat(remote.local_path(path))
-    except (OSError, ValueError, UsageError):
+        return LocalFile(remote.local_path(path)).stat()
+    except UsageError:  # a file:// URL naming another host
         return None
-    return st.st_size, st.st_mtime_ns
 
 
 def is_dataset_row(path: str) -> bool:

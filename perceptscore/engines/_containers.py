@@ -70,13 +70,22 @@ class Reading(IterableDataset[Sample]):
     def _decoded(self, index: int, part: int, locator: Any) -> Decoded:
         reason = locator.reason if isinstance(locator, Unavailable) else None
         item = Item(index, locator, {}, reason, part)
-        if get_worker_info() is not None and reason is None:
-            signal.setitimer(signal.ITIMER_REAL, self.timeout)  # as the map-style workers: a hang kills
-        try:
-            return without_bytes(decode_item(item, self.specs, self.draft, self.max_pixels))
-        finally:
-            if get_worker_info() is not None:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+        return timed_decode(item, self.specs, self.draft, self.max_pixels, self.timeout)
+
+
+def timed_decode(
+    item: Item, specs: list[Preprocess], draft: int | None, max_pixels: int, timeout: float
+) -> Decoded:
+    """``decode_item`` under the decode time limit in a worker (SIGALRM at its default action kills the
+    worker even inside C code: a hang is isolated like a crash), its bytes left behind."""
+    in_worker = get_worker_info() is not None
+    if in_worker and not item.error:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return without_bytes(decode_item(item, specs, draft, max_pixels))
+    finally:
+        if in_worker:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def without_bytes(decoded: Decoded) -> Decoded:

@@ -22,12 +22,12 @@ from typing import Any
 import pyarrow as pa
 import torch
 from PIL import ImageFile
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from perceptscore import remote
-from perceptscore.batches import Batch, Decoded, collate, decode_item
+from perceptscore.batches import Batch, Decoded, collate
 from perceptscore.containers import is_container
-from perceptscore.engines._containers import GROUP, ContainerRun, Job, Reading, without_bytes
+from perceptscore.engines._containers import GROUP, ContainerRun, Job, Reading, timed_decode
 from perceptscore.images import draft_side
 from perceptscore.items import Item
 from perceptscore.limits import Limits, current, install
@@ -75,16 +75,7 @@ class _DecodeDataset(Dataset[Decoded]):
         self.specs, self.draft, self.timeout, self.max_pixels = specs, draft, timeout, max_pixels
 
     def __getitem__(self, item: Item) -> Decoded:  # type: ignore[override]
-        in_worker = get_worker_info() is not None
-        if in_worker and not item.error:
-            # SIGALRM at its default action kills the worker even inside C code: the hang is isolated
-            # like a crash.
-            signal.setitimer(signal.ITIMER_REAL, self.timeout)
-        try:
-            return without_bytes(decode_item(item, self.specs, self.draft, self.max_pixels))
-        finally:
-            if in_worker:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+        return timed_decode(item, self.specs, self.draft, self.max_pixels, self.timeout)
 
 
 class _Chunks:
