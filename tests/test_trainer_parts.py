@@ -308,7 +308,7 @@ def test_init_from_open_clip_release_and_our_files_gives_the_same_tower(
 # ---- gradient accumulation ---------------------------------------------------------------------------------
 
 
-def _one_step(accumulate: int, batches: list[TrainBatch], tmp_path: Path) -> dict[str, torch.Tensor]:
+def _runner(accumulate: int, tmp_path: Path, precision: str = "fp32") -> StageRun:
     arch = replace(
         get_task("memorability").architecture, width=64, layers=1, heads=1, embed_dim=48, head_dims=(16, 8),
         lora_dropout=0.0, head_dropout=0.0,
@@ -322,10 +322,14 @@ def _one_step(accumulate: int, batches: list[TrainBatch], tmp_path: Path) -> dic
         [datasets.LabelledSet("set", "memorability", {"train": [datasets.Example("x", 0.0)]})],
         settings,
     )
-    dev = Device(torch.device("cpu"), "fp32", 0, 8)
-    runner = StageRun(stage, net, get_task("memorability"), tmp_path, dev, Console(quiet=True))
+    dev = Device(torch.device("cpu"), precision, 0, 8)
+    return StageRun(stage, net, get_task("memorability"), tmp_path, dev, Console(quiet=True))
+
+
+def _one_step(accumulate: int, batches: list[TrainBatch], tmp_path: Path) -> dict[str, torch.Tensor]:
+    runner = _runner(accumulate, tmp_path)
     runner.train_step(iter(batches), total=10)
-    return {k: v.detach().clone() for k, v in net.trainable().items()}
+    return {k: v.detach().clone() for k, v in runner.net.trainable().items()}
 
 
 def test_accumulating_two_half_batches_is_one_full_batch(tmp_path: Path) -> None:
@@ -339,6 +343,43 @@ def test_accumulating_two_half_batches_is_one_full_batch(tmp_path: Path) -> None
     for key in whole:
         torch.testing.assert_close(accumulated[key], whole[key], rtol=0, atol=1e-6)
     assert any(not torch.allclose(first_half_only[k], whole[k], rtol=0, atol=1e-6) for k in whole)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_step_whose_micro_batches_were_all_unreadable_skips_the_optimizer(
+    tmp_path: Path, precision: str
+) -> None:
+    """fp16 trains with an enabled GradScaler (torch.amp's CPU one here, the same code as CUDA's): its
+    ``step`` asserts when no backward ran, which ended the run when every image of a step was unreadable.
+    The step is skipped whole: nothing changes, the optimizer holds no state, the loss is NaN; the next
+    step with images trains."""
+    runner = _runner(2, tmp_path, precision)
+    assert runner.scaler.is_enabled() == (precision == "fp16")
+    before = {k: v.detach().clone() for k, v in runner.net.trainable().items()}
+    empty = TrainBatch(0, torch.zeros(0, 3, 224, 224, dtype=torch.uint8), torch.zeros(0), ["a.jpg: broken"])
+    loss, seen, skipped = runner.train_step(iter([empty, empty]), total=10)
+    assert math.isnan(loss) and seen == 0 and skipped == ["a.jpg: broken"] * 2
+    assert not runner.optimizer.state
+    for key, value in runner.net.trainable().items():
+        assert torch.equal(value, before[key]), key
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    loss, seen, _ = runner.train_step(
+        iter([empty, TrainBatch(0, pixels, torch.rand(4, generator=gen), [])]), 10
+    )
+    assert math.isfinite(loss) and seen == 4
+    assert any(not torch.equal(v, before[k]) for k, v in runner.net.trainable().items())
+
+
+def test_auto_training_precision_is_bf16_only_where_the_gpu_computes_it_natively() -> None:
+    from perceptscore.trainer.run import auto_precision
+
+    assert auto_precision(False, None) == "fp32"
+    assert auto_precision(True, (7, 0)) == "fp16"  # V100: bf16 only emulated
+    assert auto_precision(True, (7, 5)) == "fp16"  # T4
+    assert auto_precision(True, (8, 0)) == "bf16"  # A100
+    assert auto_precision(True, (8, 6)) == "bf16"  # RTX 30xx, A10
+    assert auto_precision(True, (9, 0)) == "bf16"  # H100, H200
 
 
 def test_a_tower_built_from_open_clip_weights_computes_what_open_clip_computes(tmp_path: Path) -> None:

@@ -155,7 +155,8 @@ class StageRun:
         self.loss_fn = LOSSES[self.s.loss]
         params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.s.lr, weight_decay=self.s.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=dev.precision == "fp16")
+        # the scaler of the device's own type (torch.amp has a CPU one): the same code path runs everywhere
+        self.scaler = torch.amp.GradScaler(dev.device.type, enabled=dev.precision == "fp16")
         self.step = 0
         self.best: dict[str, Any] = {}
         self.images = AugmentedImages([s.split("train") for s in stage.sets], task.preprocess, self.s.seed)
@@ -253,10 +254,17 @@ class StageRun:
             self.scaler.scale(loss).backward()
             losses.append(loss.item() * self.s.accumulate)
             seen += len(batch.labels)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_gradients(backward_ran=bool(losses))
         return (float(np.mean(losses)) if losses else float("nan")), seen, skipped
+
+    def apply_gradients(self, backward_ran: bool) -> None:
+        """One optimizer step, skipped when every micro-batch of the step was unreadable: an enabled
+        GradScaler asserts in ``step`` when no ``scale(loss).backward()`` ran before it, and there is
+        nothing to apply anyway. The step still counts (the schedule and data order are functions of it)."""
+        if backward_ran:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def evaluate(self, epoch: int) -> None:
         """Each dataset's validation metrics; keeps the adapters and heads of the best epoch so far."""

@@ -240,14 +240,23 @@ def _precision(precision: str, device: Any) -> str:
     import torch
 
     if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        cuda = device.type == "cuda"
+        return auto_precision(cuda, torch.cuda.get_device_capability(device) if cuda else None)
     if precision not in {"fp32", "bf16", "fp16"}:
         raise UsageError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("fp16 training needs CUDA; on CPU use fp32 or bf16")
     return precision
+
+
+def auto_precision(cuda: bool, capability: tuple[int, int] | None) -> str:
+    """What ``--precision auto`` trains in: bf16 only where the GPU computes it natively (compute
+    capability 8.0 and up: A100, H100, RTX 30xx on). ``torch.cuda.is_bf16_supported()`` also says yes on a
+    T4 or V100, where bf16 is emulated and slower than fp32; fp16 with a grad scaler runs there natively.
+    Exact fp32 on the CPU."""
+    if not cuda:
+        return "fp32"
+    return "bf16" if capability is not None and capability >= (8, 0) else "fp16"
 
 
 def _check_config(path: Path, config: dict[str, Any], options: TrainOptions) -> None:
