@@ -78,9 +78,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but this torch sees no CUDA device")
+    if dev.type == "cuda":
+        # is_available first: device_count alone can report GPUs a broken driver cannot open
+        check_cuda_index(dev, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     return dev
+
+
+def check_cuda_index(dev: torch.device, count: int) -> None:
+    """A CUDA ``dev`` must name one of the ``count`` visible GPUs: a wrong index would otherwise surface as
+    a raw CUDA error at the first tensor moved, after the weights were loaded."""
+    if count == 0:
+        raise UsageError(f"{dev}: no CUDA device (torch {torch.__version__} sees none); use --device cpu")
+    if dev.index is not None and dev.index >= count:
+        which = "only cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise UsageError(f"{dev}: this machine has {count} GPU{'s' * (count != 1)} ({which})")
 
 
 # ---- our converted format -------------------------------------------------------------------------
