@@ -196,7 +196,7 @@ def test_the_scoring_process_reads_no_image_bytes_its_workers_do(release_checkpo
     b, a = frames
     assert len(a) == 48 and a["error"].isna().all()
     assert a["path"].tolist() == b["path"].tolist() and a["row"].equals(b["row"])
-    np.testing.assert_allclose(a["memorability"], b["memorability"], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(a["memorability"], b["memorability"])  # batched alike: the same bits
 
 
 @pytest.mark.slow
@@ -266,3 +266,32 @@ def test_a_shard_rewritten_between_a_stop_and_its_resume_is_refused(tmp_path: Pa
             archive.addfile(member, io.BytesIO(b"y"))
     with pytest.raises(InputsChanged, match="other files than were scored"):
         list(ShardedRun(out, schema, {"run": 1}).pending(items))
+
+
+def test_a_shards_rows_are_bit_identical_to_the_same_images_scored_loose(
+    release_checkpoints, many_photos: Path, tmp_path: Path
+) -> None:
+    """A container's end takes no place in a batch: its rows are batched as loose files in the same order
+    are, so on CPU fp32 the scores are the same bits (a batch of other rows can differ by an ulp: float
+    sums run in another order), read here or by one worker, shards of 10 rows in batches of 4."""
+    from perceptscore.scorer import Scorer
+
+    photos = sorted(many_photos.iterdir())[:30]
+    shards = []
+    for number in range(3):
+        shard = tmp_path / f"{number:05d}.tar"
+        with tarfile.open(shard, "w") as archive:
+            for offset, photo in enumerate(photos[number * 10 : (number + 1) * 10]):
+                archive.add(photo, arcname=f"{number:05d}{offset:04d}.jpg")
+        shards.append(str(shard))
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+
+    def scores(inputs: list[str], workers: int) -> np.ndarray:
+        scorer = Scorer(
+            ["memorability"], checkpoint, device="cpu", precision="fp32", batch_size=4, workers=workers
+        )
+        return scorer.score(inputs)["memorability"].to_numpy()
+
+    loose = scores([str(p) for p in photos], 0)
+    for workers in (0, 1):
+        assert np.abs(scores(shards, workers) - loose).max() == 0.0, workers

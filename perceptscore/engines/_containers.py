@@ -42,12 +42,14 @@ class Job:
 
 @dataclass
 class Sample:
-    """One row decoded in a worker, or (``decoded`` None) the end of a container after ``part`` rows."""
+    """One row decoded in a worker (``last``: its container's last), or (``decoded`` None) the end of a
+    container that gave no rows here, after ``part`` rows."""
 
     index: int
     part: int
     extras: dict[str, Any]
     decoded: Decoded | None
+    last: bool = False
 
 
 class Reading(IterableDataset[Sample]):
@@ -61,11 +63,30 @@ class Reading(IterableDataset[Sample]):
         info = get_worker_info()
         mine = self.jobs[info.id :: info.num_workers] if info is not None else self.jobs
         for job in mine:
-            part = -1
-            for part, (locator, extras) in enumerate(job.container.rows()):
-                if part >= job.skip:
-                    yield Sample(job.index, part, extras, self._decoded(job.index, part, locator))
+            yield from self._rows(job)
+
+    def _rows(self, job: Job) -> Iterator[Sample]:
+        """A container's rows from ``job.skip`` on, its last marked so, or one end marker if it gave none.
+        A row is decoded only once the next is read (or the container has ended): the end rides on the
+        last row and takes no place of its own in a batch, so rows are batched exactly as loose files
+        would be (and a batch's rows are all the same float sums whatever the containers). The row read
+        ahead is not decoded yet: with one row in flight, the row that kills a worker is still the first
+        one not given back."""
+        ahead: tuple[int, Any, dict[str, Any]] | None = None
+        part = -1
+        for part, (locator, extras) in enumerate(job.container.rows()):
+            if part < job.skip:
+                continue
+            if ahead is not None:
+                yield self._sample(job.index, *ahead, last=False)
+            ahead = (part, locator, extras)
+        if ahead is None:
             yield Sample(job.index, part + 1, {}, None)
+        else:
+            yield self._sample(job.index, *ahead, last=True)
+
+    def _sample(self, index: int, part: int, locator: Any, extras: dict[str, Any], last: bool) -> Sample:
+        return Sample(index, part, extras, self._decoded(index, part, locator), last)
 
     def _decoded(self, index: int, part: int, locator: Any) -> Decoded:
         reason = locator.reason if isinstance(locator, Unavailable) else None
@@ -217,10 +238,11 @@ class ContainerRun:
             held.extras.append(sample.extras)
             held.done = sample.part + 1
             following = samples[n + 1] if n + 1 < len(samples) else None
-            if following is None or following.index != sample.index or following.decoded is None:
+            if following is None or following.index != sample.index or sample.last:
                 assert rows is not None
                 held.rows.append(rows.slice(start, position - start))
                 start = position
+            held.ended = sample.last
 
     def _fail(self, held: _Held) -> None:
         """The row that killed its worker again: an error row, found by reading the container here (only
