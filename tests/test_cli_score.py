@@ -29,7 +29,9 @@ def scores_parquet(
     tmp_path_factory: pytest.TempPathFactory, photo_dir: Path, checkpoint_args: list[str]
 ) -> Path:
     out = tmp_path_factory.mktemp("scores") / "scores.parquet"
-    done = run("score", photo_dir, "-t", "memorability,quality,emotion", *checkpoint_args, "-o", out)
+    # --device cpu: these rows are compared with the release's fp32 CPU outputs (auto takes a GPU if seen)
+    done = run("score", photo_dir, "-t", "memorability,quality,emotion", *checkpoint_args, "-o", out,
+               "--device", "cpu")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "6 scored, 0 errors" in done.stderr
     return out

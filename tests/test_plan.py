@@ -16,9 +16,9 @@ from perceptscore.runs import ShardedRun
 from perceptscore.tasks import get_task
 
 
-def cpu_plan(release_checkpoints, **kwargs) -> ScoringPlan:  # type: ignore[no-untyped-def]
+def cpu_plan(release_checkpoints, device="auto", **kwargs) -> ScoringPlan:  # type: ignore[no-untyped-def]
     checkpoint = str(release_checkpoints["memorability"][0])
-    options = ScoreOptions(["memorability"], {"mem": checkpoint}, device="auto", precision="auto", **kwargs)
+    options = ScoreOptions(["memorability"], {"mem": checkpoint}, device=device, precision="auto", **kwargs)
     return make_plan(options, ["photos/"], "out.parquet")
 
 
@@ -38,7 +38,7 @@ def test_every_auto_is_resolved_and_json_round_trips(release_checkpoints) -> Non
 def test_a_gpu_runs_shards_are_not_resumed_on_a_cpu(release_checkpoints, tmp_path: Path) -> None:
     """A run killed on a GPU (auto = fp16) must not be continued on a CPU (auto = fp32): that would mix
     fp16 and fp32 rows in one file. The fingerprint holds the resolved precision and the device type."""
-    cpu = cpu_plan(release_checkpoints)
+    cpu = cpu_plan(release_checkpoints, device="cpu")  # pinned: on a GPU host auto would be the GPU
     gpu = replace(cpu, device="cuda:0", precision="fp16")  # what the same command resolves to on a GPU
     assert cpu.fingerprint()["precision"] == "fp32" and cpu.fingerprint()["device_type"] == "cpu"
     out = tmp_path / "out.parquet"

@@ -27,8 +27,9 @@ ENV = {**os.environ, "PERCEPTSCORE_SHARD_ROWS": "8"}  # small shards: many point
 
 
 def command(folder: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    # --device cpu: the reference (conftest) and every run compared with it score the same way on a GPU host
     return [EXE, "score", str(folder), "-t", "mem", "--checkpoint", str(checkpoint), "--batch-size", "4",
-            "--workers", "1", "-o", str(out), *extra]  # fmt: skip
+            "--workers", "1", "--device", "cpu", "-o", str(out), *extra]  # fmt: skip
 
 
 def shards(out: Path) -> int:
