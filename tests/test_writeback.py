@@ -192,6 +192,30 @@ def test_rows_that_cant_be_written_are_missing_lines_and_the_rest_is_written(
     ].tolist()
 
 
+def test_a_shard_cut_short_keeps_the_samples_before_the_cut_and_a_row_named_twice_is_written_once(
+    scored_shards: tuple[list[Path], pd.DataFrame], tmp_path: Path
+) -> None:
+    shards, table = scored_shards
+    cut = tmp_path / "00000.tar"
+    whole = shards[0].read_bytes()
+    third = next(m for m in members_of(shards[0]) if m.name == "000000002.jpg")
+    cut.write_bytes(whole[: third.offset_data + 100])  # inside the third sample's image
+    rows = table.iloc[:PER_SHARD].assign(
+        path=[p.replace(str(shards[0]), str(cut)) for p in table["path"][:4]]
+    )
+    done = to_shards(pd.concat([rows, rows]), tmp_path / "out", score_columns=["memorability"])
+    assert done.samples == 2 and [
+        s["__key__"] for s in wds.WebDataset(done.files[0], shardshuffle=False)
+    ] == [
+        "000000000",
+        "000000001",
+    ]
+    assert len(done.missing) == 2 and all(
+        m.startswith(f"{p}: the shard broke off at or before this sample (truncated shard")
+        for m, p in zip(done.missing, rows["path"][2:], strict=True)
+    )
+
+
 def test_an_output_folder_that_is_not_new_or_empty_is_refused(
     scored_shards: tuple[list[Path], pd.DataFrame], tmp_path: Path
 ) -> None:
@@ -282,7 +306,8 @@ def test_parquet_rows_that_cant_be_written_are_missing_lines_and_score_columns_a
     second = copy / "data" / "train-00001-of-00002.parquet"
     shuffled = pq.read_table(second)
     pq.write_table(shuffled.take([1, 0, 2, 3, 4]), second)  # rows 0 and 1 swapped: other images there
-    extra = pd.DataFrame({"path": [f"{copy}/data/train-00000-of-00002.parquet::image[99]", "x.jpg"]})
+    gone = f"{copy}/data/gone.parquet::image[0]"
+    extra = pd.DataFrame({"path": [f"{copy}/data/train-00000-of-00002.parquet::image[99]", "x.jpg", gone]})
     done = to_parquet(pd.concat([rows, extra]), tmp_path / "out", score_columns=["memorability"])
     changed = "the file changed since it was scored (this row's image differs)"
     assert done.missing == [
@@ -290,6 +315,7 @@ def test_parquet_rows_that_cant_be_written_are_missing_lines_and_score_columns_a
         f"{rows['path'][6]}: {changed}",
         f"{extra['path'][0]}: no row 99 in {copy}/data/train-00000-of-00002.parquet",
         "x.jpg: not a dataset row (its row can't be written to parquet)",
+        f"{gone}: unreadable file (no such file)",
     ]
     assert done.samples == SAMPLES - 2 and load(tmp_path / "out")["label"] == [0, 1, 2, 3, 4, 7, 8, 9]
     # the output written back again: its own score column is replaced ...

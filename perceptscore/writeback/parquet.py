@@ -125,6 +125,8 @@ def _copy_file(
                     _take(first, chunk, wanted, scores, writer, missing)
                     if not wanted:
                         break
+    except FileNotFoundError:
+        broken = "unreadable file (no such file)"
     except (pa.ArrowException, OSError, ValueError) as exc:
         broken = f"unreadable file ({' '.join(str(exc).split())[:200]})"
     except ColumnClash:

@@ -128,7 +128,7 @@ def _stream_samples(
     for sample in samples:
         fatal = next((m for m in sample.members if m.fatal), None)
         if fatal is not None:
-            return f"shard broke off before this sample ({fatal.error})"
+            return f"the shard broke off at or before this sample ({fatal.error})"
         rows = wanted.get(sample.key)
         if not rows:
             continue
