@@ -14,17 +14,16 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import webdataset as wds
 
 import perceptscore
 from perceptscore import limits
 from perceptscore.errors import UsageError
 from perceptscore.writeback import WrittenBack, to_parquet, to_shards
-
-wds = pytest.importorskip("webdataset")
-datasets = pytest.importorskip("datasets")
 
 PER_SHARD = 4  # samples per input shard
 SAMPLES = 10  # three input shards: 4, 4, 2
