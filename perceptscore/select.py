@@ -15,7 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from perceptscore.columns import ERROR, PATH
 from perceptscore.errors import UsageError
@@ -101,14 +103,17 @@ def rank(df: pd.DataFrame, column: str, top: int = 0, ascending: bool = False) -
 
 @dataclass
 class Criteria:
-    """Inclusive thresholds on numeric columns, emotion labels, and a top fraction by one column. Column
-    names may be given as a user writes them (``emotion-awe``, ``mem``): they are resolved here."""
+    """Inclusive thresholds on numeric columns, emotion labels, a least percentile and a top fraction by one
+    column; or ``every`` row. Column names may be given as a user writes them (``emotion-awe``, ``mem``):
+    they are resolved here."""
 
     minimum: dict[str, float] = field(default_factory=dict)
     maximum: dict[str, float] = field(default_factory=dict)
     emotions: Sequence[str] = ()
     top_fraction: float | None = None
     by: str | None = None
+    min_percentile: float | None = None
+    every: bool = False  # --all: keep every row, error rows too (write-back adds scores to every sample)
 
     def __post_init__(self) -> None:
         self.minimum = _bounds(self.minimum, "min")
@@ -124,17 +129,27 @@ class Criteria:
         return list({t.name: t for t in [*tasks_of(self.columns()), *emotion]}.values())
 
     def validate(self) -> None:
+        if self.every:
+            if self.tasks():
+                raise UsageError("--all keeps every row: give it no --min/--max, --emotion, --top-fraction, "
+                                 "--min-percentile or --by")  # fmt: skip
+            return
         # The pair first: "--top-fraction 0.1" alone is a criterion half given, not none.
         if self.top_fraction is not None and self.by is None:
             raise UsageError("--top-fraction needs --by TASK")
-        if self.by is not None and self.top_fraction is None:
+        if self.min_percentile is not None and self.by is None:
+            raise UsageError("--min-percentile needs --by TASK")
+        if self.by is not None and self.top_fraction is None and self.min_percentile is None:
             raise UsageError("--by needs --top-fraction F")
         if not self.tasks():
             raise UsageError(
-                "filter needs a criterion: --min-COLUMN, --max-COLUMN, --emotion or --top-fraction"
+                "filter needs a criterion: --min-COLUMN, --max-COLUMN, --emotion, --top-fraction, "
+                "--min-percentile, or --all"
             )
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise UsageError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
+        if self.min_percentile is not None and not 0 <= self.min_percentile <= 100:
+            raise UsageError(f"--min-percentile must be in [0, 100], got {self.min_percentile}")
         if self.emotions:
             labels = get_task("emotion").labels or ()
             unknown = [e for e in self.emotions if e not in labels]
@@ -156,20 +171,118 @@ def _bounds(given: dict[str, float], side: str) -> dict[str, float]:
 
 
 def select(df: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
-    """Scored rows meeting every threshold and label; then, if asked, the best ``top_fraction`` of those
-    by ``by`` (rounded up). Rows keep their input order."""
-    chosen = scored_only(df)
+    """Scored rows meeting every threshold, label and least percentile; then, if asked, the best
+    ``top_fraction`` of those by ``by`` (rounded up); or every row (``every``). Rows keep their input
+    order."""
+    return df[verdicts(df, criteria).isna()]
+
+
+def rejected(df: pd.DataFrame, criteria: Criteria) -> pd.DataFrame:
+    """The rows ``select`` does not keep, in input order, each with a ``rejected`` column: why."""
+    reasons = verdicts(df, criteria)
+    dropped = reasons.notna()
+    return with_column(df[dropped], REJECTED, reasons[dropped].astype(str), pa.string())
+
+
+def verdicts(df: pd.DataFrame, criteria: Criteria) -> pd.Series:
+    """Per row: None where the row is kept, else the first criterion it fails as one short phrase
+    (``error``, ``no quality``, ``quality < 0.7``, ``emotion not in awe,joy``, ``quality_percentile < 90``,
+    ``not in top 10% by quality``), checked in that order. The percentile is over every scored row of
+    ``df``; the top fraction is of the rows that met everything else, as it always was."""
+    reasons = pd.Series(None, index=df.index, dtype=object)
+    if criteria.every:
+        return reasons
+
+    def fail(failing: pd.Series, why: str) -> None:
+        reasons[reasons.isna() & failing.fillna(False).astype(bool)] = why
+
+    if ERROR in df.columns:
+        fail(df[ERROR].notna(), "error")
+    for column in criteria.columns():
+        fail(df[column].isna(), f"no {column}")
     for column, low in criteria.minimum.items():
-        chosen = chosen[chosen[column] >= low]
+        fail(df[column] < low, f"{column} < {_number(low)}")
     for column, high in criteria.maximum.items():
-        chosen = chosen[chosen[column] <= high]
+        fail(df[column] > high, f"{column} > {_number(high)}")
     if criteria.emotions:
-        chosen = chosen[chosen["emotion"].isin(list(criteria.emotions))]
-    if criteria.top_fraction is not None and criteria.by is not None and len(chosen):
-        keep = math.ceil(criteria.top_fraction * len(chosen))
-        best = rank(chosen, criteria.by, top=keep)
-        chosen = chosen.loc[chosen.index.isin(best.index)]
-    return chosen
+        fail(~df["emotion"].isin(list(criteria.emotions)), f"emotion not in {','.join(criteria.emotions)}")
+    by = criteria.by
+    if criteria.min_percentile is not None and by is not None:
+        fail(percentiles(df, by) < criteria.min_percentile,
+             f"{percentile_column(by)} < {_number(criteria.min_percentile)}")  # fmt: skip
+    if criteria.top_fraction is not None and by is not None:
+        survivors = df[reasons.isna()]
+        best = rank(survivors, by, top=top_count(criteria.top_fraction, len(survivors)))
+        fail(~df.index.to_series().isin(best.index),
+             f"not in top {criteria.top_fraction * 100:g}% by {by}")  # fmt: skip
+    return reasons
+
+
+def top_count(fraction: float, rows: int) -> int:
+    """How many rows the best ``fraction`` of ``rows`` is: rounded up, but 0.1 of 30 is 3, not the 4 that
+    ceil(3.0000000000000004) would give."""
+    return math.ceil(round(fraction * rows, 9))
+
+
+def _number(value: float) -> str:
+    """A bound as the user wrote it: 0.7, 90, 1e-05; in full where six digits would change it."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+# ---- percentiles and the columns written back ---------------------------------------------------------
+REJECTED, PERCENTILE = "rejected", "_percentile"
+
+
+def percentile_column(column: str) -> str:
+    return f"{column}{PERCENTILE}"
+
+
+def percentiles(df: pd.DataFrame, column: str) -> pd.Series:
+    """Each row's percentile of ``column`` among the scored rows of ``df`` that have a value: the share of
+    them (x100) whose value is <= the row's. Ties share the highest: equal values all get the share at or
+    below them, so the best row is 100 and a column of one value is 100 throughout. Error rows and rows
+    without a value get none (NaN)."""
+    values = scored_only(df)[column].dropna()
+    numbers = values.to_numpy(dtype=float)
+    result = pd.Series(np.nan, index=df.index, dtype=float)
+    if len(numbers):
+        at_or_below = np.searchsorted(np.sort(numbers), numbers, side="right")
+        result.loc[values.index] = at_or_below * 100.0 / len(numbers)
+    return result
+
+
+def with_percentiles(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """``df`` with ``<column>_percentile`` for each of ``columns`` (replaced where the input had one)."""
+    for column in dict.fromkeys(columns):
+        df = with_column(df, percentile_column(column), percentiles(df, column), pa.float64())
+    return df
+
+
+def percentile_columns(df: pd.DataFrame, also: Iterable[str] = ()) -> list[str]:
+    """The columns ``--percentiles`` rates: each task's score present in ``df``, then ``also`` (the column
+    ranked or selected by)."""
+    scores = [t.sort_column for t in all_tasks().values() if t.sort_column in df.columns]
+    return list(dict.fromkeys([*scores, *also]))
+
+
+def score_columns(df: pd.DataFrame) -> list[str]:
+    """Every task column present in ``df``, then the percentile columns: what write-back adds to a sample."""
+    tasks = [c for t in all_tasks().values() for c in t.columns if c in df.columns]
+    rated = [percentile_column(c) for c in tasks if percentile_column(c) in df.columns]
+    return [*tasks, *rated]
+
+
+def with_column(df: pd.DataFrame, name: str, values: pd.Series, kind: pa.DataType) -> pd.DataFrame:
+    """``df`` with one column set, and the Arrow schema it was read with (``attrs``) grown to match, so
+    ``write_rows`` keeps the input's own types (a map column) for the rest."""
+    schema = df.attrs.get("arrow_schema")
+    df = df.assign(**{name: values})
+    if isinstance(schema, pa.Schema):
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, kind))
+        df.attrs["arrow_schema"] = schema
+    return df
 
 
 @dataclass
