@@ -142,7 +142,7 @@ FilterTopFraction = Annotated[
 FilterBy = Annotated[
     str | None,
     typer.Option(
-        help="For --top-fraction: a numeric column, or a task's score.",
+        help="For --top-fraction and --min-percentile: a numeric column, or a task's score.",
         metavar="COLUMN",
         rich_help_panel="Thresholds",
     ),
@@ -175,6 +175,63 @@ FilterOut = Annotated[
         help="A list of paths (.txt/.lst, or - for stdout), or rows (.csv/.parquet/.jsonl).",
         show_default="paths on stdout",
         metavar="FILE",
+        rich_help_panel="Output",
+    ),
+]
+FilterMinPercentile = Annotated[
+    float | None,
+    typer.Option(
+        help="Keep rows at or above percentile P (0-100) of --by, over every input row.",
+        metavar="P",
+        rich_help_panel="Thresholds",
+    ),
+]
+FilterAll = Annotated[
+    bool,
+    typer.Option(
+        "--all",
+        help="Keep every row, no criteria: with --to-shards/--to-parquet, scores for every sample.",
+        rich_help_panel="Thresholds",
+    ),
+]
+FilterRejected = Annotated[
+    str | None,
+    typer.Option(
+        help="Also write the rows not kept (.csv/.parquet/.jsonl), each with a 'rejected' column: why.",
+        metavar="FILE",
+        rich_help_panel="Output",
+    ),
+]
+Percentiles = Annotated[
+    bool,
+    typer.Option(
+        "--percentiles",
+        help="Add <score>_percentile (0-100: share of scored rows at or below; ties share the highest).",
+        rich_help_panel="Output",
+    ),
+]
+FilterToShards = Annotated[
+    Path | None,
+    typer.Option(
+        help="Write the kept samples to new tar shards: every file byte for byte, plus their scores.",
+        metavar="FOLDER",
+        rich_help_panel="Output",
+    ),
+]
+FilterSamplesPerShard = Annotated[
+    int | None,
+    typer.Option(
+        help="Samples in each shard --to-shards writes.",
+        show_default="10000",
+        metavar="N",
+        rich_help_panel="Output",
+    ),
+]
+FilterToParquet = Annotated[
+    Path | None,
+    typer.Option(
+        help="Write the kept rows of a parquet dataset, every column plus the scores, in the hub layout.",
+        metavar="FOLDER",
         rich_help_panel="Output",
     ),
 ]

@@ -16,17 +16,24 @@ from rich.text import Text
 
 from perceptscore._cli_options import Command, Group, ScoringArgs, scoring_options
 from perceptscore._cli_types import (
+    FilterAll,
     FilterBy,
     FilterCopyTo,
     FilterEmotion,
     FilterMaxMemorability,
     FilterMaxQuality,
     FilterMinMemorability,
+    FilterMinPercentile,
     FilterMinQuality,
     FilterOut,
     FilterPrint0,
+    FilterRejected,
+    FilterSamplesPerShard,
     FilterSymlinkTo,
+    FilterToParquet,
     FilterTopFraction,
+    FilterToShards,
+    Percentiles,
     ScoreAllowEmpty,
     ScoreEngine,
     ScoreIncremental,
@@ -234,6 +241,7 @@ def rank(
             "-o", "--out", help="Also write the ranked rows here.", metavar="FILE", rich_help_panel="Output"
         ),
     ] = None,
+    percentiles: Percentiles = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Rank images (or a scores file) by a task's score (-t) or any numeric column (--by); the top rows
@@ -241,7 +249,7 @@ def rank(
     from perceptscore.commands.score import write_rows
     from perceptscore.commands.select import ranked, ranking
 
-    plan = ranking(task, by)
+    plan = ranking(task, by, percentiles)
     options = scoring.options(plan.tasks)
     reporter = functools.partial(_reporter, quiet=scoring.quiet)
     rows, scored = ranked(inputs, plan, options, reporter, top, ascending, out, overwrite)
@@ -304,10 +312,17 @@ def filter_(
     emotion: FilterEmotion = None,
     top_fraction: FilterTopFraction = None,
     by: FilterBy = None,
+    min_percentile: FilterMinPercentile = None,
+    keep_all: FilterAll = False,
     copy_to: FilterCopyTo = None,
     symlink_to: FilterSymlinkTo = None,
     print0: FilterPrint0 = False,
     out: FilterOut = None,
+    rejected: FilterRejected = None,
+    percentiles: Percentiles = False,
+    to_shards: FilterToShards = None,
+    samples_per_shard: FilterSamplesPerShard = None,
+    to_parquet: FilterToParquet = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Keep the images that meet thresholds; list, copy or symlink them.
@@ -315,7 +330,7 @@ def filter_(
     Any numeric output column is a threshold: --min-COLUMN X and --max-COLUMN X (inclusive), e.g.
     --min-emotion-awe 0.3 or --max-quality_raw 0 (- or _ alike; a task's name means its score).
     """
-    from perceptscore.commands.select import column_options, keep
+    from perceptscore.commands.select import Wanted, column_options, keep
     from perceptscore.select import Criteria
 
     # Options no signature declares (--min-emotion-awe 0.3) reach us among the inputs: see below.
@@ -328,27 +343,18 @@ def filter_(
         emotions=[e.strip() for e in emotion.split(",") if e.strip()] if emotion else [],
         top_fraction=top_fraction,
         by=by,
+        min_percentile=min_percentile,
+        every=keep_all,
     )
     options = scoring.options([t.name for t in criteria.tasks()])
-    listing = out if out or copy_to or symlink_to else "-"  # by default, the kept paths on stdout
+    # by default, the kept paths on stdout
+    listing = out if out or copy_to or symlink_to or to_shards or to_parquet else "-"
     reporter = functools.partial(_reporter, quiet=scoring.quiet)
-    kept = keep(paths or None, criteria, options, reporter, copy_to, symlink_to, listing, print0, overwrite)
-    if (copy_to or symlink_to) and not scoring.quiet:
-        verb = "symlinked" if symlink_to else "copied"
-        there = f", {kept.already} already there" if kept.already else ""
-        where = shown(str(copy_to or symlink_to))
-        err_console.print(f"{verb} {_count(kept.placed, 'file')} to {where}{there}")
-        for message in kept.failed:
-            err_console.print(Text.assemble(("not placed:", "red"), f" {shown(message)}"))
-    for path in kept.unlisted:
-        err_console.print(
-            Text.assemble(("not listed:", "red"), f" {shown(path)}: a newline in its name (--print0)")
-        )
-    if (copy_to or symlink_to) and scoring.quiet:
-        for message in kept.failed:
-            err_console.print(Text.assemble(("not placed:", "red"), f" {shown(message)}"))
-    if not scoring.quiet:
-        err_console.print(f"kept {len(kept.rows)} of {kept.scored.outcome.rows} files")
+    wanted = Wanted(listing, print0, copy_to, symlink_to, rejected, to_shards, to_parquet, samples_per_shard,
+                    percentiles, overwrite)  # fmt: skip
+    kept = keep(paths or None, criteria, options, reporter, wanted)
+    for label, text in kept.lines(scoring.quiet):
+        err_console.print(Text.assemble((label, "red"), f" {text}") if label else text)
     _unscored(kept.scored.outcome)
     raise typer.Exit(kept.exit_code)
 
