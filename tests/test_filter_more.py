@@ -12,9 +12,11 @@ import os
 import tarfile
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
+import webdataset as wds
 from test_cli_words import _main  # the console script in-process: exit code, stderr
 from typer.testing import CliRunner
 
@@ -269,7 +271,6 @@ def test_write_back_needs_rows_of_its_kind(
 # ---- write-back end to end ---------------------------------------------------------------------------
 def _img2dataset_shards(folder: Path, photos: list[Path], per_shard: int) -> list[Path]:
     """img2dataset's layout, written by webdataset's own ShardWriter: key.jpg, key.txt, key.json."""
-    wds = pytest.importorskip("webdataset")
     folder.mkdir()
     with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i, photo in enumerate(photos):
@@ -289,8 +290,6 @@ def _members(shards: list[Path]) -> dict[str, bytes]:
 
 
 def test_to_shards_through_the_cli(many_photos: Path, release_checkpoints, tmp_path: Path) -> None:
-    pytest.importorskip("perceptscore.writeback")
-    wds = pytest.importorskip("webdataset")
     shards = _img2dataset_shards(tmp_path / "shards", sorted(many_photos.iterdir())[:10], per_shard=4)
     scores = tmp_path / "scores.parquet"
     checkpoint = f"memorability={release_checkpoints['memorability'][0]}"
@@ -331,8 +330,6 @@ def test_to_shards_through_the_cli(many_photos: Path, release_checkpoints, tmp_p
 
 
 def test_to_parquet_through_the_cli(photo_dir: Path, release_checkpoints, tmp_path: Path) -> None:
-    pytest.importorskip("perceptscore.writeback.parquet")
-    datasets = pytest.importorskip("datasets")
     photos = sorted(photo_dir.iterdir())
     source = tmp_path / "source" / "data"
     source.mkdir(parents=True)
