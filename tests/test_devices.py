@@ -1,6 +1,6 @@
 """Devices as asked for and as found: a CUDA index checked against the GPUs there are (one-line errors, not a
 CUDA traceback after the weights loaded), and the Ray Scorer's decode concurrency from the CPUs it is given.
-conftest hides any GPU, so "no CUDA device" is what every test process sees."""
+conftest hides any GPU (unless PERCEPTSCORE_TEST_GPU=1): the expectations follow what torch sees."""
 
 from __future__ import annotations
 
@@ -39,11 +39,25 @@ def test_a_cuda_index_among_the_gpus_is_accepted(device: str, count: int) -> Non
     check_cuda_index(torch.device(device), count)
 
 
+def gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def missing_device_line() -> str:
+    """What ``--device cuda:<count>`` says here: one past the last GPU, or none at all."""
+    count = gpus()
+    if count == 0:
+        return f"cuda:0: no CUDA device (torch {torch.__version__} sees none); use --device cpu"
+    which = "only cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+    return f"cuda:{count}: this machine has {count} GPU{'s' * (count != 1)} ({which})"
+
+
 def test_resolve_device_checks_what_this_torch_sees() -> None:
-    assert resolve_device("auto") == torch.device("cpu")  # conftest hides the GPU
+    assert resolve_device("auto") == torch.device("cuda" if gpus() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(UsageError, match=r"^cuda:0: no CUDA device "):
-        resolve_device("cuda:0")
+    with pytest.raises(UsageError) as caught:
+        resolve_device(f"cuda:{gpus()}")
+    assert str(caught.value) == missing_device_line()
     with pytest.raises(UsageError, match=r"^unknown device 'gpu'"):
         resolve_device("gpu")
 
@@ -56,12 +70,13 @@ def test_cli_on_a_cuda_device_that_is_not_there_is_one_line(
     photo = str(sorted(photo_dir.glob("*.jpg"))[0])
     out = tmp_path / ("out.parquet" if command == "score" else "maps")
     done = subprocess.run(
-        [EXE, command, photo, "-t", "mem", "--checkpoint", checkpoint, "--device", "cuda:0", "-o", str(out)],
+        [EXE, command, photo, "-t", "mem", "--checkpoint", checkpoint, "--device", f"cuda:{gpus()}", "-o",
+         str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert line == f"error: cuda:0: no CUDA device (torch {torch.__version__} sees none); use --device cpu"
+    assert line == f"error: {missing_device_line()}"
     assert not out.exists()
 
 

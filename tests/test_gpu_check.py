@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import perceptscore
 
@@ -23,9 +24,9 @@ RESULTS = {
     "cli-defaults": r"8 rows, 0 errors on cpu fp32: .* PASS",
     "cli-three-tasks": r"2 rows, 0 errors on cpu fp32: .* PASS",
     "cli-fast-decode": r"8 rows, 0 errors on cpu fp32: .* PASS",
-    "cli-processes-2": r"skipped: 0 GPU\(s\) visible",
+    "cli-processes-2": r"skipped: [01] GPU\(s\) visible|8 rows, 0 errors on 2 processes on cpu fp32: .* PASS",
     "cli-explain": r"4 heatmaps for 4 images .* PASS",
-    "device-index": r"--device cuda:0: exit 2, 1 stderr line\(s\): error: cuda:0: no CUDA device .* PASS",
+    "device-index": r"--device cuda:(\d+): exit 2, 1 stderr line\(s\): error: cuda:\1: .* PASS",
     "trainer": r"fp16 on cpu, GradScaler on: a step of unreadable micro-batches skipped, .* PASS",
 }
 
@@ -58,6 +59,7 @@ def test_the_dry_run_prints_every_steps_result_and_passes(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host where torch sees no GPU")
 def test_a_failing_step_prints_one_line_and_the_next_runs(tmp_path: Path) -> None:
     """Steps that cannot run (here: no GPU, and not a dry run) each say why in one line; the next still
     runs, the summary counts them, the exit code is 1."""
