@@ -141,7 +141,7 @@ def decode_concurrency(cpus: float, cuda: bool) -> int:
     """Files one actor decodes at once, given the ``cpus`` Ray reserved for it. On a GPU every reserved
     core decodes (the model runs on the GPU; decoding is the limit), and never fewer than 2, so one file
     decodes while the other's crops are handed over. On CPU the model needs the cores (a ViT-L/14 image costs
-    a core ~1 s, its decode ~10 ms): a quarter of them, at least 1."""
+    a core a second or more, a 1 MP decode ~12 ms): a quarter of them, at least 1."""
     cores = max(1, int(cpus))
     return max(2, cores) if cuda else max(1, cores // 4)
 
