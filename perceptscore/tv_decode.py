@@ -21,8 +21,10 @@ How it compares with the Pillow path (``images.decode`` + ``prepare``; see tests
   therefore not the Pillow path's: quality scores differ by the spread of a 15-crop mean (stated in tests).
 
 Anything that is not a plain JPEG within ``max_pixels`` (PNG, WebP, MPO, ...), or that ``decode_jpeg``
-refuses (truncated, corrupt), goes through the Pillow path for that item: its pixels, or its error, exactly
-as ``decode_item`` would give them. Nothing here raises for a bad file.
+refuses (truncated, corrupt), goes through the Pillow path for that item (or the caller's ``fallback``):
+its pixels, or its error, exactly as ``decode_item`` would give them. Nothing here raises for a bad file.
+Unlike Pillow, torchvision's libjpeg-turbo prints its warnings ("Corrupt JPEG data: ...") on stderr, for
+files both decode anyway.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,9 +83,13 @@ def decode_batch(
     device: str | torch.device = "cpu",
     max_pixels: int = MAX_PIXELS,
     seeds: Sequence[int] | None = None,
+    fallback: Callable[[int], Prepared] | None = None,
 ) -> list[Prepared]:
     """Each file's bytes -> its crops for every spec, on ``device``, in input order. ``seeds``: each file's
-    ``crop_seed``, when already computed (only random-crop specs use them)."""
+    ``crop_seed``, when already computed (only random-crop specs use them). ``fallback(i)``: the outcome
+    of the ``i``-th file where torchvision does not decode it (default: the Pillow path, here); an engine
+    can pass one that decodes in an ``IsolatedDecoder`` child, so a hostile file cannot take the scoring
+    process down."""
     import torch
 
     device = torch.device(device)
@@ -95,7 +101,7 @@ def decode_batch(
     for i, raw in enumerate(data):
         img = decoded.get(i)
         if img is None:
-            out.append(_pillow(raw, specs, device, max_pixels))
+            out.append(fallback(i) if fallback else _pillow(raw, specs, device, max_pixels))
             continue
         upright = _upright(img, headers[i].orientation)  # type: ignore[union-attr]
         seed = seeds[i] if seeds is not None else None

@@ -248,6 +248,21 @@ def test_bad_and_other_files_fall_back_to_pillow_in_a_mixed_batch(capfd: pytest.
     capfd.readouterr()  # libjpeg-turbo's "Corrupt JPEG data" warning on stderr (see the report)
 
 
+def test_a_fallback_given_decides_for_the_files_torchvision_does_not_decode() -> None:
+    good = jpeg(sample("coffee.png"))
+    files = [good, good[:300], b"text", good]
+    asked: list[int] = []
+
+    def elsewhere(i: int) -> tv_decode.Prepared:
+        asked.append(i)
+        return tv_decode.Prepared(f"decoded elsewhere: {i}", {}, "isolated")
+
+    got = tv_decode.decode_batch(files, [MEM], fallback=elsewhere)
+    assert asked == [1, 2]
+    assert [g.error for g in got] == [None, "decoded elsewhere: 1", "decoded elsewhere: 2", None]
+    assert [g.decoder for g in got] == ["torchvision", "isolated", "isolated", "torchvision"]
+
+
 def test_files_over_the_pixel_limit_get_pillows_refusal() -> None:
     data = jpeg(sample("coffee.png"))  # 600 x 400
     got = tv_decode.decode_batch([data], [MEM], max_pixels=100_000)[0]
