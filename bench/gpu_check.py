@@ -9,7 +9,7 @@ one line and the next step runs; the last line counts them; exit code 1 if any f
 - device: GPU name, memory, compute capability, CUDA and torch versions, the package's path and version.
 - setup: a random model of the full ViT-L/14 size (built from the task's architecture: no download) saved
   per task in our split format (one shared base), and 1 MP photo-like JPEGs: a few distinct ones made in
-  parallel, copied to ``--images`` names (decoding each costs what it would; making 4,096 took minutes).
+  parallel, linked to ``--images`` names (decoding each costs what it would; making 4,096 took minutes).
 - precision: the emotion model's raw outputs on the device in fp32, fp16 and bf16 against the CPU in fp32,
   on 64 images with strong structure (stripes, checkerboards, gradients, smooth colour fields). A random
   head gives every image nearly the same output (differences ~1e-5, below fp16's rounding of the output),
@@ -126,7 +126,11 @@ def step_setup(c: Check) -> None:
                  f"shared base) in {took:.1f} s")  # fmt: skip
     start = time.perf_counter()
     c.photos = make_photos(c.folder / "photos", c.images, distinct=4 if c.dry else 32)
-    say("setup", f"{c.images} JPEGs of 1100x800 in {time.perf_counter() - start:.1f} s")
+    size = np.mean([p.stat().st_size for p in (c.photos.parent / "src").iterdir()])
+    say(
+        "setup",
+        f"{c.images} JPEGs of 1100x800 ({size / 1024:.0f} KiB each) in {time.perf_counter() - start:.1f} s",
+    )
 
 
 def make_checkpoints(dry: bool, folder: Path) -> dict[str, Path]:
@@ -169,7 +173,8 @@ def _photo(args: tuple[int, Path]) -> None:
 
 
 def make_photos(folder: Path, count: int, distinct: int) -> Path:
-    """``distinct`` JPEGs made in parallel, then copied to ``count`` names (each file is decoded in full)."""
+    """``distinct`` JPEGs made in parallel, then linked (copied where links fail) to ``count`` names: each
+    file is read and decoded in full, as a distinct one would be, and the page cache holds them all alike."""
     (folder / "src").mkdir(parents=True)
     sources = [folder / "src" / f"{i:03d}.jpg" for i in range(distinct)]
     with ProcessPoolExecutor(min(distinct, len(os.sched_getaffinity(0)))) as pool:
@@ -177,7 +182,10 @@ def make_photos(folder: Path, count: int, distinct: int) -> Path:
     images = folder / "images"
     images.mkdir()
     for i in range(count):
-        shutil.copyfile(sources[i % distinct], images / f"{i:06d}.jpg")
+        try:
+            os.link(sources[i % distinct], images / f"{i:06d}.jpg")
+        except OSError:
+            shutil.copyfile(sources[i % distinct], images / f"{i:06d}.jpg")
     return images
 
 

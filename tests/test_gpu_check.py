@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 # what each step's result line says (beyond "done in" and "FAILED")
 RESULTS = {
     "device": r"\d+ GPU\(s\) visible, \d+ cores usable; checking on cpu",
-    "setup": r"\d+ JPEGs of 1100x800 in ",
+    "setup": r"\d+ JPEGs of 1100x800 \(\d+ KiB each\) in ",
     "precision": r"cpu (fp32|fp16|bf16): max \|diff\| [\d.]+ \(limit [\d.]+\), Spearman min [\d.]+ .* PASS",
     "model-only": r"(fp16|bf16) batch \d+: [\d,]+ images/s = [\d.]+ TFLOP/s",
     "decode-only": r"(exact|--fast-decode): [\d,]+ images/s on \d+ workers",
