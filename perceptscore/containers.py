@@ -11,6 +11,7 @@ the item's own (a manifest row's) win over them.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -116,3 +117,29 @@ def expand(item: Item) -> Iterator[Item]:
     for part, (locator, extras) in enumerate(container.rows()):
         reason = locator.reason if isinstance(locator, Unavailable) else None
         yield Item(item.index, locator, {**extras, **item.extras}, error=reason, part=part)
+
+
+def description(container: Container) -> str:
+    """A container as JSON, to cross a pipe to the process that reads it (``--processes`` children): what
+    it reads and the run's passthrough schema, never its rows or bytes."""
+    from perceptscore.tables import schema_text
+
+    schema = schema_text(container.schema)
+    if isinstance(container, ShardRows):
+        return json.dumps({"shard": container.shard, "fields": container.fields, "schema": schema})
+    assert isinstance(container, TableRows)
+    task = container.task
+    return json.dumps({"dataset": container.dataset.description(), "schema": schema,
+                       "task": [task.file, task.local, task.part, task.first_row]})  # fmt: skip
+
+
+def described(text: str) -> Container:
+    from perceptscore.tables import Dataset, ReadTask, schema_of_text
+
+    found = json.loads(text)
+    schema = schema_of_text(found["schema"])
+    if "shard" in found:
+        return ShardRows(str(found["shard"]), tuple((str(k), str(v)) for k, v in found["fields"]), schema)
+    file, local, part, first = found["task"]
+    task = ReadTask(str(file), str(local), int(part), int(first))
+    return TableRows(Dataset.described(found["dataset"]), task, schema)

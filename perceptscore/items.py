@@ -42,18 +42,26 @@ ITEM, EXTRAS = "_item", "_extras"
 # locator already holds (a tar member read by the parent) travel with it; passthrough values never do.
 WIRE_SCHEMA = pa.schema(
     [("row_index", pa.int64()), ("path", pa.string()), ("error", pa.string()), ("data", pa.large_binary()),
-     ("known_size", pa.int64()), ("known_version", pa.int64())]
+     ("known_size", pa.int64()), ("known_version", pa.int64()), ("container", pa.string())]
 )  # fmt: skip
+# ``container``: a container item's description (``containers.description``: what to read, as JSON), so
+# the process it goes to reads its rows itself; null for any other item.
 
 
 def to_wire_batch(items: Sequence[Item]) -> pa.RecordBatch:
+    from perceptscore.containers import description, is_container
+
     wires = [to_wire(i.locator) for i in items]
+    described = [description(i.locator) if is_container(i.locator) else None for i in items]  # type: ignore[arg-type]
     columns = [[i.index for i in items], [w[0] for w in wires], [i.error for i in items],
-               *([w[k] for w in wires] for k in (1, 2, 3))]  # fmt: skip
+               *([w[k] for w in wires] for k in (1, 2, 3)), described]  # fmt: skip
     return pa.record_batch(columns, schema=WIRE_SCHEMA)
 
 
 def from_wire_batch(batch: pa.RecordBatch | pa.Table) -> Iterator[Item]:
+    from perceptscore.containers import described
+
     columns = (batch.column(name).to_pylist() for name in WIRE_SCHEMA.names)
-    for index, uri, error, data, size, version in zip(*columns, strict=True):
-        yield Item(index, from_wire(uri, data, size, version), {}, error)
+    for index, uri, error, data, size, version, container in zip(*columns, strict=True):
+        locator = described(container) if container is not None else from_wire(uri, data, size, version)
+        yield Item(index, locator, {}, error)

@@ -18,6 +18,7 @@ downloaded or written again scores only the rows whose image changed.
 
 from __future__ import annotations
 
+import base64
 import glob
 import hashlib
 import json
@@ -240,6 +241,24 @@ class Dataset:
     def columns_read(self) -> list[str]:
         return [self.column, *(source for source, _ in self._sources)]
 
+    def description(self) -> dict[str, Any]:
+        """What another process needs to read this dataset's tasks as here (``described``), as JSON: the
+        columns as chosen here, so no file is opened again to choose them."""
+        return {"kind": self.kind, "files": self.files, "named": self.named, "column": self.column,
+                "sources": self._sources, "inner_path": self._inner_path,
+                "passthrough": schema_text(self.passthrough)}  # fmt: skip
+
+    @staticmethod
+    def described(description: dict[str, Any]) -> Dataset:
+        kind = {c.kind: c for c in (ParquetDataset, ArrowDataset)}[description["kind"]]
+        dataset = object.__new__(kind)
+        dataset.files = [(str(a), str(b)) for a, b in description["files"]]
+        dataset.named, dataset.column = str(description["named"]), str(description["column"])
+        dataset._sources = [(str(a), str(b)) for a, b in description["sources"]]
+        dataset._inner_path = description["inner_path"]
+        dataset.passthrough = schema_of_text(description["passthrough"])
+        return dataset
+
     def read_tasks(self) -> Iterator[ReadTask]:
         raise NotImplementedError
 
@@ -275,6 +294,15 @@ class Dataset:
             if others is not None:
                 extras.update((name, others[i][source]) for source, name in self._sources)
             yield _locator(row_uri(file, self.column, first + i), data, inner), extras
+
+
+def schema_text(schema: pa.Schema) -> str:
+    """An Arrow schema as text for a JSON description (every type, nested ones too, kept exactly)."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def schema_of_text(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
 def _locator(uri: str, data: bytes | None, inner: str | None) -> Locator:

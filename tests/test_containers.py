@@ -295,3 +295,44 @@ def test_a_shards_rows_are_bit_identical_to_the_same_images_scored_loose(
     loose = scores([str(p) for p in photos], 0)
     for workers in (0, 1):
         assert np.abs(scores(shards, workers) - loose).max() == 0.0, workers
+
+
+@pytest.mark.slow
+def test_processes_children_read_the_containers_this_process_reads_no_image_bytes(
+    release_checkpoints, tmp_path: Path
+) -> None:
+    """``--processes 2``: a shard and a dataset's row groups go to the children as descriptions, read
+    there; this process's threads read far less than the images' size, and the rows (with their own
+    columns) are those of one local process, bit for bit (every container a whole number of batches)."""
+    from perceptscore.engines.process import ProcessEngine
+    from perceptscore.scorer import Scorer
+
+    inputs, image_bytes = noise_shard_and_dataset(tmp_path, 24)
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    scorer = Scorer(["memorability"], checkpoint, device="cpu", batch_size=4, workers=0)
+    alone = scorer.score([str(p) for p in inputs])
+    scorer.engine = ProcessEngine(2)  # type: ignore[assignment]
+    before = read_bytes()
+    shared = scorer.score([str(p) for p in inputs])
+    assert read_bytes() - before < 0.2 * image_bytes
+    assert len(shared) == 48 and shared["error"].isna().all()
+    pd.testing.assert_frame_equal(shared, alone)
+
+
+def test_processes_share_the_decode_workers_and_take_a_gpu_each(release_checkpoints) -> None:
+    """Each child gets its share of the decode workers (not all of them each), and GPU k; more
+    processes than GPUs is one line, not a CUDA error in a child."""
+    from dataclasses import replace
+
+    from perceptscore.engines.process import ProcessEngine
+    from perceptscore.errors import UsageError
+    from perceptscore.scorer import Scorer
+
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    plan = Scorer(["memorability"], checkpoint, device="cpu", workers=6).plan
+    assert [p.workers for p in ProcessEngine(2).child_plans(plan)] == [3, 3]
+    assert [p.workers for p in ProcessEngine(4).child_plans(replace(plan, workers=0))] == [0] * 4
+    on_gpus = ProcessEngine(2).child_plans(replace(plan, device="cuda"), gpus=2)
+    assert [(p.device, p.workers) for p in on_gpus] == [("cuda:0", 3), ("cuda:1", 3)]
+    with pytest.raises(UsageError, match="--processes 3: this machine has 2 GPUs"):
+        ProcessEngine(3).child_plans(replace(plan, device="cuda"), gpus=2)

@@ -151,11 +151,11 @@ def test_a_truncated_shard_is_one_error_row_then_retry_errors_reads_it_again(
 
 
 @pytest.mark.slow
-def test_processes_receive_member_bytes_and_never_reopen_the_shard(
+def test_processes_read_the_shard_in_a_child_and_score_it_as_loose_files(
     photo_dir: Path, release_checkpoints, tmp_path: Path
 ) -> None:
-    """``--processes 2``: the shard is read here; the children receive each member's bytes with its row
-    (``locators.to_wire``) and score them as the loose files score."""
+    """``--processes 2``: the shard goes to a child as its description and is read there (``containers``);
+    its rows score as the loose files score."""
     photos = sorted(photo_dir.iterdir())
     (shard,) = write_shards(tmp_path / "s", photos, per_shard=len(photos))
     out, loose = tmp_path / "p.parquet", tmp_path / "loose.parquet"

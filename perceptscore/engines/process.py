@@ -1,12 +1,18 @@
 """The process engine: several scoring processes, each a local engine with its own model (one per GPU).
 
 This process reads the items once and deals them out in blocks, block k to child k mod n, as Arrow
-record batches on each child's stdin; each child (``python -m perceptscore.engines.process``) receives the
-plan as JSON on its first line (its limits too: a child applies the run's, never its own environment's)
-and the storage options on the second, installs both (``limits.install``), scores what it is given in
-order and writes Arrow record batches to its stdout; this process takes block k's rows back from child k
-mod n, so the output is in input order, and hands each batch on as it arrives. A thread per child drains
-its results, so a child never waits on this process's reading order. The children ignore SIGINT and
+record batches on each child's stdin; a container (a tar shard, a dataset's row group) is a block of its
+own and travels as its description, so the child reads its rows itself and no image's bytes pass through
+this process. Each child (``python -m perceptscore.engines.process``) receives the plan as JSON on its
+first line (its limits too: a child applies the run's, never its own environment's) and the storage
+options on the second, installs both (``limits.install``), scores what it is given in order and writes
+its rows to its stdout, each naming its item (``ITEM``; a container's rows with their own values,
+``EXTRAS``), one framed Arrow stream per batch (a container's values have their own types). This process
+takes block k's rows back from child k mod n (its rows up to the block's last item: the block has ended
+when a later item's row, or the child's end, comes), so the output is in input order, and hands each
+batch on as it arrives. A thread per child drains its results, so a child never waits on this process's
+reading order. With GPUs, child k scores on GPU k and sets it as its current device; the decode workers
+are shared out between the children. The children ignore SIGINT and
 SIGTERM (a terminal's Ctrl-C or a service manager's stop reaches the whole group): this process decides
 when to stop, and ends them.
 
@@ -26,16 +32,18 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from dataclasses import replace
 from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
 
 from perceptscore import limits, remote
-from perceptscore.columns import core_schema
+from perceptscore.containers import is_container
 from perceptscore.errors import UsageError
-from perceptscore.items import WIRE_SCHEMA, Item, from_wire_batch, to_wire_batch
+from perceptscore.items import ITEM, WIRE_SCHEMA, Item, from_wire_batch, to_wire_batch
 from perceptscore.plan import ScoringPlan
 
 _DONE = object()
@@ -46,6 +54,7 @@ class ProcessEngine:
     shard's time limit act within a few batches, as in one process)."""
 
     name = "process"
+    reads_containers = True  # each child reads the containers dealt to it (``containers.description``)
 
     def __init__(self, processes: int, block_batches: int = 4) -> None:
         self.processes, self.block_batches = processes, block_batches
@@ -53,31 +62,34 @@ class ProcessEngine:
     def describe(self, plan: ScoringPlan) -> str:
         return f"{self.processes} processes on {plan.device}"
 
-    def child_plans(self, plan: ScoringPlan) -> list[ScoringPlan]:
-        """One GPU each when the plan says "cuda" (every visible GPU); else the same device, sharing the
-        cores between the processes."""
+    def child_plans(self, plan: ScoringPlan, gpus: int | None = None) -> list[ScoringPlan]:
+        """One GPU each when the plan says "cuda" (as many processes as GPUs at most: ``gpus``, counted
+        here if not given); else the same device, sharing the cores between the processes. The decode
+        workers are shared out too (a child of N starting them all would put N x the cores' worth of
+        decoders on the machine)."""
         n = self.processes
+        workers = max(1, plan.workers // n) if plan.workers else 0
         if plan.device == "cuda":
-            return [plan.on_device(f"cuda:{i}") for i in range(n)]
+            count = _gpu_count() if gpus is None else gpus
+            if n > count:
+                raise UsageError(f"--processes {n}: this machine has {count} GPU{'s' * (count != 1)}")
+            return [replace(plan.on_device(f"cuda:{i}"), workers=workers) for i in range(n)]
         threads = max(1, (os.cpu_count() or 1) // n) if plan.device == "cpu" else 0
-        return [plan.on_device(plan.device, threads) for _ in range(n)]
+        return [replace(plan.on_device(plan.device, threads), workers=workers) for _ in range(n)]
 
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
-        schema = core_schema(plan.task_specs())
         dealer: _Dealer | None = None
         try:
             with contextlib.ExitStack() as stack:
                 children = [
-                    stack.enter_context(_Child(p, i, self.processes, schema))
+                    stack.enter_context(_Child(p, i, self.processes))
                     for i, p in enumerate(self.child_plans(plan))
                 ]
                 dealer = _Dealer(items, children, plan.batch_size * self.block_batches)
                 stack.callback(dealer.stop)
                 while (block := dealer.next_block()) is not None:
-                    child, rows = block
-                    while rows:
-                        batch = children[child].take(rows, dealer)
-                        rows -= batch.num_rows
+                    child, last = block
+                    while (batch := children[child].take(last, dealer)) is not None:
                         yield batch
         finally:
             # The children are gone (a write to one fails now): the dealer ends. It must end before this
@@ -102,13 +114,12 @@ class _Dealer:
 
     def _deal(self, items: Iterable[Item]) -> None:
         try:
-            stream = iter(items)
-            k = 0
-            while not self._stopped and (block := list(islice(stream, self.block_rows))):
+            for k, block in enumerate(_blocks(iter(items), self.block_rows)):
+                if self._stopped:
+                    break
                 child = k % len(self.children)
                 self.children[child].send(block)
-                self.blocks.put((child, len(block)))
-                k += 1
+                self.blocks.put((child, block[-1].index))
         except BrokenPipeError:
             pass  # a child died: its reader reports why
         except BaseException as exc:  # e.g. inputs changed since the run was interrupted: raised in run()
@@ -133,9 +144,34 @@ class _Dealer:
         self._thread.join(timeout)
 
 
+def _blocks(items: Iterator[Item], most: int) -> Iterator[list[Item]]:
+    """Up to ``most`` items at a time; a container alone (its rows are many: the containers go round the
+    children one by one)."""
+    block: list[Item] = []
+    for item in items:
+        if is_container(item.locator):
+            if block:
+                yield block
+            yield [item]
+            block = []
+            continue
+        block.append(item)
+        if len(block) == most:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 class _Child:
-    def __init__(self, plan: ScoringPlan, number: int, of: int, schema: pa.Schema) -> None:
-        self.number, self.of, self.schema = number, of, schema
+    def __init__(self, plan: ScoringPlan, number: int, of: int) -> None:
+        self.number, self.of = number, of
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         # The child's lifeline: it gets the read end; the write end stays here only (not inheritable), so
         # the child reads EOF the moment this process is gone. A parent-death signal fires when the
@@ -188,29 +224,38 @@ class _Child:
 
     def _drain(self, stdout: IO[bytes]) -> None:
         try:
-            with pa.ipc.open_stream(stdout) as reader:
-                for batch in reader:
-                    self._results.put(batch)
+            while (batch := read_frame(stdout)) is not None:
+                self._results.put(batch)
         except (pa.ArrowInvalid, OSError):
             pass  # the child died mid-stream: take() reports it
         self._results.put(_DONE)
 
-    def take(self, most: int, dealer: _Dealer) -> pa.RecordBatch:
-        """This child's next rows, at most ``most`` of them, as soon as it has some."""
+    def take(self, last: int, dealer: _Dealer) -> pa.RecordBatch | None:
+        """This child's next rows of items up to ``last`` as soon as it has some; None once a later
+        item's row has come, or the child has ended (a block's last items may be containers without
+        rows: only what comes after them says they have ended)."""
         if self._held is None:
             batch = self._results.get()
             if batch is _DONE:
                 self._results.put(_DONE)
                 if dealer.error is not None:
                     raise dealer.error
+                if self.proc.wait() == 0:
+                    return None  # all it was dealt is scored
                 raise self._failure()
             self._held = batch
-        batch = self._held.slice(0, most)
-        self._held = self._held.slice(most) if self._held.num_rows > most else None
+        owners = self._held.column(ITEM).to_numpy()
+        mine = int(np.searchsorted(owners, last, side="right"))  # rows come in input order
+        if mine == 0:
+            return None
+        batch = self._held.slice(0, mine)
+        self._held = self._held.slice(mine) if self._held.num_rows > mine else None
         return batch
 
     def _failure(self) -> UsageError:
         code = self.proc.wait()
+        if code == 0:
+            return UsageError(f"scoring process {self.number + 1} of {self.of} ended before all it was dealt")
         self.log.seek(0)
         last = (self.log.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
         return UsageError(f"scoring process {self.number + 1} of {self.of} failed (exit code {code}): {last}")
@@ -271,17 +316,52 @@ def _child_main() -> int:
     remote.configure(remote.Settings(json.loads(stdin.readline())))  # remembered, to redact them
     limits.install(plan.limits)  # before anything reads a limit: the run's, not this environment's
 
+    if plan.device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(torch.device(plan.device))  # else each child opens a context on GPU 0 too
+    plain: deque[int] = deque()  # the plain items fed, whose rows come one each, in order
+
     def items() -> Iterator[Item]:
         with pa.ipc.open_stream(stdin) as reader:
             for batch in reader:
-                yield from from_wire_batch(batch)
+                for item in from_wire_batch(batch):
+                    if not is_container(item.locator):
+                        plain.append(item.index)
+                    yield item
 
-    writer = pa.ipc.new_stream(sys.stdout.buffer, core_schema(plan.task_specs()))
+    out = sys.stdout.buffer
     for batch in LocalEngine().run(plan, items()):
-        writer.write_batch(batch)
-        sys.stdout.buffer.flush()
-    writer.close()
+        if ITEM not in batch.schema.names:  # plain items' rows: name them
+            owners = [plain.popleft() for _ in range(batch.num_rows)]
+            batch = batch.append_column(ITEM, pa.array(owners, pa.int64()))
+        write_frame(out, batch)
     return 0
+
+
+def write_frame(out: IO[bytes], batch: pa.RecordBatch) -> None:
+    """One batch as a framed Arrow stream of its own (its length, then the stream): batches of containers
+    carry their values' types, which a single stream's one schema could not."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    data = sink.getvalue()
+    out.write(len(data).to_bytes(8, "little"))
+    out.write(data)
+    out.flush()
+
+
+def read_frame(stream: IO[bytes]) -> pa.RecordBatch | None:
+    """The next framed batch; None at the end. A frame cut short (its writer died) raises ``OSError``."""
+    head = stream.read(8)
+    if not head:
+        return None
+    size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    data = stream.read(size) if size >= 0 else b""
+    if size < 0 or len(data) != size:
+        raise OSError("a result cut short")
+    with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+        return reader.read_next_batch()
 
 
 if __name__ == "__main__":
