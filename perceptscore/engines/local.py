@@ -48,14 +48,15 @@ POLL_S = 5.0  # how often a wait for the workers looks up (torch's own check for
 START_S = 10.0  # what a worker may take, beyond its decodes, to start and hand a batch back
 
 
-def batch_wait(size: int, timeout: float) -> float:
+def batch_wait(size: int, timeout: float, fetch: float = 0.0) -> float:
     """The longest the main process waits for a batch of ``size`` before giving its workers up as stuck:
-    every decode in it at its time limit, plus the start. Past it a batch that will never come (an item
+    every decode in it at its time limit, the batch's remote objects fetched (together, within ``fetch``
+    seconds: ``Limits.deadline_seconds``), plus the start. Past it a batch that will never come (an item
     that failed to pickle on its way to a worker: torch drops it and waits for ever) is isolated like a
     worker's death, so no wait here is unbounded (a nightly job holds its run's lock while it waits)."""
     if timeout <= 0:  # no time limit on a decode (PERCEPTSCORE_DECODE_TIMEOUT=0): none on a batch either
         return float("inf")
-    return size * timeout + max(START_S, timeout)
+    return size * timeout + fetch + max(START_S, timeout)
 
 
 class _Stalled(RuntimeError):
@@ -69,13 +70,23 @@ def _bare(item: Item) -> Item:
 
 
 class _DecodeDataset(Dataset[Decoded]):
-    """Indexed by ``Item`` itself: the DataLoader's sampler streams the items to the workers."""
+    """Indexed by ``Item`` itself: the DataLoader's sampler streams the items to the workers, a chunk at a
+    time. A chunk's remote objects are fetched by the worker that decodes them, all at once
+    (``prefetched``, under the run's limits): no process but the decoding one holds their bytes, and a
+    chunk waits for its slowest object, not for the sum of their latencies."""
 
-    def __init__(self, specs: list[Preprocess], draft: int | None, timeout: float, max_pixels: int) -> None:
+    def __init__(
+        self, specs: list[Preprocess], draft: int | None, timeout: float, max_pixels: int, limits: Limits
+    ) -> None:
         self.specs, self.draft, self.timeout, self.max_pixels = specs, draft, timeout, max_pixels
+        self.limits = limits
 
     def __getitem__(self, item: Item) -> Decoded:  # type: ignore[override]
-        return timed_decode(item, self.specs, self.draft, self.max_pixels, self.timeout)
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[Item]) -> list[Decoded]:  # the DataLoader's call for a whole chunk
+        fetched = prefetched(items, self.limits)
+        return [timed_decode(i, self.specs, self.draft, self.max_pixels, self.timeout) for i in fetched]
 
 
 class _Chunks:
@@ -162,7 +173,7 @@ class LocalEngine:
         predictor = self.make_predictor(plan)
         specs = predictor.specs
         draft = draft_side(specs) if plan.fast_decode else None
-        dataset = _DecodeDataset(specs, draft, plan.limits.decode_timeout, plan.max_pixels)
+        dataset = _DecodeDataset(specs, draft, plan.limits.decode_timeout, plan.max_pixels, plan.limits)
         pin = torch.device(plan.device).type == "cuda"
         with isolating_worker_deaths():
             start = functools.partial(worker_init, limits=plan.limits, storage=remote.current())
@@ -172,8 +183,8 @@ class LocalEngine:
             while segments.more():
                 if segments.at_container():
                     yield from containers.batches(segments.containers())
-                else:  # remote objects: fetched ahead
-                    yield from run.batches(prefetched((_bare(i) for i in segments.plain()), plan.limits))
+                else:  # files and remote objects, each read by the worker that decodes it
+                    yield from run.batches(_bare(i) for i in segments.plain())
 
 
 def _container_run(run: _Run, plan: ScoringPlan, specs: list[Preprocess], draft: int | None) -> ContainerRun:
@@ -272,7 +283,7 @@ class _Run:
     ) -> Iterator[pa.RecordBatch]:
         """Score ``stream`` in chunks of ``size``; when a worker dies, ``after_death`` deals with the chunks
         in flight and returns the stream to go on with."""
-        bound = batch_wait(size, self.dataset.timeout)
+        bound = batch_wait(size, self.dataset.timeout, self.dataset.limits.deadline_seconds)
         while stream is not None:
             chunks = _Chunks(stream, size)
             batches = iter(self._loader(chunks, workers, prefetch))
