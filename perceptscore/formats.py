@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from perceptscore import parts
 from perceptscore.columns import ERROR, PATH
 from perceptscore.errors import UsageError
 
@@ -286,8 +287,25 @@ FORMATS: dict[str, Format] = {
 }
 
 
+class _PartsFolder(Format):
+    """A folder output's parts read as one scores table (``parts``); its provenance is in its manifest.
+    Not a format anything is written in through a writer: ``runs`` writes its parts."""
+
+    def provenance(self, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+        return parts.provenance(path)
+
+
+def _not_written(f: BinaryIO, schema: pa.Schema, about: dict[str, Any]) -> TableWriter:
+    raise UsageError("a folder of parts is written by score -o DIR/, not as one file")
+
+
+PARTS = _PartsFolder("/", _not_written, parts.read, False, parts.read_schema, parts.read_batches)
+
+
 def format_of(path: str | os.PathLike[str]) -> Format | None:
-    """The format a file name's suffix asks for, or None."""
+    """The format a file name's suffix asks for; a folder output (``parts``) as one table; else None."""
+    if parts.is_scores_folder(path):
+        return PARTS
     return FORMATS.get(Path(path).suffix.lower())
 
 
@@ -299,8 +317,11 @@ def meta_path(path: str | os.PathLike[str]) -> Path:
 
 
 def is_scores_file(path: str | os.PathLike[str]) -> bool:
-    """Written by ``perceptscore score``: a table format whose provenance is there."""
+    """Written by ``perceptscore score``: a table format whose provenance is there, or a folder of parts
+    with its manifest."""
     fmt = format_of(path)
+    if fmt is PARTS:
+        return fmt.provenance(path) is not None
     return fmt is not None and Path(path).is_file() and fmt.provenance(path) is not None
 
 
@@ -326,6 +347,8 @@ def read_columns(path: str, wanted: Callable[[pa.Schema], Sequence[str]]) -> pa.
     fmt = format_of(path)
     assert fmt is not None, path
     try:
+        if fmt is PARTS:
+            return parts.read(path, columns=list(wanted(parts.read_schema(path))))
         if fmt.suffix == ".parquet":
             return pq.read_table(path, columns=list(wanted(pq.read_schema(path))))
         if fmt.suffix == ".csv":

@@ -4,7 +4,6 @@ size and mtime), so only new and changed files are scored."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -39,7 +38,7 @@ class Previous:
         """``path``: a local scores file (a copy of ``named``, when that is a URL)."""
         option = "--retry-errors" if keep else "--incremental"
         shown_as = remote.without_secrets(named or path)
-        if not (Path(path).is_file() and is_scores_file(path)):
+        if not is_scores_file(path):
             raise UsageError(f"{option} {shown_as!r}: not a scores file written by perceptscore score")
         previous = cls(tasks, keep)
         table = read_scores(path)

@@ -835,7 +835,7 @@ class Retry(Input):
 
     @classmethod
     def claim(cls, text: str, context: Context) -> Input | None:
-        if not (os.path.isfile(text) and is_scores_file(text)):
+        if not is_scores_file(text):
             raise UsageError(f"--retry-errors {text!r}: not a scores file written by perceptscore score")
         return cls(ManifestTable(text, PATH, drop=context.reserved))
 

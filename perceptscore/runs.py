@@ -8,6 +8,11 @@ the shards in order and renamed into place, then the folder is removed.
 
 A container (a tar shard, a dataset's read task) is one input item of many rows: a shard never ends in the
 middle of one (its rows are held until the next item's come), so it is resumed whole or not at all.
+
+A folder output (``-o DIR/``, ``parts``) is the same run kept as it is: its shards are the output's parts,
+written in ``DIR`` itself, one per container (named after it) or per block of plain items, and its
+``run.json`` is ``DIR/_perceptscore_run.json``; finished, the manifest is written last instead of a file
+being assembled. In ``DIR`` a run removes only what it wrote: its parts and its state.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perceptscore import parts as parts_folder
 from perceptscore import remote
 from perceptscore._text import redacted_command
-from perceptscore.columns import FILE_MTIME, FILE_SIZE, PATH
+from perceptscore.columns import ERROR, FILE_MTIME, FILE_SIZE, PATH
 from perceptscore.containers import TableRows, is_container
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.items import Item
@@ -277,9 +283,14 @@ class ShardedRun:
         fingerprint: dict[str, Any],
         restart: bool = False,
         strict: bool = False,
+        parts: parts_folder.PartNames | None = None,
     ) -> None:
         self.out, self.schema, self.fingerprint, self.strict = out, schema, fingerprint, strict
-        self.folder = out.with_name(f".{out.name}.parts")
+        self.parts = parts  # a folder output: the shards are its parts, named by ``parts``
+        self.folder = out if parts else out.with_name(f".{out.name}.parts")
+        self.state = self.folder / (parts_folder.STATE if parts else "run.json")
+        self._names: dict[int, str] = {}  # a folder output: each container item's part name
+        self._uris: dict[int, str] = {}  # ... and the file it reads (row groups of one file: one part)
         self.discarded = 0
         self.salvaged: pa.Table | None = None  # an interrupted run's rows, its inputs having changed
         self.shards: list[Shard] = []
@@ -295,7 +306,7 @@ class ShardedRun:
             _check_ours(self.folder)
             if restart:
                 self.discarded = sum(s.row_count for s in self._scan())
-                shutil.rmtree(self.folder)
+                self._clear()
             else:
                 self._adopt()
         # The folder and run.json appear with the first shard, not before: a run stopped before it saved a
@@ -306,9 +317,27 @@ class ShardedRun:
         """Rows held by complete shards (at the start: what was continued)."""
         return sum(s.row_count for s in self.shards)
 
+    def _clear(self) -> None:
+        """Remove the run: its folder; in a folder output only what runs write there (parts, state, the
+        manifest of a finished run this one replaces, temporary files), never anything else."""
+        if not self.parts:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        (self.folder / parts_folder.MANIFEST).unlink(missing_ok=True)  # first: no longer complete
+        for shard in self._scan():
+            shard.path.unlink(missing_ok=True)
+        for partial in self.folder.rglob(".*.parquet.partial"):
+            partial.unlink(missing_ok=True)
+        self.state.unlink(missing_ok=True)
+
+    def _files(self) -> list[Path]:
+        if not self.parts:
+            return sorted(self.folder.glob("shard-*.parquet"))
+        return sorted(p for p in self.folder.rglob("*.parquet") if not p.name.startswith((".", "_")))
+
     def _scan(self) -> list[Shard]:
         shards = []
-        for path in sorted(self.folder.glob("shard-*.parquet")):
+        for path in self._files():
             try:
                 meta = pq.read_schema(path).metadata or {}
                 info = json.loads(meta.get(b"shard", b"{}"))
@@ -323,8 +352,10 @@ class ShardedRun:
         return shards
 
     def _adopt(self) -> None:
+        if self.parts and not self.state.exists():
+            return  # no run here: a finished output (replaced with --overwrite: ``_create``) or empty
         try:
-            previous = json.loads((self.folder / "run.json").read_text())
+            previous = json.loads(self.state.read_text())
             if not isinstance(previous, dict):
                 raise ValueError("not an object")
         except (OSError, ValueError):
@@ -332,11 +363,11 @@ class ShardedRun:
             # one was never more than begun (a full disk, a power loss). Its shards, if any, cannot be
             # told apart from another run's: nothing in it is reused.
             self.not_a_run = True
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self._clear()
             return
         shards = self._scan()
         if not shards:  # a run that saved no row holds nothing to continue: it never blocks a new one
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self._clear()
             return
         changed = [k for k in self.fingerprint if previous.get(k) != self.fingerprint[k]]
         if changed and not self.strict and set(changed) <= _INPUT_KEYS:
@@ -353,20 +384,24 @@ class ShardedRun:
                 "to discard it"
             )
         self.shards = shards
-        for partial in self.folder.glob(".shard-*.partial"):  # a shard a killed run was writing
+        for partial in self.folder.rglob(".*.partial"):  # a shard a killed run was writing
             partial.unlink(missing_ok=True)  # (this run holds the lock: no one else writes here)
 
     def _create(self) -> None:
         """The run's folder (this user's only) and its ``run.json``, whole or not at all (written, synced,
         renamed, and the folder synced), before the first shard."""
         if self._replace_folder:  # an earlier run's, salvaged: its rows are held here now
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self._clear()
             self._replace_folder = False
-        if os.path.isdir(self.folder) and (self.folder / "run.json").is_file():
+        if os.path.isdir(self.folder) and self.state.is_file():
             return
-        self.folder.mkdir(mode=0o700)
+        if self.parts:  # the user's folder: made if new; a finished output in it is replaced
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._clear()
+        else:
+            self.folder.mkdir(mode=0o700)
         run = json.dumps(self.fingerprint, indent=2, sort_keys=True).encode()
-        write_atomic(self.folder / "run.json", run, durable=True)
+        write_atomic(self.state, run, durable=True)
 
     def pending(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items no shard holds yet. Every row a shard holds is checked against the inputs (a digest
@@ -375,6 +410,9 @@ class ShardedRun:
         position, seen, last = 0, hashlib.sha256(), -1
         for item in items:
             last = item.index
+            if self.parts and is_container(item.locator):  # named in order, held or not: the same names
+                self._names[item.index] = self.parts.name(item.index, item.path)
+                self._uris[item.index] = item.path
             while position < len(shards) and shards[position].last < item.index:
                 position += 1
             if position < len(shards) and shards[position].first <= item.index:
@@ -410,7 +448,7 @@ class ShardedRun:
         self.shards = []
         self._replace_folder = keep_folder
         if not keep_folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self._clear()
 
     def add(self, indices: list[int], batch: pa.RecordBatch) -> None:
         """Rows in input order (a container's rows share its index); they start a new shard wherever an
@@ -421,14 +459,28 @@ class ShardedRun:
                 self._append(indices[start:n], batch.slice(start, n - start))
                 start = n
         self._append(indices[start:], batch.slice(start))
+        if self.parts and self._indices and self._indices[-1] in self._names:
+            return  # a container's part ends with its file only (``_append``)
         if len(self._indices) >= self.shard_rows or time.monotonic() - self._opened >= self.shard_seconds:
             self.flush()
 
     def _append(self, indices: list[int], batch: pa.RecordBatch) -> None:
         if self._indices and indices and indices[0] not in (self._indices[-1], self._indices[-1] + 1):
             self.flush(whole=True)  # the held rows' last item is complete: a later one has begun
+        elif (
+            self.parts
+            and self._indices
+            and indices
+            and self._part(indices[0]) != self._part(self._indices[-1])
+        ):
+            self.flush(whole=True)  # a folder output: a part per container file, or plain items only
         self._indices += indices
         self._batches.append(batch)
+
+    def _part(self, index: int) -> str | None:
+        """Which part an item's rows go to: its container's file (a dataset file's row groups share
+        one), or None for a plain item."""
+        return self._uris.get(index)
 
     def flush(self, whole: bool = False) -> None:
         """Write the rows held so far as one complete shard (temporary name, fsync, rename). The last item's
@@ -452,7 +504,8 @@ class ShardedRun:
         try:
             self._create()
         except OSError as exc:
-            shutil.rmtree(self.folder, ignore_errors=True)  # never a folder without a run.json
+            if not self.parts:
+                shutil.rmtree(self.folder, ignore_errors=True)  # never a folder without a run.json
             raise UsageError(f"cannot write in {self.folder.parent}: {one_line(exc)}") from None
         table = table.cast(self.schema)
         paths = table.column(PATH).to_pylist()
@@ -468,7 +521,8 @@ class ShardedRun:
             "rows": table.num_rows,
         }
         table = table.replace_schema_metadata({"shard": json.dumps(info)})
-        final = self.folder / f"shard-{first:012d}-{last:012d}.parquet"
+        final = self.folder / self._name(first, last)
+        final.parent.mkdir(parents=True, exist_ok=True)
         try:  # the clean-up of a killed run knows this temporary name (.shard-*.partial)
             with replaced_whole(
                 final, durable=True, follow=False, tmp=final.with_name(f".{final.name}.partial")
@@ -476,11 +530,35 @@ class ShardedRun:
                 pq.write_table(table, tmp)
         except OSError as exc:
             if not self.shards:  # a run folder holding no row is no use to anyone: not left behind
-                shutil.rmtree(self.folder, ignore_errors=True)
+                self._clear()
             raise UsageError(
                 f"cannot write {self.out.name}'s shards in {self.folder}: {one_line(exc)}"
             ) from None
         self.shards.append(Shard(first, last, paths[0], info["paths_sha256"], final, table.num_rows))
+
+    def _name(self, first: int, last: int) -> str:
+        if not self.parts:
+            return f"shard-{first:012d}-{last:012d}.parquet"
+        return self._names.get(first) or self.parts.plain(first)
+
+    def publish(self, about: dict[str, Any]) -> tuple[int, int]:
+        """A folder output, finished: the manifest (its parts in input order, rows and errors each),
+        written last; the run's state goes. Returns (rows, errors)."""
+        import pyarrow.compute as pc
+
+        self.flush(whole=True)
+        self._create()  # a run of no rows still makes its folder, with a manifest of no parts
+        listed = []
+        for shard in sorted(self.shards, key=lambda s: s.first):
+            errors = pq.read_table(shard.path, columns=[ERROR]).column(ERROR)
+            listed.append({
+                "file": shard.path.relative_to(self.folder).as_posix(), "rows": shard.row_count,
+                "errors": int(pc.sum(pc.is_valid(errors)).as_py() or 0), "first_item": shard.first,
+                "last_item": shard.last,
+            })  # fmt: skip
+        parts_folder.write_manifest(self.folder, about, listed, self.schema)
+        self.state.unlink(missing_ok=True)
+        return sum(p["rows"] for p in listed), sum(p["errors"] for p in listed)
 
     def _key(self, index: int, table: pa.Table, row: int) -> bytes:
         """The item's key as ``pending`` recorded it; for rows added without it, the row's own."""
@@ -523,7 +601,11 @@ class ShardedRun:
         return found
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The run's state, once its output is whole: its folder; a folder output's state file only."""
+        if self.parts:
+            self.state.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _check_ours(folder: Path) -> None:

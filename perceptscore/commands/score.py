@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import pandas as pd
 import pyarrow as pa
 
-from perceptscore import engines, remote
+from perceptscore import engines, parts, remote
 from perceptscore._text import shown
 from perceptscore.columns import ERROR, PATH
 from perceptscore.destinations import RemoteOutput
@@ -118,6 +118,7 @@ class ScoreJob:
     retry_errors: str | None = None
     guards: Safeguards = field(default_factory=Safeguards)
     notes: list[str] = field(default_factory=list)  # said in the summary, before the run's own
+    folder: bool = field(default=False, init=False)  # -o DIR/: a part per read task (``parts``)
     destination: RemoteOutput | None = field(default=None, init=False)  # -o URL: written here, uploaded
     checked: Checked | None = field(default=None, init=False)
 
@@ -132,6 +133,10 @@ class ScoreJob:
             self.inputs, self.incremental, self.retry_errors, self.notes
         )
         self.destination = RemoteOutput(self.out) if remote.is_remote(self.out) else None
+        self.folder = self.out != "-" and parts.is_folder_output(self.out)
+        if self.folder:
+            _check_folder_output(self.out, self.destination, self.inputs, self.incremental, self.retry_errors,
+                                 self.guards)  # fmt: skip
         _check_outputs(
             self.out, self.destination, self.inputs, self.incremental, self.retry_errors, self.report,
             self.guards,
@@ -143,7 +148,11 @@ class ScoreJob:
         if self.destination is not None:
             self.destination.prepare()  # a bucket that refuses writes fails now, not after the run
         remote_output = self.destination is not None
-        earlier = _guard_output(self.out, remote_output, self.incremental, old, self.options, self.guards)
+        earlier = (
+            Earlier(old, self.incremental) if self.folder and old and self.incremental
+            else None if self.folder
+            else _guard_output(self.out, remote_output, self.incremental, old, self.options, self.guards)
+        )  # fmt: skip
         self.checked = Checked(sources, previous, weights, earlier)
         return self.checked
 
@@ -209,10 +218,14 @@ class ScoreJob:
             "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
             "seconds": round(time.monotonic() - started, 3),
         }  # fmt: skip
-        sink = self._sink(plan, outcome, filled.run)
-        _assemble(
-            filled.run, filled.counted.count, sink, plan.schema(checked.sources.passthrough), about, outcome
-        )
+        if self.folder:  # the parts are the output: its manifest, last
+            outcome.rows, outcome.errors = filled.run.publish(about)
+        else:
+            sink = self._sink(plan, outcome, filled.run)
+            _assemble(
+                filled.run, filled.counted.count, sink, plan.schema(checked.sources.passthrough), about,
+                outcome,
+            )  # fmt: skip
         outcome.ignored = checked.sources.ignored
         if self.destination is None:  # (a remote output's, before its upload: _sink)
             self._completed(filled.run, outcome, plan.output)
@@ -256,9 +269,10 @@ class ScoreJob:
         ``--incremental`` does) and started over (``--resume`` insists on continuing: refused)."""
         sources, tasks = self._sources(), plan.task_specs()
         while True:
+            names = parts.PartNames(plan.inputs) if self.folder else None
             run = ShardedRun(
                 Path(plan.output), plan.schema(sources.passthrough), plan.fingerprint(), self.restart,
-                strict=self.resume,
+                strict=self.resume, parts=names,
             )  # fmt: skip
             if run.not_a_run:
                 outcome.notes.append(
@@ -354,13 +368,54 @@ def _check_outputs(
 ) -> None:  # fmt: skip
     """The output (and the report) can be written, and is none of the inputs."""
     allowed = [f for f in (incremental, retry_errors) if f]  # rewriting one of these is what was asked
-    if destination is None:
+    if parts.is_folder_output(out):
+        pass  # checked by _check_folder_output
+    elif destination is None:
         check_output(out)
         refuse_overwriting_an_input(out, [*inputs, *allowed], allowed=allowed)
     else:
         refuse_writing_over_a_remote_input(out, inputs, allowed)
     if report:
         _check_report(report, out, inputs, guards.overwrite)
+
+
+def _check_folder_output(
+    out: str, destination: RemoteOutput | None, inputs: Sequence[str], incremental: str | None,
+    retry_errors: str | None, guards: Safeguards,
+) -> None:  # fmt: skip
+    """``-o DIR/``: a folder that is new, empty, an unfinished run's, or a finished output replaced with
+    --overwrite; never a link, never an input's folder (or inside one), never the folder an earlier run's
+    scores are read from."""
+    shown_as = remote.without_secrets(out)
+    if destination is not None:
+        raise UsageError(f"-o {shown_as}: a folder output is written on this machine; name a local folder")
+    if os.path.islink(out.rstrip("/" + os.sep)) or (os.path.exists(out) and not os.path.isdir(out)):
+        raise UsageError(f"-o {shown_as}: not a folder (a file or a link)")
+    target = os.path.abspath(out).rstrip(os.sep) + os.sep
+    for text in inputs:
+        root = parts.input_root(text) if text != "-" else ""
+        if root and "://" not in root and target.startswith(root):
+            raise UsageError(f"-o {shown_as}: inside the input {text!r}; write the parts somewhere else")
+    for option, earlier in (("--incremental", incremental), ("--retry-errors", retry_errors)):
+        if earlier and os.path.abspath(earlier).rstrip(os.sep) + os.sep == target:
+            raise UsageError(
+                f"-o {shown_as} is the {option} folder: its parts would be replaced while they are read; "
+                f"write to a new folder ({option} {earlier} -o NEW/)"
+            )
+    if not os.path.isdir(out):
+        return
+    if parts.is_scores_folder(out) and not guards.overwrite:
+        rows = parts.manifest(out).get("rows", "?")
+        raise UsageError(
+            f"-o {shown_as} holds finished scores ({rows} rows): pass --overwrite to replace them"
+        )
+    ours = {parts.MANIFEST, parts.STATE}
+    others = [n for n in os.listdir(out) if n not in ours and not n.startswith(".")]
+    if others and not (parts.is_scores_folder(out) or os.path.exists(os.path.join(out, parts.STATE))):
+        raise UsageError(
+            f"-o {shown_as}: holds files that are not perceptscore's ({others[0]!r}); name a new or empty "
+            "folder"
+        )
 
 
 def _read_inputs(
