@@ -336,3 +336,77 @@ def test_processes_share_the_decode_workers_and_take_a_gpu_each(release_checkpoi
     assert [(p.device, p.workers) for p in on_gpus] == [("cuda:0", 3), ("cuda:1", 3)]
     with pytest.raises(UsageError, match="--processes 3: this machine has 2 GPUs"):
         ProcessEngine(3).child_plans(replace(plan, device="cuda"), gpus=2)
+
+
+class _ThreadReads:
+    """Bytes read by this process's threads during a block, sampled every few ms so that a thread which
+    ends before the block does (a fetch pool's) is counted too: its last count seen is kept."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: dict[str, int] = {}
+        self.start = self._counts()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _counts() -> dict[str, int]:
+        import os
+
+        counts = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/io") as f:
+                    counts[tid] = next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+            except OSError:
+                continue
+        return counts
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.003):
+            for tid, count in self._counts().items():
+                self.seen[tid] = max(count, self.seen.get(tid, 0))
+
+    def __enter__(self) -> _ThreadReads:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def total(self) -> int:
+        return sum(count - self.start.get(tid, 0) for tid, count in self.seen.items())
+
+
+@pytest.mark.remote
+def test_remote_objects_are_fetched_by_the_worker_that_decodes_them(
+    release_checkpoints, http_server, tmp_path: Path
+) -> None:
+    """URLs: each chunk's objects are fetched in its decode worker, so this process's threads read far less
+    than the images' size; with no workers (fetched here) the same count sees them. Rows alike."""
+    from PIL import Image
+
+    from perceptscore.scorer import Scorer
+
+    rng = np.random.default_rng(3)
+    urls, size = [], 0
+    for n in range(16):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        http_server.files[f"/noise/{n:02d}.jpg"] = buffer.getvalue()
+        urls.append(http_server.url(f"/noise/{n:02d}.jpg"))
+        size += len(buffer.getvalue())
+    checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
+    frames, counted = [], []
+    for workers in (0, 1):
+        scorer = Scorer(["memorability"], checkpoint, device="cpu", batch_size=4, workers=workers)
+        with _ThreadReads() as reads:
+            frames.append(scorer.score(urls))
+        counted.append(reads.total)
+    here, in_workers = counted
+    assert here > size and in_workers < 0.2 * size, (here, in_workers, size)
+    assert frames[0]["error"].isna().all() and frames[0]["path"].tolist() == urls
+    pd.testing.assert_frame_equal(frames[0], frames[1])
