@@ -1,10 +1,11 @@
 """Decode + preprocess per worker: exact Pillow, draft Pillow (``--fast-decode``) and ``tv_decode``
 (torchvision ``decode_jpeg`` + tensor resize) on the same 1 MP JPEGs, and what that means for 2,500 img/s.
 
-    python bench/decode.py [--task memorability] [--images 8] [--seconds 3] [--rounds 3]
+    python bench/decode.py [--task memorability] [--images 8] [--seconds 2] [--rounds 3]
                            [--device cuda] [--batch 128] [--dry-run]
 
---images distinct ~1 MP photos (1152x864, quality 90, from scikit-image's samples) are written once to a
+--images distinct ~1 MP photos (1152x864, quality 90, from scikit-image's samples; synthetic ones where
+scikit-image is missing, as on the lent GPU machines: the output says which) are written once to a
 temporary folder; each variant runs in its own process (one thread: ``torch.set_num_threads(1)`` and
 OMP_NUM_THREADS=1, as one decode worker), reads the files into memory, warms up on one pass, then decodes
 and prepares them round and round for --seconds. Rounds are interleaved (exact, draft, tv, exact, ...) and
@@ -21,7 +22,10 @@ reached ~1,050 / ~1,650 img/s (exact / draft) on 16 cores where this projects hi
 batches of --batch, in this process: wall ms per image (synchronised) and the scoring process's own CPU
 ms per image (what one process must spend to feed the GPU). --dry-run: two images, tiny durations, every
 variant in this process; with --device cuda on a machine without CUDA the device variant runs on the CPU
-(so the code path imports and runs anywhere, e.g. in the tests).
+(so the code path imports and runs anywhere, e.g. in the tests). Runs from a bare source tree too (no
+install: the registry is read from weights/registry.json). About 1 minute; on a GPU machine:
+
+    python bench/decode.py --device cuda --task memorability,quality
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import perceptscore  # noqa: F401 - installed (pip install -e . or a wheel)
+except ModuleNotFoundError:  # a bare source tree (the lent GPU machines): its modules, from here
+    sys.path.insert(0, str(ROOT))
 
 GOAL = 2500  # images/s, issue 25
 SIZE = (1152, 864)  # ~1 MP (995,328 pixels), 4:3 like most camera photos
@@ -58,26 +68,72 @@ LABELS = {
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
-    """``count`` distinct 1 MP JPEGs: scikit-image's samples resized (and mirrored past the first round)."""
-    from importlib import resources
-
+    """``count`` distinct 1 MP JPEGs: scikit-image's samples resized (and mirrored past the first round),
+    or, where scikit-image is missing (the lent GPU machines), synthetic ones."""
     from PIL import Image, ImageOps
 
     paths = []
     for i in range(count):
-        with resources.files("skimage.data").joinpath(SAMPLES[i % len(SAMPLES)]).open("rb") as f:
-            img = Image.open(f).convert("RGB").resize(SIZE, Image.Resampling.BICUBIC)
+        img = sample(SAMPLES[i % len(SAMPLES)], i)
         if (i // len(SAMPLES)) % 2:
             img = ImageOps.mirror(img)
         paths.append(folder / f"{i:03d}.jpg")
-        img.save(paths[-1], quality=90)
+        img.resize(SIZE, Image.Resampling.BICUBIC).save(paths[-1], quality=90)
     return paths
 
 
-def specs_of(tasks: str) -> list:
-    from perceptscore.tasks import get_task
+def sample(name: str, seed: int):
+    from PIL import Image
 
-    return list(dict.fromkeys(get_task(t.strip()).preprocess for t in tasks.split(",")))
+    try:
+        from importlib import resources
+
+        with resources.files("skimage.data").joinpath(name).open("rb") as f:
+            return Image.open(f).convert("RGB")
+    except ModuleNotFoundError:
+        return synthetic(seed)
+
+
+def has_samples() -> bool:
+    try:
+        import skimage.data  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def synthetic(seed: int):
+    """A photo-like stand-in: smooth colour fields (upsampled noise), hard-edged shapes, grain. Real
+    photos usually carry more detail, so they decode somewhat slower: the output says which were used."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (27, 36, 3), dtype=np.uint8)).resize(
+        SIZE, Image.Resampling.BICUBIC
+    )
+    draw = ImageDraw.Draw(base)
+    for _ in range(40):
+        x, y = int(rng.integers(0, SIZE[0])), int(rng.integers(0, SIZE[1]))
+        w, h = (int(v) for v in rng.integers(10, 200, size=2))
+        draw.ellipse((x, y, x + w, y + h), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+    grain = rng.normal(0, 8, (SIZE[1], SIZE[0], 3))
+    return Image.fromarray(np.clip(np.asarray(base, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+
+
+def specs_of(tasks: str) -> list:
+    """The tasks' preprocessings, from the installed package's registry or, run from a source tree that
+    is not installed (a lent GPU machine), from weights/registry.json beside this folder."""
+    from perceptscore.tasks import Preprocess, get_task
+
+    try:
+        return list(dict.fromkeys(get_task(t.strip()).preprocess for t in tasks.split(",")))
+    except ModuleNotFoundError:  # perceptscore.weights exists only once the package is installed
+        registry = json.loads((ROOT / "weights" / "registry.json").read_text(encoding="utf-8"))["tasks"]
+        named = {a: d for n, d in registry.items() for a in (n, *d["aliases"])}
+        return list(
+            dict.fromkeys(Preprocess.from_dict(named[t.strip()]["preprocess"]) for t in tasks.split(","))
+        )
 
 
 def step(variant: str, specs: list, device: str, batch: int, data: list[bytes]) -> Callable[[], None]:
@@ -232,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         paths = make_images(Path(tmp), args.images)
-        print(f"{len(paths)} JPEGs {SIZE[0]}x{SIZE[1]} (~1 MP), task(s) {args.task}; per-worker timings:")
+        kind = "scikit-image samples" if has_samples() else "SYNTHETIC: scikit-image is not installed"
+        print(f"{len(paths)} JPEGs {SIZE[0]}x{SIZE[1]} (~1 MP, {kind}), task(s) {args.task}")
+        print("per-worker timings:")
         ms = measure_cpu(Path(tmp), paths, args)
         print_table(ms, [int(n) for n in args.cores.split(",")])
         if args.device:
