@@ -34,7 +34,7 @@ import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from PIL import Image
@@ -47,9 +47,12 @@ from perceptscore.tasks import Preprocess
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Prepared", "crop_seed", "decode_batch", "stack"]
+__all__ = ["Header", "Prepared", "crop_seed", "decode_batch", "probe", "stack"]
 
 TORCHVISION, PILLOW = "torchvision", "pillow"
+# A file's bytes: ``bytes``, or a 1-D uint8 CPU tensor (e.g. a slice of one shared-memory tensor that carries
+# a whole batch's files from the decode workers: no pickling of each file, and no copy for decode_jpeg).
+FileBytes = Union[bytes, "torch.Tensor"]
 _ORIENTATION = 0x0112  # EXIF Orientation
 
 
@@ -64,21 +67,23 @@ class Prepared:
 
 
 @dataclass(frozen=True)
-class _Header:
+class Header:
+    """What ``probe`` reads of a JPEG: its stored size (before orientation), EXIF orientation, mode."""
+
     width: int
     height: int
     orientation: int
     mode: str
 
 
-def crop_seed(data: bytes) -> int:
+def crop_seed(data: FileBytes) -> int:
     """The random crops' seed for a file: a hash of its bytes. Cheap to compute where the bytes are read
     (a decode worker), so the process that owns the GPU need not hash ~0.2 MB per image itself."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(_buffer(data), digest_size=8).digest(), "little")
 
 
 def decode_batch(
-    data: Sequence[bytes],
+    data: Sequence[FileBytes],
     specs: Sequence[Preprocess],
     device: str | torch.device = "cpu",
     max_pixels: int = MAX_PIXELS,
@@ -93,7 +98,7 @@ def decode_batch(
     import torch
 
     device = torch.device(device)
-    headers = [_probe(d, max_pixels) for d in data]
+    headers = [probe(d, max_pixels) for d in data]
     jpegs = [i for i, h in enumerate(headers) if h is not None]
     images = _decode_jpegs([data[i] for i in jpegs], [headers[i] for i in jpegs], device)  # type: ignore[misc]
     decoded = dict(zip(jpegs, images, strict=True))
@@ -124,30 +129,32 @@ def stack(prepared: Sequence[Prepared], specs: Sequence[Preprocess]) -> dict[Pre
     }
 
 
-def _probe(data: bytes, max_pixels: int) -> _Header | None:
+def probe(data: FileBytes, max_pixels: int = MAX_PIXELS) -> Header | None:
     """Size, EXIF orientation and mode of a plain JPEG from its header (Pillow decodes nothing here), or
     None for anything the Pillow path should take: other formats (MPO included: Pillow reads it frame by
     frame), files over ``max_pixels`` (the Pillow path words the refusal), files Pillow cannot open."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(_buffer(data))) as img:
                 if img.format != "JPEG" or img.width * img.height > max_pixels:
                     return None
                 # getexif is what exif_transpose reads (it also takes an XMP tiff:Orientation)
                 orientation = img.getexif().get(_ORIENTATION, 1)
-                return _Header(img.width, img.height, int(orientation), img.mode)
+                return Header(img.width, img.height, int(orientation), img.mode)
     except Exception:  # any failure to read the header: the Pillow path gives the reason
         return None
 
 
 def _decode_jpegs(
-    data: list[bytes], headers: list[_Header], device: torch.device
+    data: list[bytes], headers: list[Header], device: torch.device
 ) -> list[torch.Tensor | None]:
     """``decode_jpeg`` in RGB mode; None where it fails, or where its pixels would not be Pillow's."""
     import torch
 
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    tensors = [
+        d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data
+    ]
     out: list[torch.Tensor | None] = [None] * len(data)
     on_gpu = [i for i, h in enumerate(headers) if device.type == "cuda" and h.mode in ("RGB", "L")]
     if on_gpu:
@@ -209,7 +216,7 @@ def _upright(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
-def _prepare(img: torch.Tensor, spec: Preprocess, data: bytes, seed: int | None) -> torch.Tensor:
+def _prepare(img: torch.Tensor, spec: Preprocess, data: FileBytes, seed: int | None) -> torch.Tensor:
     """Upright (3, H, W) uint8 -> (crops, 3, crop, crop) uint8, channels last, as ``preprocess.prepare``."""
     import torch
 
@@ -240,6 +247,11 @@ def _resize(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return F.resize(img, [new_h, new_w], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
 
 
+def _buffer(data: FileBytes) -> bytes | memoryview:
+    """The bytes as a buffer Pillow and hashlib read (a tensor's own memory, not a copy)."""
+    return data if isinstance(data, bytes) else memoryview(data.contiguous().numpy())
+
+
 def _random_offsets(seed: int, height: int, width: int, crops: int, crop: int) -> list[tuple[int, int]]:
     """``preprocess.random_crop_offsets``'s draws, from a generator seeded by the file, not its pixels."""
     rng = np.random.default_rng([CROP_SEED, seed])
@@ -248,12 +260,12 @@ def _random_offsets(seed: int, height: int, width: int, crops: int, crop: int) -
     return [(int(t), int(c)) for t, c in zip(tops, lefts, strict=True)]
 
 
-def _pillow(data: bytes, specs: Sequence[Preprocess], device: torch.device, max_pixels: int) -> Prepared:
+def _pillow(data: FileBytes, specs: Sequence[Preprocess], device: torch.device, max_pixels: int) -> Prepared:
     """The Pillow path (``images.decode`` + ``preprocess.prepare``, no draft) for one file's bytes."""
     import torch
 
     try:
-        img = decode(io.BytesIO(data), None, max_pixels)
+        img = decode(io.BytesIO(_buffer(data)), None, max_pixels)
     except DecodeError as exc:
         return Prepared(str(exc), {}, PILLOW)
     try:

@@ -263,6 +263,39 @@ def test_a_fallback_given_decides_for_the_files_torchvision_does_not_decode() ->
     assert [g.decoder for g in got] == ["torchvision", "isolated", "isolated", "torchvision"]
 
 
+def test_files_given_as_slices_of_one_tensor_decode_as_their_bytes() -> None:
+    """How workers could ship a batch's files: one uint8 tensor (shared memory), each file a slice."""
+    photo = sample("astronaut.png")
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    files = [jpeg(photo), png.getvalue(), b"junk", jpeg(photo.rotate(90))]
+    ends = np.cumsum([len(f) for f in files]).tolist()
+    whole = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8)
+    slices = [whole[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    from_bytes = tv_decode.decode_batch(files, [MEM, QUALITY])
+    from_slices = tv_decode.decode_batch(slices, [MEM, QUALITY])
+    assert [tv_decode.crop_seed(t) for t in slices] == [tv_decode.crop_seed(f) for f in files]
+    assert [(p.error, p.decoder) for p in from_slices] == [(p.error, p.decoder) for p in from_bytes]
+    for a, b in zip(from_slices, from_bytes, strict=True):
+        assert a.pixels.keys() == b.pixels.keys()
+        assert all(torch.equal(a.pixels[s], b.pixels[s]) for s in a.pixels)
+
+
+def test_probe_reads_what_a_worker_needs_to_route_a_file() -> None:
+    """Header only: stored size, orientation, mode; None for whatever the Pillow path must take."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = sample("coffee.png")  # 600 x 400
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    assert tv_decode.probe(jpeg(photo, exif=exif)) == tv_decode.Header(600, 400, 6, "RGB")
+    assert tv_decode.probe(jpeg(photo.convert("CMYK"))) == tv_decode.Header(600, 400, 1, "CMYK")
+    assert tv_decode.probe(jpeg(photo.convert("L"))) == tv_decode.Header(600, 400, 1, "L")
+    assert tv_decode.probe(png.getvalue()) is None
+    assert tv_decode.probe(jpeg(photo), max_pixels=600 * 400 - 1) is None
+    assert tv_decode.probe(b"") is None
+
+
 def test_files_over_the_pixel_limit_get_pillows_refusal() -> None:
     data = jpeg(sample("coffee.png"))  # 600 x 400
     got = tv_decode.decode_batch([data], [MEM], max_pixels=100_000)[0]
