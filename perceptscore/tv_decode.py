@@ -147,7 +147,7 @@ def probe(data: FileBytes, max_pixels: int = MAX_PIXELS) -> Header | None:
 
 
 def _decode_jpegs(
-    data: list[bytes], headers: list[Header], device: torch.device
+    data: list[FileBytes], headers: list[Header], device: torch.device
 ) -> list[torch.Tensor | None]:
     """``decode_jpeg`` in RGB mode; None where it fails, or where its pixels would not be Pillow's."""
     import torch
