@@ -75,6 +75,7 @@ def test_a_part_per_shard_whose_union_is_the_single_file_output(
     assert len(pd.read_parquet(folder)) == len(one)
 
 
+@pytest.mark.slow
 def test_rank_filter_report_incremental_and_retry_read_the_folder(
     shard_glob: str, release_checkpoints, tmp_path: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_a_folder_of_loose_files_and_a_hub_dataset_get_their_own_part_names(
     )  # the same images, from bytes or from files
 
 
+@pytest.mark.slow
 def test_a_folder_output_is_refused_where_it_would_lose_or_mix_files(
     shard_folder: Path, shard_glob: str, release_checkpoints, tmp_path: Path
 ) -> None:
