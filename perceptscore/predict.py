@@ -24,7 +24,51 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 _log = logging.getLogger(__name__)
 
 
+class Launched:
+    """Raw outputs on their way to this process: on a GPU, copied into pinned memory behind the model's
+    kernels with an event recorded after them, so the caller can fetch the next batch while they run;
+    ``numpy()`` waits for the event. On the CPU, done already."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if out.device.type == "cuda":
+            self.host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.host.copy_(out, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = out
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
 @torch.inference_mode()
+def launch_raw(
+    model: Model,
+    task: Task,
+    crops: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    normalizer: Normalizer | None = None,
+) -> Launched:
+    """uint8 crops (n * crops_per_image, 3, H, W) -> raw outputs (n, outputs) averaged over each image's
+    crops, launched (``Launched``). The one place images meet a model: scoring and the trainer's
+    evaluation both go through it.
+
+    Normalised one model chunk at a time on ``device`` (``normalizer``'s reused buffers; pass the same one
+    from call to call): the values equal ``preprocess.normalize`` of the whole batch bit for bit, and no
+    float copy of all the crops is ever held (15 crops an image for quality)."""
+    arch = task.architecture
+    norm = normalizer if normalizer is not None else Normalizer(arch.mean, arch.std)
+    pixels = crops.to(device, non_blocking=True)
+    out = torch.cat([model(norm(chunk, dtype)).float() for chunk in pixels.split(batch_size)])
+    return Launched(out.view(-1, task.preprocess.crops, out.shape[-1]).mean(dim=1))
+
+
 def raw_outputs(
     model: Model,
     task: Task,
@@ -34,18 +78,18 @@ def raw_outputs(
     batch_size: int,
     normalizer: Normalizer | None = None,
 ) -> np.ndarray:
-    """uint8 crops (n * crops_per_image, 3, H, W) -> raw outputs (n, outputs) averaged over each image's
-    crops. The one place images meet a model: scoring and the trainer's evaluation both go through it.
+    """``launch_raw``, waited for."""
+    return launch_raw(model, task, crops, device, dtype, batch_size, normalizer).numpy()
 
-    Normalised one model chunk at a time on ``device`` (``normalizer``'s reused buffers; pass the same one
-    from call to call): the values equal ``preprocess.normalize`` of the whole batch bit for bit, and no
-    float copy of all the crops is ever held (15 crops an image for quality)."""
-    arch = task.architecture
-    norm = normalizer if normalizer is not None else Normalizer(arch.mean, arch.std)
-    pixels = crops.to(device, non_blocking=True)
-    out = torch.cat([model(norm(chunk, dtype)).float() for chunk in pixels.split(batch_size)])
-    per_image = out.view(-1, task.preprocess.crops, out.shape[-1]).mean(dim=1)
-    return per_image.cpu().numpy()
+
+class Pending:
+    """A batch's rows once its model outputs are here (``result``): a GPU computes them meanwhile."""
+
+    def __init__(self, finish: Callable[[], pa.RecordBatch]) -> None:
+        self._finish = finish
+
+    def result(self) -> pa.RecordBatch:
+        return self._finish()
 
 
 class Predictor:
@@ -79,7 +123,13 @@ class Predictor:
         return list(dict.fromkeys(t.preprocess for t in self.tasks))
 
     def __call__(self, batch: Batch) -> pa.RecordBatch:
-        return self.rows([i.path for i in batch.items], batch.errors, batch.stats, batch.pixels)
+        return self.submit(batch).result()
+
+    def submit(self, batch: Batch) -> Pending:
+        """Start scoring ``batch``; its rows come from ``result()``. An engine submits the next batch before
+        asking for this one's rows, so the GPU computes while it reads the next batch from its workers
+        (on the CPU the work is done here, and nothing changes)."""
+        return self.launch([i.path for i in batch.items], batch.errors, batch.stats, batch.pixels)
 
     def rows(
         self,
@@ -90,12 +140,28 @@ class Predictor:
     ) -> pa.RecordBatch:
         """Core rows for items given by their parts: ``pixels`` holds the crops of the rows without an
         error, stacked per preprocessing."""
-        values: dict[str, list[Any]] = {}
+        return self.launch(uris, errors, stats, pixels).result()
+
+    def launch(
+        self,
+        uris: Sequence[str],
+        errors: Sequence[str | None],
+        stats: Sequence[tuple[int, int] | None],
+        pixels: Mapping[Preprocess, torch.Tensor],
+    ) -> Pending:
+        launched: dict[str, Launched] = {}
         if any(e is None for e in errors):
             for task in self.tasks:
-                raw = raw_outputs(
+                launched[task.name] = launch_raw(
                     self.models[task.name], task, pixels[task.preprocess], self.device, self.dtype,
                     self.batch_size, self.normalizers[task.name],
                 )  # fmt: skip
-                values |= task.values(raw)
-        return scored_batch(self.tasks, uris, errors, stats, values)
+
+        def finish() -> pa.RecordBatch:
+            values: dict[str, list[Any]] = {}
+            for task in self.tasks:
+                if task.name in launched:
+                    values |= task.values(launched[task.name].numpy())
+            return scored_batch(self.tasks, uris, errors, stats, values)
+
+        return Pending(finish)

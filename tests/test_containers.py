@@ -410,3 +410,18 @@ def test_remote_objects_are_fetched_by_the_worker_that_decodes_them(
     assert here > size and in_workers < 0.2 * size, (here, in_workers, size)
     assert frames[0]["error"].isna().all() and frames[0]["path"].tolist() == urls
     pd.testing.assert_frame_equal(frames[0], frames[1])
+
+
+def test_the_batches_in_flight_fit_in_half_the_free_shared_memory() -> None:
+    """Quality's 15 crops at 64 images are 144 MB a batch: 14 workers x 4 ahead would want 8 GB of
+    /dev/shm; the workers decode fewer ahead (never under 1) so the batches in flight fit in half of it."""
+    from perceptscore.engines.local import PREFETCH, batch_bytes, prefetch_for
+    from perceptscore.tasks import get_task
+
+    quality = [get_task("quality").preprocess]
+    per_batch = batch_bytes(quality, 64)
+    assert per_batch == 64 * 15 * 3 * 224 * 224
+    assert prefetch_for(per_batch, 14, 4 << 30) == 1  # 2 GB / (14 x 144 MB) < 2: one each
+    assert prefetch_for(per_batch, 14, 64 << 30) == PREFETCH  # room for all of them
+    assert prefetch_for(per_batch, 2, 2 << 30) == 3  # 1 GB / (2 x 144 MB)
+    assert prefetch_for(per_batch, 0, 1) == PREFETCH and prefetch_for(per_batch, 4, None) == PREFETCH

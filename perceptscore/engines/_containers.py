@@ -25,7 +25,7 @@ from perceptscore.columns import core_schema
 from perceptscore.containers import Container
 from perceptscore.items import EXTRAS, ITEM, Item
 from perceptscore.locators import InMemory, Unavailable
-from perceptscore.predict import Predictor
+from perceptscore.predict import Pending, Predictor
 from perceptscore.tasks import Preprocess
 
 GROUP = 8  # containers per worker read in one pass (one set of workers; their rows held until in order)
@@ -175,13 +175,22 @@ class ContainerRun:
         while todo:
             jobs = [Job(h.job.index, h.job.container, h.done) for h in todo]
             workers = 1 if alone else min(self.workers, len(jobs))
+            pending: tuple[list[Sample], Pending | None] | None = None  # submitted: the GPU computes it
             try:
                 for samples, batch in self._read(jobs, workers, alone):
-                    self._score(samples, batch, by_index)
+                    submitted = (samples, self.predictor.submit(batch) if batch is not None else None)
+                    if pending is not None:  # the last one's rows, once the next is on its way
+                        self._place(*pending, by_index)
+                        given = yield from self._ready(group, given, extras)
+                    pending = submitted
+                if pending is not None:
+                    self._place(*pending, by_index)
                     given = yield from self._ready(group, given, extras)
             except RuntimeError as exc:
                 if not self.died(exc):
                     raise
+                if pending is not None:  # decoded and scored before the death: placed, not read again
+                    self._place(*pending, by_index)
                 unfinished = [h for h in todo if not h.ended]
                 if alone:  # the first row not scored is the one that killed its worker: an error row
                     self._fail(unfinished[0])
@@ -213,21 +222,24 @@ class ContainerRun:
         self, jobs: list[Job], workers: int, alone: bool
     ) -> Iterator[tuple[list[Sample], Batch | None]]:
         size = 1 if alone else self.size
+        args = self.loader_args(workers)
+        prefetch = args.pop("prefetch", 4)  # the engine's, bounded by the shared memory it may fill
         loader = DataLoader(
             self.reading(jobs),
             batch_size=size,
             num_workers=workers,
             collate_fn=_collate,
-            prefetch_factor=(1 if alone else 4) if workers else None,
-            **self.loader_args(workers),
+            prefetch_factor=(1 if alone else prefetch) if workers else None,
+            **args,
         )
         batches = iter(loader)
         while (got := self.next_batch(batches, size)) is not None:
             yield got
 
-    def _score(self, samples: list[Sample], batch: Batch | None, by_index: dict[int, _Held]) -> None:
-        """Score a batch; hand its rows to their containers (a container's rows in a batch are adjacent)."""
-        rows = self.predictor(batch) if batch is not None else None
+    def _place(self, samples: list[Sample], pending: Pending | None, by_index: dict[int, _Held]) -> None:
+        """A submitted batch's rows, handed to their containers (a container's rows in a batch are
+        adjacent)."""
+        rows = pending.result() if pending is not None else None
         position, start = 0, 0  # rows scored so far; where the current container's began
         for n, sample in enumerate(samples):
             held = by_index[sample.index]

@@ -32,7 +32,7 @@ from perceptscore.images import draft_side
 from perceptscore.items import Item
 from perceptscore.limits import Limits, current, install
 from perceptscore.plan import ScoringPlan
-from perceptscore.predict import Predictor
+from perceptscore.predict import Pending, Predictor
 from perceptscore.prefetch import prefetched
 from perceptscore.tasks import Preprocess
 
@@ -57,6 +57,36 @@ def batch_wait(size: int, timeout: float, fetch: float = 0.0) -> float:
     if timeout <= 0:  # no time limit on a decode (PERCEPTSCORE_DECODE_TIMEOUT=0): none on a batch either
         return float("inf")
     return size * timeout + fetch + max(START_S, timeout)
+
+
+SHM_SHARE = 0.5  # of /dev/shm's free space, the most the batches in flight from the workers may hold
+PREFETCH = 4  # batches a worker decodes ahead, where they fit
+
+
+def batch_bytes(specs: list[Preprocess], size: int) -> int:
+    """What one batch of crops holds in shared memory (uint8: 3 x crop x crop per crop, every spec)."""
+    return size * sum(3 * s.crop * s.crop * s.crops for s in specs)
+
+
+def prefetch_for(per_batch: int, workers: int, shm_free: int | None) -> int:
+    """Batches each worker decodes ahead: ``PREFETCH``, fewer where the batches in flight (workers x that,
+    each ``per_batch`` bytes in /dev/shm) would pass ``SHM_SHARE`` of its free space, never under 1.
+    (56 batches of quality's 15 crops at 64 images, 144 MB each, filled a 4 GB /dev/shm: a worker's bus
+    error then sent the run into one-file-at-a-time isolation.)"""
+    if not workers or shm_free is None or per_batch <= 0:
+        return PREFETCH
+    fits = int(SHM_SHARE * shm_free) // (workers * per_batch)
+    return max(1, min(PREFETCH, fits))
+
+
+def shm_free() -> int | None:
+    """Free bytes of /dev/shm, where the workers' batches travel; None where there is none to ask."""
+    import shutil
+
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
 
 
 class _Stalled(RuntimeError):
@@ -177,7 +207,8 @@ class LocalEngine:
         pin = torch.device(plan.device).type == "cuda"
         with isolating_worker_deaths():
             start = functools.partial(worker_init, limits=plan.limits, storage=remote.current())
-            run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin, start)
+            prefetch = prefetch_for(batch_bytes(specs, plan.batch_size), plan.workers, shm_free())
+            run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin, start, prefetch)
             containers = _container_run(run, plan, specs, draft)
             segments = _Segments(chain([first], stream), GROUP * max(1, plan.workers))
             while segments.more():
@@ -196,6 +227,7 @@ def _container_run(run: _Run, plan: ScoringPlan, specs: list[Preprocess], draft:
 
     def loader_args(workers: int) -> dict[str, Any]:
         return {
+            "prefetch": run.prefetch,
             "pin_memory": run.pin,
             "worker_init_fn": run.start if workers else None,
             "generator": torch.Generator(),
@@ -246,6 +278,7 @@ class _Run:
         workers: int,
         pin: bool,
         start: Callable[[int], None] = worker_init,
+        prefetch: int = PREFETCH,
     ) -> None:
         self.dataset, self.predictor, self.size, self.workers, self.pin = (
             dataset,
@@ -255,6 +288,7 @@ class _Run:
             pin,
         )
         self.start = start  # each decode worker's set-up (``worker_init`` with the run's limits)
+        self.prefetch = prefetch  # batches each worker decodes ahead (``prefetch_for``)
 
     def _loader(self, chunks: _Chunks, workers: int, prefetch: int = 4) -> DataLoader:
         return DataLoader(
@@ -271,7 +305,7 @@ class _Run:
         )
 
     def batches(self, stream: Iterator[Item]) -> Iterator[pa.RecordBatch]:
-        return self._attempts(stream, self.size, self.workers, 4, self._isolate)
+        return self._attempts(stream, self.size, self.workers, self.prefetch, self._isolate)
 
     def _attempts(
         self,
@@ -287,17 +321,23 @@ class _Run:
         while stream is not None:
             chunks = _Chunks(stream, size)
             batches = iter(self._loader(chunks, workers, prefetch))
+            pending: Pending | None = None  # submitted, its rows not given yet: the GPU computes them
             try:
                 while (batch := _next_batch(batches, bound)) is not None:
-                    scored = self.predictor(batch)
-                    chunks.outstanding.popleft()
-                    yield scored
+                    submitted = self.predictor.submit(batch)  # before the last one's rows are waited for
+                    if pending is not None:
+                        yield from _given(pending, chunks)
+                    pending = submitted
+                if pending is not None:
+                    yield from _given(pending, chunks)
                 return
             except RuntimeError as exc:
                 if not _worker_died(exc):
                     raise
             # out of the except block, its traceback gone: torch shuts the workers down with the iterator
             del batches
+            if pending is not None:  # decoded and scored before the death: given, not decoded again
+                yield from _given(pending, chunks)
             stream = yield from after_death(chunks)
 
     def _isolate(self, chunks: _Chunks) -> Generator[pa.RecordBatch, None, Iterator[Item] | None]:
@@ -314,6 +354,13 @@ class _Run:
         yield self.predictor(Batch.failed([culprit], reason))
         # the items prefetched behind the culprit go again, ahead of the rest
         return chain(_flat(single.outstanding), single.items)
+
+
+def _given(pending: Pending, chunks: _Chunks) -> Iterator[pa.RecordBatch]:
+    """A submitted batch's rows; its chunk is no longer outstanding (a death after this redoes the rest)."""
+    rows = pending.result()
+    chunks.outstanding.popleft()
+    yield rows
 
 
 def _flat(chunks: Iterable[list[Item]]) -> list[Item]:
