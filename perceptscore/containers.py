@@ -129,7 +129,7 @@ def description(container: Container) -> str:
         return json.dumps({"shard": container.shard, "fields": container.fields, "schema": schema})
     assert isinstance(container, TableRows)
     task = container.task
-    return json.dumps({"dataset": container.dataset.description(), "schema": schema,
+    return json.dumps({"dataset": container.dataset.description(task), "schema": schema,
                        "task": [task.file, task.local, task.part, task.first_row]})  # fmt: skip
 
 

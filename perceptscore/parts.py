@@ -1,16 +1,18 @@
 """A folder output (``-o DIR/``): one parquet part per input container (``00000.parquet`` for the tar
 shard ``00000.tar``, a dataset file's own relative name, ``data/train-00000-of-00002.parquet``), and the
 rows of plain inputs (files, URLs, manifest rows) in parts of ``part-<first item>.parquet``. Each part is
-complete under its name (written under a hidden temporary name, then renamed), so a million-shard run
-needs no final assembly and resumes part by part. ``_perceptscore.json``, written last, says the folder
-is complete: the provenance, the parts in input order, and their row and error counts. pandas, pyarrow
-and DuckDB read the folder as one table (they skip names that start with ``_`` or ``.``: the manifest,
-the run's state and temporary files); our readers (rank, filter, report, ``--incremental``,
-``--retry-errors``) read its parts in the manifest's order, which is input order.
+complete under its name in the run's own folder, ``DIR/.perceptscore-run/`` (written under a temporary
+name, then renamed), so a million-shard run resumes part by part; finished, the parts are moved into
+``DIR`` (renames, no assembly) by a journaled swap, and ``_perceptscore.json``, written last, says the
+folder is complete: the provenance, the parts in input order, and their row and error counts. pandas,
+pyarrow and DuckDB read the folder as one table (they skip names that start with ``_`` or ``.``: the
+manifest, the run's folder); our readers (rank, filter, report, ``--incremental``, ``--retry-errors``)
+read its parts in the manifest's order, which is input order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,8 +26,10 @@ import pyarrow.parquet as pq
 from perceptscore.errors import UsageError
 
 MANIFEST = "_perceptscore.json"  # written last: the folder is complete
-STATE = "_perceptscore_run.json"  # what an unfinished run is (``runs.ShardedRun``'s run.json)
+RUN = ".perceptscore-run"  # the run's own folder in DIR (``runs.ShardedRun``): its parts until the swap
+SWAP = "swap.json"  # in RUN: the swap under way (``swap``), finished by whoever finds it
 _SUFFIXES = (".tar", ".parquet", ".arrow")
+_PLAIN = re.compile(r"part-\d{12}")  # a block of plain rows' part; no container's part is named so
 
 
 def is_folder_output(out: str) -> bool:
@@ -38,8 +42,8 @@ def is_scores_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The folder's manifest, checked: every part a relative name inside the folder (a forged manifest
-    cannot make a reader open a file elsewhere)."""
+    """The folder's manifest, checked: every part a distinct relative ``.parquet`` name inside the folder
+    (a forged manifest cannot make a reader open a file elsewhere: ``part_files`` checks the files)."""
     where = Path(folder) / MANIFEST
     try:
         found = json.loads(where.read_text())
@@ -47,13 +51,23 @@ def manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{where}: unreadable ({' '.join(str(exc).split())[:200]})") from None
     for name in names:
-        if not _inside(name):
-            raise UsageError(f"{where}: part {name!r} is not a file inside the folder")
+        if not _inside(name) or not name.endswith(".parquet"):
+            raise UsageError(f"{where}: part {name!r} is not a .parquet file inside the folder")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{where}: a part is listed twice")
     return found
 
 
 def part_files(folder: str | os.PathLike[str]) -> list[Path]:
-    return [Path(folder) / str(p["file"]) for p in manifest(folder)["parts"]]
+    """The parts, each a regular file (not a link) whose real path is inside the folder."""
+    root = os.path.realpath(folder)
+    files = []
+    for part in (Path(folder) / str(p["file"]) for p in manifest(folder)["parts"]):
+        real = os.path.realpath(part)
+        if os.path.islink(part) or not part.is_file() or not real.startswith(root + os.sep):
+            raise UsageError(f"{folder}: part {part.name} is missing, a link, or outside the folder")
+        files.append(part)
+    return files
 
 
 def provenance(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -83,8 +97,13 @@ def read_batches(folder: str, strings: Sequence[str] = ()) -> Iterator[pa.Record
 
 
 def _inside(name: str) -> bool:
-    path = PurePosixPath(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+    parts = name.split("/")
+    return (
+        bool(name)
+        and not PurePosixPath(name).is_absolute()
+        and "\\" not in name
+        and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 class PartNames:
@@ -94,14 +113,18 @@ class PartNames:
 
     def __init__(self, inputs: Sequence[str]) -> None:
         self.roots = [input_root(text) for text in inputs]
-        self.taken: dict[str, int] = {}
+        self.taken: dict[str, int] = {}  # every name given (case-folded: a case-blind disk), to whom
 
     def name(self, index: int, uri: str) -> str:
         relative = _relative(uri, self.roots)
         stem = relative[: -len(suffix)] if (suffix := _suffix(relative)) else relative
-        name = f"{stem}.parquet"
-        owner = self.taken.setdefault(name, index)
-        return name if owner == index else f"{stem}-{index:012d}.parquet"
+        if _PLAIN.fullmatch(stem):
+            stem = f"x{stem}"  # never a plain block's name
+        for candidate in (stem, f"{stem}-{index:012d}", *(f"{stem}-{index:012d}-{k}" for k in range(2, 99))):
+            owner = self.taken.setdefault(f"{candidate}.parquet".casefold(), index)
+            if owner == index:
+                return f"{candidate}.parquet"
+        raise RuntimeError(f"no free part name for {stem}")  # 99 parts of one name and number: a bug
 
     @staticmethod
     def plain(first: int) -> str:
@@ -115,7 +138,8 @@ def input_root(text: str) -> str:
     text = text.removeprefix("@")
     magic = min((i for i in (text.find(c) for c in "*?[{") if i >= 0), default=-1)
     if magic >= 0:
-        text = text[:magic].rpartition("/")[0] or "."
+        head = text[:magic]
+        text = head.rpartition("/")[0] or ("/" if head.startswith("/") else ".")
         if "://" not in text:
             return os.path.abspath(text).rstrip(os.sep) + os.sep
     if "://" in text:
@@ -136,21 +160,29 @@ def _relative(uri: str, roots: Sequence[str]) -> str:
 
 
 def _safe(name: str) -> str:
-    """A part name made of the path's parts, with characters no file system objects to."""
-    return "/".join(re.sub(r"[^\w.=+-]", "_", p) or "_" for p in name.split("/") if p not in ("", "."))
+    """A part name made of the path's parts: characters no file system objects to replaced; a part that
+    readers would skip (``_`` or ``.`` first) or too long for a file name (with the temporary name's
+    additions) made visible and short."""
+    out = []
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            continue
+        part = re.sub(r"[^\w.=+-]", "_", part)
+        if part.startswith(("_", ".")):
+            part = f"x{part}"
+        if len(part.encode()) > 180:
+            digest = hashlib.sha256(part.encode()).hexdigest()[:16]
+            part = f"{part[:120]}-{digest}"
+        out.append(part)
+    return "/".join(out) or "part"
 
 
 def _suffix(name: str) -> str:
     return next((s for s in _SUFFIXES if name.lower().endswith(s)), "")
 
 
-def write_manifest(
-    folder: Path, about: dict[str, Any], parts: list[dict[str, Any]], schema: pa.Schema
-) -> None:
-    """The manifest, last and atomically: from now on the folder is a complete scores output."""
-    from perceptscore.sinks import write_atomic
-
-    body = {
+def manifest_body(about: dict[str, Any], parts: list[dict[str, Any]], schema: pa.Schema) -> dict[str, Any]:
+    return {
         "perceptscore_parts": 1,
         "provenance": about,
         "rows": sum(int(p["rows"]) for p in parts),
@@ -158,4 +190,48 @@ def write_manifest(
         "columns": schema.names,
         "parts": parts,
     }
-    write_atomic(folder / MANIFEST, json.dumps(body, indent=1).encode() + b"\n", durable=True)
+
+
+def swap(folder: Path, body: dict[str, Any]) -> None:
+    """Publish a finished run: its parts (in ``folder/RUN``) moved into ``folder`` in place of an earlier
+    output's, the manifest ``body`` written last. Journaled: the plan is written first (``SWAP``), so a
+    swap cut short (SIGKILL, power) is finished by the next run that finds it (``finish_swap``), and the
+    folder is never left holding two outputs' parts under one manifest."""
+    from perceptscore.sinks import write_atomic
+
+    old = [str(p["file"]) for p in manifest(folder)["parts"]] if is_scores_folder(folder) else []
+    journal = {"remove": old, "move": [str(p["file"]) for p in body["parts"]], "manifest": body}
+    write_atomic(folder / RUN / SWAP, json.dumps(journal).encode(), durable=True)
+    finish_swap(folder)
+
+
+def finish_swap(folder: Path) -> bool:
+    """Carry out a swap whose journal is in ``folder/RUN`` (idempotent: each step may have run already);
+    False where there is none."""
+    import shutil
+
+    from perceptscore.sinks import sync_folder, write_atomic
+
+    run = folder / RUN
+    try:
+        journal = json.loads((run / SWAP).read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{run / SWAP}: unreadable ({exc}); remove {run} to start over") from None
+    (folder / MANIFEST).unlink(missing_ok=True)  # from here on the folder is not complete
+    moving = set(journal["move"])
+    for name in journal["remove"]:  # the earlier output's parts: only files it listed, never a link's target
+        target = folder / name
+        if _inside(name) and name not in moving and target.is_file() and not target.is_symlink():
+            target.unlink()
+    for name in journal["move"]:
+        source, target = run / name, folder / name
+        if _inside(name) and source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    sync_folder(folder)
+    body = json.dumps(journal["manifest"], indent=1).encode() + b"\n"
+    write_atomic(folder / MANIFEST, body, durable=True)
+    shutil.rmtree(run, ignore_errors=True)
+    return True

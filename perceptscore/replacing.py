@@ -25,6 +25,7 @@ from perceptscore._text import shown
 from perceptscore.columns import PATH
 from perceptscore.errors import PerceptScoreError, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_columns, read_provenance
+from perceptscore.parts import is_scores_folder
 from perceptscore.sinks import write_atomic
 
 Kind = Literal["scores", "report", "heatmap", "list"]
@@ -41,8 +42,8 @@ def refuse_replacing(
     path = Path(out)
     if overwrite or str(out) == "-" or not os.path.exists(path):
         return
-    if path.is_file() and written_by_us(path, kind):
-        return
+    if (path.is_file() or (kind == "scores" and is_scores_folder(path))) and written_by_us(path, kind):
+        return  # ours (a folder output too: it is replaced as a whole, ``parts.swap``)
     what = "is a folder" if path.is_dir() else "was not written by perceptscore"
     raise UsageError(
         f"{option} {shown(named or str(out))} exists and {what}: pass --overwrite to replace it, or "
@@ -53,7 +54,9 @@ def refuse_replacing(
 def refuse_losing_tasks(out: str, tasks: Sequence[str], overwrite: bool, named: str | None = None) -> None:
     """A scores file holding tasks this run would not write (``-t quality`` over a file that also has
     memorability) is replaced only with ``--overwrite``: the columns would be lost."""
-    if overwrite or out == "-" or not os.path.isfile(out) or not written_by_us(Path(out), "scores"):
+    if overwrite or out == "-" or not (os.path.isfile(out) or is_scores_folder(out)):
+        return
+    if not written_by_us(Path(out), "scores"):
         return
     earlier = read_provenance(out).get("tasks")
     lost = [t for t in earlier if t not in tasks] if isinstance(earlier, dict) else []

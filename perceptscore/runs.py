@@ -9,10 +9,12 @@ the shards in order and renamed into place, then the folder is removed.
 A container (a tar shard, a dataset's read task) is one input item of many rows: a shard never ends in the
 middle of one (its rows are held until the next item's come), so it is resumed whole or not at all.
 
-A folder output (``-o DIR/``, ``parts``) is the same run kept as it is: its shards are the output's parts,
-written in ``DIR`` itself, one per container (named after it) or per block of plain items, and its
-``run.json`` is ``DIR/_perceptscore_run.json``; finished, the manifest is written last instead of a file
-being assembled. In ``DIR`` a run removes only what it wrote: its parts and its state.
+A folder output (``-o DIR/``, ``parts``) keeps its run in ``DIR/.perceptscore-run/``, a folder of its own
+like any run's, whose shards are the output's parts: one per container (named after it) or per block of
+plain items. Finished, they are moved into ``DIR`` (renames: no assembly) by a journaled swap
+(``parts.swap``) that first removes the parts an earlier output there listed in its manifest, and the
+manifest is written last. Until then ``DIR`` holds its earlier output untouched; in ``DIR`` a run removes
+nothing but the files an earlier manifest lists.
 """
 
 from __future__ import annotations
@@ -287,8 +289,8 @@ class ShardedRun:
     ) -> None:
         self.out, self.schema, self.fingerprint, self.strict = out, schema, fingerprint, strict
         self.parts = parts  # a folder output: the shards are its parts, named by ``parts``
-        self.folder = out if parts else out.with_name(f".{out.name}.parts")
-        self.state = self.folder / (parts_folder.STATE if parts else "run.json")
+        self.folder = out / parts_folder.RUN if parts else out.with_name(f".{out.name}.parts")
+        self.state = self.folder / "run.json"
         self._names: dict[int, str] = {}  # a folder output: each container item's part name
         self._uris: dict[int, str] = {}  # ... and the file it reads (row groups of one file: one part)
         self.discarded = 0
@@ -302,6 +304,9 @@ class ShardedRun:
         self._opened = time.monotonic()
         self.not_a_run = False  # a folder under the run's name that held no run (cleaned up)
         self._replace_folder = False  # the folder holds a salvaged run, to remove before the first shard
+        if parts and os.path.lexists(self.folder):
+            _check_ours(self.folder)
+            parts_folder.finish_swap(out)  # a finished run's swap cut short: carried out first
         if os.path.lexists(self.folder):
             _check_ours(self.folder)
             if restart:
@@ -318,22 +323,13 @@ class ShardedRun:
         return sum(s.row_count for s in self.shards)
 
     def _clear(self) -> None:
-        """Remove the run: its folder; in a folder output only what runs write there (parts, state, the
-        manifest of a finished run this one replaces, temporary files), never anything else."""
-        if not self.parts:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            return
-        (self.folder / parts_folder.MANIFEST).unlink(missing_ok=True)  # first: no longer complete
-        for shard in self._scan():
-            shard.path.unlink(missing_ok=True)
-        for partial in self.folder.rglob(".*.parquet.partial"):
-            partial.unlink(missing_ok=True)
-        self.state.unlink(missing_ok=True)
+        """Remove the run: its folder (its own, hidden, even for a folder output)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def _files(self) -> list[Path]:
         if not self.parts:
             return sorted(self.folder.glob("shard-*.parquet"))
-        return sorted(p for p in self.folder.rglob("*.parquet") if not p.name.startswith((".", "_")))
+        return sorted(p for p in self.folder.rglob("*.parquet") if not p.name.startswith("."))
 
     def _scan(self) -> list[Shard]:
         shards = []
@@ -352,8 +348,6 @@ class ShardedRun:
         return shards
 
     def _adopt(self) -> None:
-        if self.parts and not self.state.exists():
-            return  # no run here: a finished output (replaced with --overwrite: ``_create``) or empty
         try:
             previous = json.loads(self.state.read_text())
             if not isinstance(previous, dict):
@@ -395,11 +389,9 @@ class ShardedRun:
             self._replace_folder = False
         if os.path.isdir(self.folder) and self.state.is_file():
             return
-        if self.parts:  # the user's folder: made if new; a finished output in it is replaced
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._clear()
-        else:
-            self.folder.mkdir(mode=0o700)
+        if self.parts:  # the user's folder, made if new; the run's own in it
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700)
         run = json.dumps(self.fingerprint, indent=2, sort_keys=True).encode()
         write_atomic(self.state, run, durable=True)
 
@@ -504,8 +496,7 @@ class ShardedRun:
         try:
             self._create()
         except OSError as exc:
-            if not self.parts:
-                shutil.rmtree(self.folder, ignore_errors=True)  # never a folder without a run.json
+            shutil.rmtree(self.folder, ignore_errors=True)  # never a folder without a run.json
             raise UsageError(f"cannot write in {self.folder.parent}: {one_line(exc)}") from None
         table = table.cast(self.schema)
         paths = table.column(PATH).to_pylist()
@@ -522,6 +513,8 @@ class ShardedRun:
         }
         table = table.replace_schema_metadata({"shard": json.dumps(info)})
         final = self.folder / self._name(first, last)
+        if any(s.path == final for s in self.shards):  # two parts of one name: a bug, never a loss
+            raise RuntimeError(f"part {final} written twice (items {first}-{last})")
         final.parent.mkdir(parents=True, exist_ok=True)
         try:  # the clean-up of a killed run knows this temporary name (.shard-*.partial)
             with replaced_whole(
@@ -542,8 +535,9 @@ class ShardedRun:
         return self._names.get(first) or self.parts.plain(first)
 
     def publish(self, about: dict[str, Any]) -> tuple[int, int]:
-        """A folder output, finished: the manifest (its parts in input order, rows and errors each),
-        written last; the run's state goes. Returns (rows, errors)."""
+        """A folder output, finished: its parts moved into the output folder in place of an earlier
+        output's, the manifest (its parts in input order, rows and errors each) written last
+        (``parts.swap``); the run's folder goes. Returns (rows, errors)."""
         import pyarrow.compute as pc
 
         self.flush(whole=True)
@@ -556,8 +550,7 @@ class ShardedRun:
                 "errors": int(pc.sum(pc.is_valid(errors)).as_py() or 0), "first_item": shard.first,
                 "last_item": shard.last,
             })  # fmt: skip
-        parts_folder.write_manifest(self.folder, about, listed, self.schema)
-        self.state.unlink(missing_ok=True)
+        parts_folder.swap(self.out, parts_folder.manifest_body(about, listed, self.schema))
         return sum(p["rows"] for p in listed), sum(p["errors"] for p in listed)
 
     def _key(self, index: int, table: pa.Table, row: int) -> bytes:
@@ -601,11 +594,8 @@ class ShardedRun:
         return found
 
     def remove(self) -> None:
-        """The run's state, once its output is whole: its folder; a folder output's state file only."""
-        if self.parts:
-            self.state.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        """The run's folder, once its output is whole."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _check_ours(folder: Path) -> None:

@@ -40,7 +40,15 @@ def listings(inputs: Sequence[str]) -> Iterable[str]:
 def refuse_overwriting_an_input(out: str | None, inputs: Sequence[str], allowed: Sequence[str] = ()) -> None:
     """An output that is one of the inputs (the same file, through any link) would destroy it: refused.
     ``allowed``: inputs that may be the output (``--incremental OLD`` with ``-o OLD``)."""
-    if not out or out == "-" or not os.path.exists(out):
+    if not out or out == "-":
+        return
+    from perceptscore.parts import is_scores_folder
+
+    inside = os.path.abspath(out)
+    for text in inputs:  # a folder of parts: nothing may be written among them (readers take every part)
+        if is_scores_folder(text) and inside.startswith(os.path.abspath(text).rstrip(os.sep) + os.sep):
+            raise UsageError(f"output {out!r} is inside the input {text!r}: choose another output")
+    if not os.path.exists(out):
         return
     exempt = [a for a in allowed if os.path.exists(a) and os.path.samefile(a, out)]
     for path in input_files(inputs):

@@ -241,10 +241,12 @@ class Dataset:
     def columns_read(self) -> list[str]:
         return [self.column, *(source for source, _ in self._sources)]
 
-    def description(self) -> dict[str, Any]:
-        """What another process needs to read this dataset's tasks as here (``described``), as JSON: the
-        columns as chosen here, so no file is opened again to choose them."""
-        return {"kind": self.kind, "files": self.files, "named": self.named, "column": self.column,
+    def description(self, task: ReadTask) -> dict[str, Any]:
+        """What another process needs to read ``task`` as here (``described``), as JSON: the columns as
+        chosen here, so no file is opened again to choose them, and of the files only the task's (a
+        dataset of 100,000 files must not send their list with each row group)."""
+        files = [(task.file, task.local)]
+        return {"kind": self.kind, "files": files, "named": self.named, "column": self.column,
                 "sources": self._sources, "inner_path": self._inner_path,
                 "passthrough": schema_text(self.passthrough)}  # fmt: skip
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import socket
 import threading
@@ -60,6 +61,25 @@ class RequestCounter:
             self._counts.clear()
 
 
+def socket_owner(port: int) -> int:
+    """The pid holding the local TCP socket of ``port`` (a client's, seen by the server while it asks):
+    its inode from /proc/net/tcp, then the process whose fd table holds it; -1 if none is found."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                        return int(pid)
+    return -1
+
+
 class FaultyHTTPServer:
     """A threaded HTTP/1.1 file server whose per-path failures tests switch on and off while it runs.
 
@@ -104,6 +124,8 @@ class FaultyHTTPServer:
         self.drop: set[str] = set()
         self.no_length: set[str] = set()
         self.requests = RequestCounter()
+        self.fetched_by: list[int] = []  # the pid whose socket asked, per GET (only while ``who_asks``)
+        self.who_asks = False
         self._flaky: dict[str, int] = {}
         self._flaky_lock = threading.Lock()
         # Set on exit: stalled handlers and latency sleeps wake at once, so stopping never waits on them.
@@ -137,6 +159,8 @@ class FaultyHTTPServer:
             self._flaky.clear()
         self.latency_s, self.stall_s = self._initial
         self.requests.clear()
+        self.fetched_by.clear()
+        self.who_asks = False
 
     # -- addresses -----------------------------------------------------------------------------------
 
@@ -199,6 +223,8 @@ def _handler_for(server: FaultyHTTPServer) -> type[BaseHTTPRequestHandler]:
         def _respond(self, head: bool) -> None:
             path = self.path.split("?", 1)[0]
             server.requests.add(self.command, path)
+            if server.who_asks and not head:
+                server.fetched_by.append(socket_owner(self.client_address[1]))
             # The client may give up (time out, close) mid-response: that is what some tests do on purpose.
             with contextlib.suppress(ConnectionError):
                 self._serve(path, head)

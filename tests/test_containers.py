@@ -338,76 +338,39 @@ def test_processes_share_the_decode_workers_and_take_a_gpu_each(release_checkpoi
         ProcessEngine(3).child_plans(replace(plan, device="cuda"), gpus=2)
 
 
-class _ThreadReads:
-    """Bytes read by this process's threads during a block, sampled every few ms so that a thread which
-    ends before the block does (a fetch pool's) is counted too: its last count seen is kept."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.seen: dict[str, int] = {}
-        self.start = self._counts()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def _counts() -> dict[str, int]:
-        import os
-
-        counts = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/io") as f:
-                    counts[tid] = next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
-            except OSError:
-                continue
-        return counts
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.003):
-            for tid, count in self._counts().items():
-                self.seen[tid] = max(count, self.seen.get(tid, 0))
-
-    def __enter__(self) -> _ThreadReads:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    @property
-    def total(self) -> int:
-        return sum(count - self.start.get(tid, 0) for tid, count in self.seen.items())
-
-
 @pytest.mark.remote
 def test_remote_objects_are_fetched_by_the_worker_that_decodes_them(
     release_checkpoints, http_server, tmp_path: Path
 ) -> None:
-    """URLs: each chunk's objects are fetched in its decode worker, so this process's threads read far less
-    than the images' size; with no workers (fetched here) the same count sees them. Rows alike."""
+    """URLs: each chunk's objects are fetched in its decode worker: the server sees every GET come from a
+    socket of a worker process, none from this one; with no workers, all from this one. Rows alike."""
+    import os
+
     from PIL import Image
 
     from perceptscore.scorer import Scorer
 
     rng = np.random.default_rng(3)
-    urls, size = [], 0
-    for n in range(16):
+    urls = []
+    for n in range(12):
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
         http_server.files[f"/noise/{n:02d}.jpg"] = buffer.getvalue()
         urls.append(http_server.url(f"/noise/{n:02d}.jpg"))
-        size += len(buffer.getvalue())
     checkpoint = {"memorability": str(release_checkpoints["memorability"][0])}
-    frames, counted = [], []
-    for workers in (0, 1):
-        scorer = Scorer(["memorability"], checkpoint, device="cpu", batch_size=4, workers=workers)
-        with _ThreadReads() as reads:
+    frames, askers = [], []
+    try:
+        for workers in (0, 1):
+            scorer = Scorer(["memorability"], checkpoint, device="cpu", batch_size=4, workers=workers)
+            http_server.fetched_by.clear()
+            http_server.who_asks = True
             frames.append(scorer.score(urls))
-        counted.append(reads.total)
-    here, in_workers = counted
-    assert here > size and in_workers < 0.2 * size, (here, in_workers, size)
+            askers.append(list(http_server.fetched_by))
+    finally:
+        http_server.who_asks = False
+    here, elsewhere = askers
+    assert len(here) == len(urls) and set(here) == {os.getpid()}
+    assert len(elsewhere) == len(urls) and os.getpid() not in elsewhere and -1 not in elsewhere
     assert frames[0]["error"].isna().all() and frames[0]["path"].tolist() == urls
     pd.testing.assert_frame_equal(frames[0], frames[1])
 

@@ -135,8 +135,7 @@ class ScoreJob:
         self.destination = RemoteOutput(self.out) if remote.is_remote(self.out) else None
         self.folder = self.out != "-" and parts.is_folder_output(self.out)
         if self.folder:
-            _check_folder_output(self.out, self.destination, self.inputs, self.incremental, self.retry_errors,
-                                 self.guards)  # fmt: skip
+            _check_folder_output(self.out, self.destination, self.inputs)
         _check_outputs(
             self.out, self.destination, self.inputs, self.incremental, self.retry_errors, self.report,
             self.guards,
@@ -148,11 +147,7 @@ class ScoreJob:
         if self.destination is not None:
             self.destination.prepare()  # a bucket that refuses writes fails now, not after the run
         remote_output = self.destination is not None
-        earlier = (
-            Earlier(old, self.incremental) if self.folder and old and self.incremental
-            else None if self.folder
-            else _guard_output(self.out, remote_output, self.incremental, old, self.options, self.guards)
-        )  # fmt: skip
+        earlier = _guard_output(self.out, remote_output, self.incremental, old, self.options, self.guards)
         self.checked = Checked(sources, previous, weights, earlier)
         return self.checked
 
@@ -379,43 +374,49 @@ def _check_outputs(
         _check_report(report, out, inputs, guards.overwrite)
 
 
-def _check_folder_output(
-    out: str, destination: RemoteOutput | None, inputs: Sequence[str], incremental: str | None,
-    retry_errors: str | None, guards: Safeguards,
-) -> None:  # fmt: skip
-    """``-o DIR/``: a folder that is new, empty, an unfinished run's, or a finished output replaced with
-    --overwrite; never a link, never an input's folder (or inside one), never the folder an earlier run's
-    scores are read from."""
+def _check_folder_output(out: str, destination: RemoteOutput | None, inputs: Sequence[str]) -> None:
+    """``-o DIR/``: a folder that is new, empty, an unfinished run's, or an earlier output of ours (then
+    replaced as a scores file is: ``_guard_output``); never a link, never inside an input folder (or
+    where an input's pattern would find it), never inside another perceptscore output."""
     shown_as = remote.without_secrets(out)
     if destination is not None:
         raise UsageError(f"-o {shown_as}: a folder output is written on this machine; name a local folder")
     if os.path.islink(out.rstrip("/" + os.sep)) or (os.path.exists(out) and not os.path.isdir(out)):
         raise UsageError(f"-o {shown_as}: not a folder (a file or a link)")
-    target = os.path.abspath(out).rstrip(os.sep) + os.sep
+    target = os.path.abspath(out)
     for text in inputs:
-        root = parts.input_root(text) if text != "-" else ""
-        if root and "://" not in root and target.startswith(root):
+        if _finds(text, target):
             raise UsageError(f"-o {shown_as}: inside the input {text!r}; write the parts somewhere else")
-    for option, earlier in (("--incremental", incremental), ("--retry-errors", retry_errors)):
-        if earlier and os.path.abspath(earlier).rstrip(os.sep) + os.sep == target:
+    for parent in Path(target).parents:
+        if (parent / parts.MANIFEST).is_file() or (parent / parts.RUN).is_dir():
             raise UsageError(
-                f"-o {shown_as} is the {option} folder: its parts would be replaced while they are read; "
-                f"write to a new folder ({option} {earlier} -o NEW/)"
+                f"-o {shown_as}: inside the perceptscore output {parent}; choose a folder outside it"
             )
-    if not os.path.isdir(out):
+    if not os.path.isdir(out) or parts.is_scores_folder(out):
         return
-    if parts.is_scores_folder(out) and not guards.overwrite:
-        rows = parts.manifest(out).get("rows", "?")
-        raise UsageError(
-            f"-o {shown_as} holds finished scores ({rows} rows): pass --overwrite to replace them"
-        )
-    ours = {parts.MANIFEST, parts.STATE}
-    others = [n for n in os.listdir(out) if n not in ours and not n.startswith(".")]
-    if others and not (parts.is_scores_folder(out) or os.path.exists(os.path.join(out, parts.STATE))):
+    others = [n for n in os.listdir(out) if not n.startswith(".")]
+    if others:
         raise UsageError(
             f"-o {shown_as}: holds files that are not perceptscore's ({others[0]!r}); name a new or empty "
             "folder"
         )
+
+
+def _finds(text: str, target: str) -> bool:
+    """Whether the input ``text`` would find the folder ``target`` or anything in it: a folder input it is
+    in, a pattern that matches it or a folder above it."""
+    import fnmatch
+
+    named = text.removeprefix("@")
+    if named == "-" or "://" in named:
+        return False
+    if os.path.isdir(named):
+        root = os.path.abspath(named).rstrip(os.sep) + os.sep
+        return (target + os.sep).startswith(root)
+    if not any(c in named for c in "*?["):
+        return False
+    pattern = os.path.abspath(named)
+    return any(fnmatch.fnmatch(str(p), pattern) for p in (Path(target), *Path(target).parents))
 
 
 def _read_inputs(
@@ -479,8 +480,9 @@ def _replaced(out: str, remote_output: bool, incremental: str | None, copy: str 
     """The output as it exists before this run, readable here; None for a new file or stdout."""
     if out == "-":
         return None
-    if not remote_output:
-        return Earlier(out, out) if os.path.exists(out) else None
+    if not remote_output:  # (a folder output's new, empty or unfinished folder replaces no scores)
+        is_folder = os.path.isdir(out) and not parts.is_scores_folder(out)
+        return Earlier(out, out) if os.path.exists(out) and not is_folder else None
     if incremental and copy and remote.normalized(incremental) == remote.normalized(out):
         return Earlier(copy, out)  # --incremental brought it already
     try:
@@ -703,7 +705,7 @@ def _fill(
 def _rows_gone(earlier: Earlier | None, run: ShardedRun, cwd: str, guards: Safeguards) -> int | None:
     """How many of ``earlier``'s rows this run drops (their files gone); refused past ``--max-delete``.
     None without an earlier file, or with an unreadable one that ``--overwrite`` replaces."""
-    if earlier is None or not os.path.isfile(earlier.path):
+    if earlier is None or not is_scores_file(earlier.path):
         return None
     try:
         gone, total = rows_gone(earlier.path, run.found_paths(), cwd)

@@ -228,7 +228,8 @@ class _Child:
                 self._results.put(batch)
         except (pa.ArrowInvalid, OSError):
             pass  # the child died mid-stream: take() reports it
-        self._results.put(_DONE)
+        finally:  # however the reading ended (a MemoryError too), take() must not wait for ever
+            self._results.put(_DONE)
 
     def take(self, last: int, dealer: _Dealer) -> pa.RecordBatch | None:
         """This child's next rows of items up to ``last`` as soon as it has some; None once a later
