@@ -260,7 +260,36 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory, release_checkpoints) -> Sa
         convert(release_checkpoints[task][0], cwd / path, task)
     photos(root / "data" / "photos")
     photos(root / "shared" / "photos")
+    shards_and_dataset(cwd)
     return Sandbox(root, cwd, env)
+
+
+def shards_and_dataset(cwd: Path) -> None:
+    """ "Writing back into your dataset": two webdataset shards (image, caption and JSON per sample) and a
+    parquet dataset holding the image bytes (``my_dataset/``), of the sandbox's photos."""
+    import io
+    import json
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = sorted((cwd / "photos").glob("*.jpg"))
+    (cwd / "shards").mkdir()
+    for number in range(2):
+        with tarfile.open(cwd / "shards" / f"{number:05d}.tar", "w") as archive:
+            for offset, image in enumerate(images):
+                key = f"{number:05d}{offset:04d}"
+                for suffix, data in ((".jpg", image.read_bytes()), (".txt", image.stem.encode()),
+                                     (".json", json.dumps({"key": key}).encode())):  # fmt: skip
+                    member = tarfile.TarInfo(key + suffix)
+                    member.size = len(data)
+                    archive.addfile(member, io.BytesIO(data))
+    (cwd / "my_dataset" / "data").mkdir(parents=True)  # the hub's layout
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": image.read_bytes(), "path": image.name} for image in images]
+    table = pa.table({"image": pa.array(rows, kind)})
+    pq.write_table(table, cwd / "my_dataset" / "data" / "train-00000-of-00001.parquet")
 
 
 def test_the_readme_has_examples_in_each_shell_block() -> None:

@@ -86,7 +86,9 @@ def to_parquet(
 
 def _score_table(rows: pd.DataFrame, columns: list[str]) -> pa.Table:
     try:
-        return pa.Table.from_pandas(rows[columns], preserve_index=False)
+        scores = rows[columns].copy()
+        scores.attrs = {}  # a scores frame carries its Arrow schema there: nothing for pandas metadata
+        return pa.Table.from_pandas(scores, preserve_index=False)
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise UsageError(
             f"score columns can't be written to parquet ({' '.join(str(exc).split())[:200]})"
