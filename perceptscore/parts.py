@@ -33,8 +33,10 @@ _PLAIN = re.compile(r"part-\d{12}")  # a block of plain rows' part; no container
 
 
 def is_folder_output(out: str) -> bool:
-    """``-o DIR/``, or ``-o DIR`` naming an existing folder: one part per read task."""
-    return out.endswith(("/", os.sep)) or os.path.isdir(out)
+    """``-o DIR/``, or ``-o DIR`` naming an existing folder not named like a scores file (``-o out.csv``
+    over a folder is a mistake to refuse, not a folder to fill): one part per read task."""
+    named_like_a_file = Path(out).suffix.lower() in (".csv", ".parquet", ".jsonl")
+    return out.endswith(("/", os.sep)) or (os.path.isdir(out) and not named_like_a_file)
 
 
 def is_scores_folder(path: str | os.PathLike[str]) -> bool:

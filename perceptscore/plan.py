@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
@@ -228,3 +229,45 @@ def default_workers(device_type: str) -> int:
     # On CPU the model needs the cores and decoding is cheap, but one worker still keeps a crashing
     # decoder out of the main process (and overlaps decoding with the model).
     return 1 if cores <= 8 else min(4, cores // 4)
+
+
+def weight_files(plan: ScoringPlan) -> set[str]:
+    """Every file the models load: each task's, and the shared base a converted file names (once)."""
+    files = set()
+    for weights in plan.weights:
+        files.add(weights.path)
+        base = base_of(weights.path)
+        if base:
+            files.add(base)
+    return files
+
+
+def model_bytes(plan: ScoringPlan) -> int:
+    """What the models take in memory, about: each task's file, plus the shared base it loads (each
+    task's model holds its own copy of the tower, its LoRA merged in)."""
+    total = 0
+    for weights in plan.weights:
+        base = base_of(weights.path)
+        total += file_size(weights.path) + (file_size(base) if base else 0)
+    return total
+
+
+def base_of(path: str) -> str | None:
+    """The shared base file a split converted checkpoint names, beside it; None for any other file."""
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open  # its header only: no torch
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            base = (f.metadata() or {}).get("base")
+    except Exception:  # a damaged file: the model load that follows says so
+        return None
+    return str(Path(path).with_name(base)) if base else None
+
+
+def file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

@@ -83,10 +83,12 @@ def raw_outputs(
 
 
 class Pending:
-    """A batch's rows once its model outputs are here (``result``): a GPU computes them meanwhile."""
+    """A batch's rows once its model outputs are here (``result``): a GPU computes them meanwhile.
+    ``ready``: computed already (on the CPU), so an engine gives them at once instead of holding them
+    while it waits for the next batch (which may be slow to come: remote objects)."""
 
-    def __init__(self, finish: Callable[[], pa.RecordBatch]) -> None:
-        self._finish = finish
+    def __init__(self, finish: Callable[[], pa.RecordBatch], ready: bool = False) -> None:
+        self._finish, self.ready = finish, ready
 
     def result(self) -> pa.RecordBatch:
         return self._finish()
@@ -164,4 +166,4 @@ class Predictor:
                     values |= task.values(launched[task.name].numpy())
             return scored_batch(self.tasks, uris, errors, stats, values)
 
-        return Pending(finish)
+        return Pending(finish, ready=all(out.event is None for out in launched.values()))

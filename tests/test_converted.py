@@ -86,6 +86,15 @@ def test_split_conversion_stores_one_base_for_tasks_that_share_it(
     assert torch.allclose(
         outputs("quality", cache / "quality.safetensors"), outputs("quality", iqa), atol=1e-5, rtol=0
     )
+    # what a Ray model actor asks for: each task's file and the base it loads (a copy each)
+    from types import SimpleNamespace
+
+    from perceptscore.plan import base_of, model_bytes
+
+    converted = [cache / "memorability.safetensors", cache / "quality.safetensors"]
+    plan = SimpleNamespace(weights=[SimpleNamespace(path=str(f)) for f in converted])
+    assert base_of(str(converted[0])) == str(cache / files[0]) and base_of(str(mem)) is None
+    assert model_bytes(plan) == sum(f.stat().st_size for f in converted) + 2 * base_size  # type: ignore[arg-type]
     (cache / files[0]).unlink()
     with pytest.raises(CheckpointError, match=f"its base {files[0]} is missing from"):
         perceptscore.load_model("quality", checkpoint=cache / "quality.safetensors")

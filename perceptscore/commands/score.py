@@ -27,7 +27,7 @@ from perceptscore.errors import DecodeError, EngineFailed, PerceptScoreError, Us
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
 from perceptscore.items import Item
-from perceptscore.plan import ScoreOptions, ScoringPlan, make_plan
+from perceptscore.plan import ScoreOptions, ScoringPlan, file_size, make_plan, weight_files
 from perceptscore.progress import Reporter, weights_phase
 from perceptscore.provenance import provenance
 from perceptscore.replacing import (
@@ -587,37 +587,9 @@ def _loading(plan: ScoringPlan, reporter: Reporter) -> Callable[[], None]:
     """What the display says while the model loads (only when one does: a quiet night loads none)."""
 
     def starting() -> None:
-        reporter.phase(weights_phase([_size(path) for path in _weight_files(plan)]))
+        reporter.phase(weights_phase([file_size(path) for path in weight_files(plan)]))
 
     return starting
-
-
-def _weight_files(plan: ScoringPlan) -> set[str]:
-    """Every file the models load: each task's, and the shared base a converted file names (once)."""
-    files = set()
-    for weights in plan.weights:
-        files.add(weights.path)
-        base = _base_of(weights.path) if weights.path.endswith(".safetensors") else None
-        if base:
-            files.add(str(Path(weights.path).with_name(base)))
-    return files
-
-
-def _base_of(path: str) -> str | None:
-    from safetensors import safe_open  # its header only: no torch for a progress label
-
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return (f.metadata() or {}).get("base")
-    except Exception:  # a damaged file: the model load that follows says so
-        return None
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def no_images(inputs: Sequence[str], ignored: Sequence[str]) -> str:

@@ -183,6 +183,10 @@ class ContainerRun:
                         self._place(*pending, by_index)
                         given = yield from self._ready(group, given, extras)
                     pending = submitted
+                    if submitted[1] is None or submitted[1].ready:  # on the CPU: the rows go now
+                        self._place(*pending, by_index)
+                        given = yield from self._ready(group, given, extras)
+                        pending = None
                 if pending is not None:
                     self._place(*pending, by_index)
                     given = yield from self._ready(group, given, extras)

@@ -31,6 +31,7 @@ from perceptscore.engines._containers import GROUP, ContainerRun, Job, Reading, 
 from perceptscore.images import draft_side
 from perceptscore.items import Item
 from perceptscore.limits import Limits, current, install
+from perceptscore.locators import RemoteFile
 from perceptscore.plan import ScoringPlan
 from perceptscore.predict import Pending, Predictor
 from perceptscore.prefetch import prefetched
@@ -317,17 +318,19 @@ class _Run:
     ) -> Iterator[pa.RecordBatch]:
         """Score ``stream`` in chunks of ``size``; when a worker dies, ``after_death`` deals with the chunks
         in flight and returns the stream to go on with."""
-        bound = batch_wait(size, self.dataset.timeout, self.dataset.limits.deadline_seconds)
         while stream is not None:
             chunks = _Chunks(stream, size)
             batches = iter(self._loader(chunks, workers, prefetch))
             pending: Pending | None = None  # submitted, its rows not given yet: the GPU computes them
             try:
-                while (batch := _next_batch(batches, bound)) is not None:
+                while (batch := _next_batch(batches, self._bound(chunks, size))) is not None:
                     submitted = self.predictor.submit(batch)  # before the last one's rows are waited for
                     if pending is not None:
                         yield from _given(pending, chunks)
                     pending = submitted
+                    if pending.ready:  # on the CPU: nothing to overlap, the rows go now
+                        yield from _given(pending, chunks)
+                        pending = None
                 if pending is not None:
                     yield from _given(pending, chunks)
                 return
@@ -339,6 +342,15 @@ class _Run:
             if pending is not None:  # decoded and scored before the death: given, not decoded again
                 yield from _given(pending, chunks)
             stream = yield from after_death(chunks)
+
+    def _bound(self, chunks: _Chunks, size: int) -> float:
+        """How long the next batch may take (``batch_wait``): its remote objects' fetch deadline counts
+        only where its chunk (the first outstanding) holds some, so a stuck batch of local files is
+        still found out in seconds."""
+        fetch = self.dataset.limits.deadline_seconds
+        if chunks.outstanding and not any(isinstance(i.locator, RemoteFile) for i in chunks.outstanding[0]):
+            fetch = 0.0
+        return batch_wait(size, self.dataset.timeout, fetch)
 
     def _isolate(self, chunks: _Chunks) -> Generator[pa.RecordBatch, None, Iterator[Item] | None]:
         """A worker died with several files in flight: decode those again one at a time, with one file in

@@ -57,7 +57,7 @@ from perceptscore.items import EXTRAS, ITEM, WIRE_SCHEMA, Item, from_wire_batch,
 from perceptscore.limits import Limits, install
 from perceptscore.limits import current as current_limits
 from perceptscore.locators import InMemory, Unavailable
-from perceptscore.plan import ScoringPlan
+from perceptscore.plan import ScoringPlan, model_bytes
 from perceptscore.prefetch import prefetched
 from perceptscore.tasks import Preprocess
 
@@ -449,7 +449,7 @@ class RayEngine:
         # The actors declare the memory their models take: Ray schedules by it, and the two stages'
         # differing needs keep Ray Data from fusing decoding into the model actors (decoding would then
         # wait for the model instead of running beside it).
-        model_bytes = sum(os.path.getsize(w.path) for w in plan.weights)
+        memory = model_bytes(plan)  # a split checkpoint's shared base too, once per task that loads it
         dataset = (
             ray.data.read_datasource(_Inputs(reads_of(window, plan.batch_size, storage, limits)))
             .map_batches(
@@ -460,7 +460,7 @@ class RayEngine:
             .map_batches(
                 PredictStage, fn_constructor_kwargs={"plan_json": plan.to_json(), "version": __version__},
                 compute=actors, batch_format="pyarrow", batch_size=None,
-                num_cpus=1, num_gpus=1 if cuda else 0, memory=model_bytes,
+                num_cpus=1, num_gpus=1 if cuda else 0, memory=memory,
             )
         )  # fmt: skip
         names = [*core_schema(plan.task_specs()).names, ITEM]
