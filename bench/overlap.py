@@ -4,10 +4,11 @@
 
 A GPU computes a batch while the scoring process goes on: the engines submit batch N+1
 (``Predictor.submit``) before they wait for batch N's rows. Without a GPU here, the stand-in device is a
-thread: ``submit`` scores the batch with the minimal random model (the real rows) and starts a timer of
-``--device-ms`` (the kernels' time, the CPU free meanwhile, as on a GPU); ``result`` waits for it. The
-``serial`` variant waits at once (``submit(batch).result()``: what the engines did before). Both run the
-real local engine (``Scorer.score``, decode workers, batching, row assembly) on the same loose JPEGs.
+clock: ``submit`` scores the batch with the minimal random model (the real rows) and books ``--device-ms``
+on one device (the kernels' time, after the last batch's, the CPU free meanwhile, as on a GPU);
+``result`` waits until then. The ``serial`` variant waits at once (``submit(batch).result()``: what the
+engines did before). Both run the real local engine (``Scorer.score``, decode workers, batching, row
+assembly) on the same loose JPEGs.
 
 Per batch, the scoring process needs S ms of its own (reading the workers' batch, the stand-in's real
 forward, which a GPU would only queue, so S is an upper bound; the rows) and the device G ms: serial costs
@@ -22,7 +23,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -47,12 +47,18 @@ class StandInDevice:
     def __init__(self, inner: Predictor, seconds: float, serial: bool) -> None:
         self.inner, self.seconds, self.serial = inner, seconds, serial
         self.specs, self.tasks = inner.specs, inner.tasks
+        self.free_at = 0.0  # one device: a batch's kernels start when the last one's have ended
 
     def submit(self, batch: Batch) -> Pending:
         rows = self.inner.submit(batch).result()
-        done = threading.Event()
-        threading.Timer(self.seconds, done.set).start()
-        pending = Pending(lambda: (done.wait(), rows)[1])
+        done_at = max(time.perf_counter(), self.free_at) + self.seconds
+        self.free_at = done_at
+
+        def result() -> object:
+            time.sleep(max(0.0, done_at - time.perf_counter()))
+            return rows
+
+        pending = Pending(result)  # type: ignore[arg-type]
         if self.serial:
             pending.result()
         return pending
