@@ -130,8 +130,7 @@ def test_the_reporter_takes_the_total_from_the_count(tmp_path: Path) -> None:
 def test_the_loading_label_counts_the_base_files_too(release_checkpoints, tmp_path: Path) -> None:
     import perceptscore
     from perceptscore.checkpoints import read_metadata, save_converted
-    from perceptscore.commands.score import _weight_files
-    from perceptscore.plan import make_plan
+    from perceptscore.plan import make_plan, weight_files
     from perceptscore.progress import weights_phase
     from perceptscore.tasks import get_task
 
@@ -142,7 +141,7 @@ def test_the_loading_label_counts_the_base_files_too(release_checkpoints, tmp_pa
         save_converted(model, get_task(task), files[task], "test", "0" * 64, split=True)
     bases = {tmp_path / read_metadata(p)["base"] for p in files.values()}  # the test towers differ
     plan = make_plan(ScoreOptions(["memorability", "quality"], {t: str(p) for t, p in files.items()}), ["x"])
-    assert _weight_files(plan) == {str(p) for p in (*files.values(), *bases)}
+    assert weight_files(plan) == {str(p) for p in (*files.values(), *bases)}
     total = sum(p.stat().st_size for p in (*files.values(), *bases))
     assert weights_phase([p.stat().st_size for p in (*files.values(), *bases)]) == (
         f"loading weights ({total / 1e6:.1f} MB)"
