@@ -169,7 +169,7 @@ def _failure(file: str, exc: BaseException) -> str:
     return f"{remote.without_secrets(file)}: unreadable ({' '.join(str(exc).split())[:200]})"
 
 
-def _version(data: bytes) -> int:
+def bytes_version(data: bytes) -> int:
     """A row's ``file_mtime_ns`` for ``--incremental``: a 56-bit digest of its bytes (a row has no mtime
     of its own, and a file written again holds the same rows)."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "big")
@@ -311,7 +311,7 @@ def _locator(uri: str, data: bytes | None, inner: str | None) -> Locator:
     if data is None:
         named = f" (it names {inner!r} only)" if inner else ""
         return Unavailable(uri, f"no image bytes in this row{named}")
-    return InMemory(uri, data, (len(data), _version(data)))
+    return InMemory(uri, data, (len(data), bytes_version(data)))
 
 
 class ParquetDataset(Dataset):
@@ -360,7 +360,7 @@ class ArrowDataset(Dataset):
     def _schema(self, file: str, local: str) -> pa.Schema:
         try:
             with open_table(local) as f:
-                return _arrow_reader(f).schema
+                return arrow_reader(f).schema
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise UsageError(_failure(file, exc)) from None
 
@@ -375,18 +375,18 @@ class ArrowDataset(Dataset):
             if remote.is_remote(local):
                 return None
             with pa.memory_map(remote.local_path(local)) as f:
-                total += sum(batch.num_rows for batch in _arrow_batches(_arrow_reader(f)))
+                total += sum(batch.num_rows for batch in arrow_batches(arrow_reader(f)))
         return total
 
     def batches(self, task: ReadTask) -> Iterator[pa.RecordBatch]:
         with open_table(task.local) as f:
-            for batch in _arrow_batches(_arrow_reader(f)):
+            for batch in arrow_batches(arrow_reader(f)):
                 # a batch of a few thousand rows is cut into reads of ROWS_PER_READ rows
                 for start in range(0, batch.num_rows, ROWS_PER_READ):
                     yield batch.slice(start, ROWS_PER_READ).select(self.columns_read)
 
 
-def _arrow_reader(f: Any) -> Any:
+def arrow_reader(f: Any) -> Any:
     """A reader of either IPC format: the stream (``datasets``) or the file (with a footer)."""
     try:
         return pa.ipc.open_stream(f)
@@ -395,7 +395,7 @@ def _arrow_reader(f: Any) -> Any:
         return pa.ipc.open_file(f)
 
 
-def _arrow_batches(reader: Any) -> Iterator[pa.RecordBatch]:
+def arrow_batches(reader: Any) -> Iterator[pa.RecordBatch]:
     if isinstance(reader, pa.ipc.RecordBatchFileReader):
         for i in range(reader.num_record_batches):
             yield reader.get_batch(i)
@@ -492,7 +492,7 @@ def _row_batches(file: str, column: str, row: int) -> Iterator[tuple[pa.RecordBa
                 first += rows
             return
         first = 0
-        for batch in _arrow_batches(_arrow_reader(f)):
+        for batch in arrow_batches(arrow_reader(f)):
             yield batch, first
             first += batch.num_rows
 

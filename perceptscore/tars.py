@@ -115,7 +115,7 @@ def samples(stream: BinaryIO, max_member_bytes: int, max_sample_bytes: int) -> I
         yield Sample(key, held)
 
 
-def _split_key(name: str) -> tuple[str, str]:
+def split_key(name: str) -> tuple[str, str]:
     """Webdataset's rule: the key is the name up to the first dot of its basename."""
     folder, _, base = name.rpartition("/")
     stem, dot, extension = base.partition(".")
@@ -125,7 +125,7 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def _member(name: str, data: bytes | None, error: str | None, mtime: int) -> Member:
-    key, extension = _split_key(name)
+    key, extension = split_key(name)
     return Member(name=name, key=key, extension=extension, data=data, error=error, mtime=mtime)
 
 

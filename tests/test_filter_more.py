@@ -25,6 +25,14 @@ from perceptscore.cli import app
 LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 
 
+def _score_into(scores: Path, release_checkpoints: dict, *inputs: str | Path) -> None:  # type: ignore[type-arg]
+    """``score`` with the tiny memorability weights on CPU, in this process, into ``scores``."""
+    checkpoint = f"memorability={release_checkpoints['memorability'][0]}"
+    options = ["-t", "mem", "--checkpoint", checkpoint, "--device", "cpu", "--workers", "0", "-o", scores]
+    done = _cli("score", *inputs, *options)
+    assert done.exit_code == 0, done.output
+
+
 def _cli(*args: str | Path):  # type: ignore[no-untyped-def]
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
 
@@ -292,22 +300,7 @@ def _members(shards: list[Path]) -> dict[str, bytes]:
 def test_to_shards_through_the_cli(many_photos: Path, release_checkpoints, tmp_path: Path) -> None:
     shards = _img2dataset_shards(tmp_path / "shards", sorted(many_photos.iterdir())[:10], per_shard=4)
     scores = tmp_path / "scores.parquet"
-    checkpoint = f"memorability={release_checkpoints['memorability'][0]}"
-    done = _cli(
-        "score",
-        *shards,
-        "-t",
-        "mem",
-        "--checkpoint",
-        checkpoint,
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "-o",
-        scores,
-    )
-    assert done.exit_code == 0, done.output
+    _score_into(scores, release_checkpoints, *shards)
     table = pd.read_parquet(scores)
     out = tmp_path / "kept"
     selection = ["--min-percentile", "50", "--by", "mem", "--percentiles"]
@@ -338,22 +331,7 @@ def test_to_parquet_through_the_cli(photo_dir: Path, release_checkpoints, tmp_pa
     ds = datasets.Dataset.from_dict({"image": images, "label": list(range(len(photos)))}, features=features)
     ds.to_parquet(str(source / "train-00000-of-00001.parquet"))
     scores = tmp_path / "scores.parquet"
-    checkpoint = f"memorability={release_checkpoints['memorability'][0]}"
-    done = _cli(
-        "score",
-        source.parent,
-        "-t",
-        "mem",
-        "--checkpoint",
-        checkpoint,
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "-o",
-        scores,
-    )
-    assert done.exit_code == 0, done.output
+    _score_into(scores, release_checkpoints, source.parent)
     out = tmp_path / "with-scores"
     done = _cli("filter", scores, "--all", "--to-parquet", out)
     assert done.exit_code == 0, done.output

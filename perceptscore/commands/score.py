@@ -26,6 +26,7 @@ from perceptscore.engines import Engine
 from perceptscore.errors import DecodeError, EngineFailed, PerceptScoreError, UsageError
 from perceptscore.formats import format_of, is_scores_file, read_csv_scores, read_provenance, read_scores
 from perceptscore.incremental import Previous
+from perceptscore.inputs import is_glob
 from perceptscore.items import Item
 from perceptscore.plan import ScoreOptions, ScoringPlan, file_size, make_plan, weight_files
 from perceptscore.progress import Reporter, weights_phase
@@ -413,7 +414,7 @@ def _finds(text: str, target: str) -> bool:
     if os.path.isdir(named):
         root = os.path.abspath(named).rstrip(os.sep) + os.sep
         return (target + os.sep).startswith(root)
-    if not any(c in named for c in "*?["):
+    if not is_glob(named):
         return False
     pattern = os.path.abspath(named)
     return any(fnmatch.fnmatch(str(p), pattern) for p in (Path(target), *Path(target).parents))

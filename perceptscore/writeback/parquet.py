@@ -145,8 +145,8 @@ def _source(file: str, f: Any, numbers: list[int]) -> tuple[pa.Schema, Iterator[
     if not file.split("?", 1)[0].lower().endswith(".arrow"):
         parquet = pq.ParquetFile(f)
         return parquet.schema_arrow, _row_groups(parquet, numbers)
-    reader = tables._arrow_reader(f)
-    return reader.schema, _batches(tables._arrow_batches(reader))
+    reader = tables.arrow_reader(f)
+    return reader.schema, _batches(tables.arrow_batches(reader))
 
 
 def _row_groups(parquet: pq.ParquetFile, numbers: list[int]) -> Iterator[tuple[int, pa.Table]]:
@@ -196,7 +196,7 @@ def _changed(chunk: pa.Table, offset: int, row: _Row) -> str:
         return ""
     value = chunk.column(row.column)[offset].as_py()
     data = value.get("bytes") if isinstance(value, dict) else value
-    if not isinstance(data, bytes) or not same_stat(row.stat, len(data), tables._version(data)):
+    if not isinstance(data, bytes) or not same_stat(row.stat, len(data), tables.bytes_version(data)):
         return "the file changed since it was scored (this row's image differs)"
     return ""
 

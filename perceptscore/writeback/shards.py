@@ -90,7 +90,7 @@ def _plan(rows: pd.DataFrame, columns: list[str], missing: Missing) -> dict[str,
             continue
         seen.add(uri)
         name, shard = TarMember(uri).parts()
-        key, _ = tars._split_key(name)  # the reader's own rule, so keys match what it yields
+        key, _ = tars.split_key(name)  # the reader's own rule, so keys match what it yields
         scores = {c: json_value(v[i]) for c, v in zip(columns, values, strict=True)}
         row = _Row(uri, i, name, scores, expected_stat(sizes[i], versions[i]))
         plan.setdefault(shard, {}).setdefault(key, []).append(row)
