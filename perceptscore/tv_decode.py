@@ -54,6 +54,11 @@ TORCHVISION, PILLOW = "torchvision", "pillow"
 # a whole batch's files from the decode workers: no pickling of each file, and no copy for decode_jpeg).
 FileBytes = Union[bytes, "torch.Tensor"]
 _ORIENTATION = 0x0112  # EXIF Orientation
+# A progressive JPEG with more scans than this goes to the Pillow path (in a decode worker, under its time
+# limit): libjpeg's own progressive scripts use 10 scans, encoders seldom pass 20, and a file with
+# thousands is made to make a decoder's time grow with their count, which the scoring process must not risk.
+MAX_SCANS = 100
+_SOS = b"\xff\xda"  # start of scan: in entropy-coded data 0xFF is always followed by 0x00 or a restart
 
 
 @dataclass
@@ -87,18 +92,20 @@ def decode_batch(
     specs: Sequence[Preprocess],
     device: str | torch.device = "cpu",
     max_pixels: int = MAX_PIXELS,
-    seeds: Sequence[int] | None = None,
+    seeds: Sequence[int | None] | None = None,
     fallback: Callable[[int], Prepared] | None = None,
+    headers: Sequence[Header | None] | None = None,
 ) -> list[Prepared]:
     """Each file's bytes -> its crops for every spec, on ``device``, in input order. ``seeds``: each file's
     ``crop_seed``, when already computed (only random-crop specs use them). ``fallback(i)``: the outcome
     of the ``i``-th file where torchvision does not decode it (default: the Pillow path, here); an engine
     can pass one that decodes in an ``IsolatedDecoder`` child, so a hostile file cannot take the scoring
-    process down."""
+    process down. ``headers``: each file's ``probe``, when a decode worker read it already (then Pillow
+    reads nothing here)."""
     import torch
 
     device = torch.device(device)
-    headers = [probe(d, max_pixels) for d in data]
+    headers = list(headers) if headers is not None else [probe(d, max_pixels) for d in data]
     jpegs = [i for i, h in enumerate(headers) if h is not None]
     images = _decode_jpegs([data[i] for i in jpegs], [headers[i] for i in jpegs], device)  # type: ignore[misc]
     decoded = dict(zip(jpegs, images, strict=True))
@@ -132,12 +139,15 @@ def stack(prepared: Sequence[Prepared], specs: Sequence[Preprocess]) -> dict[Pre
 def probe(data: FileBytes, max_pixels: int = MAX_PIXELS) -> Header | None:
     """Size, EXIF orientation and mode of a plain JPEG from its header (Pillow decodes nothing here), or
     None for anything the Pillow path should take: other formats (MPO included: Pillow reads it frame by
-    frame), files over ``max_pixels`` (the Pillow path words the refusal), files Pillow cannot open."""
+    frame), files over ``max_pixels`` (the Pillow path words the refusal), files Pillow cannot open,
+    progressive JPEGs of more than ``MAX_SCANS`` scans."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(_buffer(data))) as img:
                 if img.format != "JPEG" or img.width * img.height > max_pixels:
+                    return None
+                if img.info.get("progressive") and bytes(_buffer(data)).count(_SOS) > MAX_SCANS:
                     return None
                 # getexif is what exif_transpose reads (it also takes an XMP tiff:Orientation)
                 orientation = img.getexif().get(_ORIENTATION, 1)

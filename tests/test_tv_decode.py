@@ -354,3 +354,20 @@ def test_bench_dry_run_runs_the_device_path(capsys: pytest.CaptureFixture) -> No
         assert line in out
     assert "cores for 2,500 img/s" in out
     assert "| wall ms/image (synchronised) |" in out
+
+
+def test_probe_sends_a_progressive_jpeg_of_too_many_scans_to_pillow() -> None:
+    """Counted by start-of-scan markers (a comment holding some counts too: the check errs to Pillow)."""
+    img = Image.new("RGB", (64, 48), (10, 200, 30))
+    plain, progressive = io.BytesIO(), io.BytesIO()
+    img.save(plain, "JPEG")
+    img.save(progressive, "JPEG", progressive=True)
+    many = b"\xff\xda" * (tv_decode.MAX_SCANS + 1)
+    comment = b"\xff\xfe" + (len(many) + 2).to_bytes(2, "big") + many
+    for data in (plain.getvalue(), progressive.getvalue()):
+        assert tv_decode.probe(data) is not None
+    assert tv_decode.probe(plain.getvalue()[:2] + comment + plain.getvalue()[2:]) is not None  # baseline
+    crafted = progressive.getvalue()[:2] + comment + progressive.getvalue()[2:]
+    assert tv_decode.probe(crafted) is None
+    (got,) = tv_decode.decode_batch([crafted], [MEM])
+    assert got.decoder == "pillow" and got.error is None
