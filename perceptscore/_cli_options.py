@@ -135,6 +135,18 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         False,
     ),
+    "decode": (
+        Annotated[
+            str,
+            typer.Option(
+                help="cpu: workers decode with Pillow. gpu: workers only read, the model's device decodes "
+                "each batch's JPEGs (nvJPEG; with --device cpu, libjpeg-turbo in the scoring process).",
+                metavar="DECODER",
+                rich_help_panel="Performance",
+            ),
+        ],
+        "cpu",
+    ),
     "tar_fields": (
         Annotated[
             str | None,

@@ -38,6 +38,7 @@ class ScoreOptions:
     batch_size: int | None = None
     workers: int | None = None
     fast_decode: bool = False
+    decode: str = "cpu"  # cpu: the decode workers decode; gpu: they read, the model's device decodes JPEGs
     recursive: bool = True
     path_column: str | None = None
     follow_links: bool = False
@@ -103,6 +104,7 @@ class ScoringPlan:
     tar_fields: tuple[str, ...] = ()
     retry_errors: str | None = None
     image_column: str | None = None
+    decode: str = "cpu"  # DECODERS: where JPEGs are decoded (``batches.DeviceDecode`` for "gpu")
     limits: Limits = field(default_factory=Limits.from_env)  # every process of the run applies these
 
     def task_specs(self) -> list[Task]:
@@ -134,6 +136,7 @@ class ScoringPlan:
             "device_type": self.device.split(":")[0],
             "precision": self.precision,
             "fast_decode": self.fast_decode,
+            "decode": self.decode,  # nvJPEG's pixels and the bytes-seeded crops are not the workers'
             "inputs": [_absolute(i, self.cwd) for i in self.inputs],
             "input_files": [list(f) for f in self.input_files],  # a manifest or list edited in place
             "recursive": self.recursive,
@@ -176,6 +179,7 @@ def make_plan(
     workers = default_workers(device.type) if options.workers is None else options.workers
     if batch_size < 1 or workers < 0 or options.max_pixels < 1:
         raise UsageError("--batch-size and --max-pixels must be at least 1, --workers at least 0")
+    _check_decode(options, device_elsewhere)
     return ScoringPlan(
         tasks=tuple(tasks),
         weights=tuple(
@@ -199,8 +203,24 @@ def make_plan(
         tar_fields=tuple(options.tar_fields),
         retry_errors=retry_errors,
         image_column=options.image_column,
+        decode=options.decode,
         limits=options.limits,
     )
+
+
+DECODERS = ("cpu", "gpu")
+
+
+def _check_decode(options: ScoreOptions, device_elsewhere: str | None) -> None:
+    """``--decode``: a known value, and a combination that can run."""
+    if options.decode not in DECODERS:
+        raise UsageError(f"--decode {options.decode}: use cpu or gpu")
+    if options.decode != "gpu":
+        return
+    if options.fast_decode:  # draft decoding is Pillow's; the device decodes every JPEG in full
+        raise UsageError("--fast-decode is for --decode cpu (the device decodes JPEGs in full)")
+    if device_elsewhere is not None:  # a Ray cluster's actors score: their decode tasks decode
+        raise UsageError("--decode gpu runs on the local engine; --engine ray decodes on its CPU workers")
 
 
 def _absolute(text: str, cwd: str) -> str:

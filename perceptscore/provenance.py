@@ -41,6 +41,7 @@ def provenance(plan: Any, device: str | None = None) -> dict[str, Any]:
         "device": device or plan.device,
         "precision": plan.precision,
         "fast_decode": plan.fast_decode,
+        "decode": plan.decode,  # where JPEGs were decoded: cpu (Pillow, in workers) or gpu (tv_decode)
         "cwd": plan.cwd,  # relative paths in the rows are relative to it (filter --copy-to reads them)
         "tasks": tasks,
         "limits": plan.limits.to_dict(),  # never the storage options: they are not in a plan

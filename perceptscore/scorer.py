@@ -33,7 +33,9 @@ class Scorer:
     ``checkpoints`` maps task name -> weights file (or resolved ``hub.Weights``); a task without one gets
     its weights by ``hub.resolve`` (local folders, caches, then a download). ``device`` auto/cpu/cuda[:i];
     ``precision`` auto (fp16 on CUDA, fp32 on CPU)/fp32/fp16/bf16. ``fast_decode`` uses JPEG draft mode
-    (faster, pixels differ slightly from the release's decoding).
+    (faster, pixels differ slightly from the release's decoding). ``decode``: "cpu" (decode workers
+    decode) or "gpu" (the workers read; JPEGs are decoded on ``device`` a batch at a time, with nvJPEG on
+    CUDA, libjpeg-turbo in this process on the CPU; as ``score --decode gpu``).
     """
 
     def __init__(
@@ -45,11 +47,12 @@ class Scorer:
         batch_size: int | None = None,
         workers: int | None = None,
         fast_decode: bool = False,
+        decode: str = "cpu",
     ) -> None:
         names = list(dict.fromkeys(get_task(t).name for t in ([tasks] if isinstance(tasks, str) else tasks)))
         given = {get_task(k).name: v for k, v in (checkpoints or {}).items()}
         weights = {t: w if isinstance(w := given.get(t), Weights) else resolve(get_task(t), w) for t in names}
-        self.options = ScoreOptions(names, {}, device, precision, batch_size, workers, fast_decode)
+        self.options = ScoreOptions(names, {}, device, precision, batch_size, workers, fast_decode, decode)
         self.plan = make_plan(self.options, weights=weights)
         self.weights = weights
         self.predictor = Predictor.from_plan(self.plan)

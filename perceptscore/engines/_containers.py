@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from perceptscore.batches import Batch, Decoded, collate, decode_item
+from perceptscore.batches import Batch, Decoded, collate, decode_item, read_item
 from perceptscore.columns import core_schema
 from perceptscore.containers import Container
 from perceptscore.items import EXTRAS, ITEM, Item
@@ -53,11 +53,19 @@ class Sample:
 
 
 class Reading(IterableDataset[Sample]):
+    """``read``: ``--decode gpu`` (a row that is a plain JPEG comes back as its bytes: ``read_item``)."""
+
     def __init__(
-        self, jobs: list[Job], specs: list[Preprocess], draft: int | None, timeout: float, max_pixels: int
+        self,
+        jobs: list[Job],
+        specs: list[Preprocess],
+        draft: int | None,
+        timeout: float,
+        max_pixels: int,
+        read: bool = False,
     ) -> None:
         self.jobs, self.specs, self.draft = jobs, specs, draft
-        self.timeout, self.max_pixels = timeout, max_pixels
+        self.timeout, self.max_pixels, self.read = timeout, max_pixels, read
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
@@ -91,18 +99,26 @@ class Reading(IterableDataset[Sample]):
     def _decoded(self, index: int, part: int, locator: Any) -> Decoded:
         reason = locator.reason if isinstance(locator, Unavailable) else None
         item = Item(index, locator, {}, reason, part)
-        return timed_decode(item, self.specs, self.draft, self.max_pixels, self.timeout)
+        return timed_decode(item, self.specs, self.draft, self.max_pixels, self.timeout, self.read)
 
 
 def timed_decode(
-    item: Item, specs: list[Preprocess], draft: int | None, max_pixels: int, timeout: float
+    item: Item,
+    specs: list[Preprocess],
+    draft: int | None,
+    max_pixels: int,
+    timeout: float,
+    read: bool = False,
 ) -> Decoded:
-    """``decode_item`` under the decode time limit in a worker (SIGALRM at its default action kills the
-    worker even inside C code: a hang is isolated like a crash), its bytes left behind."""
+    """``decode_item`` (``read``: ``read_item``) under the decode time limit in a worker (SIGALRM at its
+    default action kills the worker even inside C code: a hang is isolated like a crash), its item's bytes
+    left behind (a JPEG read carries them once, in ``Decoded.jpeg``)."""
     in_worker = get_worker_info() is not None
     if in_worker and not item.error:
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
+        if read:
+            return without_bytes(read_item(item, specs, max_pixels))
         return without_bytes(decode_item(item, specs, draft, max_pixels))
     finally:
         if in_worker:
@@ -119,12 +135,14 @@ def without_bytes(decoded: Decoded) -> Decoded:
 
 
 def _collate(samples: list[Sample]) -> tuple[list[Sample], Batch | None]:
-    """The batch of crops, and the samples without theirs (they travel once, as the batch's tensors)."""
+    """The batch of crops (and of JPEGs' bytes), and the samples without theirs (they travel once, as the
+    batch's tensors)."""
     decoded = [s.decoded for s in samples if s.decoded is not None]
+    batch = collate(decoded) if decoded else None
     for sample in samples:
         if sample.decoded is not None:
-            sample.decoded = replace(sample.decoded, pixels={})
-    return samples, collate(decoded) if decoded else None
+            sample.decoded = replace(sample.decoded, pixels={}, jpeg=None)
+    return samples, batch
 
 
 @dataclass
@@ -143,7 +161,8 @@ class ContainerRun:
     ``reading``: the dataset of a list of jobs (the run's decode settings); ``loader_args``: how the
     engine's DataLoaders are made (worker set-up, pinning, timeouts); ``next_batch``: the engine's bounded
     wait for a batch of a loader of so many rows (raises when workers die or stall: ``died`` tells);
-    ``reason``: the error of a row that killed its worker."""
+    ``reason``: the error of a row that killed its worker; ``prepare``: what a batch goes through before
+    the model (``--decode gpu``: ``DeviceDecode``)."""
 
     def __init__(
         self,
@@ -155,9 +174,11 @@ class ContainerRun:
         next_batch: Callable[[Iterator[Any], int], Any],
         died: Callable[[BaseException], bool],
         reason: str,
+        prepare: Callable[[Batch], Batch] | None = None,
     ) -> None:
         self.predictor, self.reading, self.size, self.workers = predictor, reading, size, workers
         self.loader_args, self.next_batch, self.died, self.reason = loader_args, next_batch, died, reason
+        self.prepare = prepare
         self.schema = core_schema(predictor.tasks)
 
     def batches(self, containers: list[Item]) -> Iterator[pa.RecordBatch]:
@@ -178,7 +199,7 @@ class ContainerRun:
             pending: tuple[list[Sample], Pending | None] | None = None  # submitted: the GPU computes it
             try:
                 for samples, batch in self._read(jobs, workers, alone):
-                    submitted = (samples, self.predictor.submit(batch) if batch is not None else None)
+                    submitted = (samples, self._submit(batch) if batch is not None else None)
                     if pending is not None:  # the last one's rows, once the next is on its way
                         self._place(*pending, by_index)
                         given = yield from self._ready(group, given, extras)
@@ -208,6 +229,9 @@ class ContainerRun:
         while given < len(group):
             yield from self._given(group[given], extras)
             given += 1
+
+    def _submit(self, batch: Batch) -> Pending:
+        return self.predictor.submit(self.prepare(batch) if self.prepare is not None else batch)
 
     def _ready(
         self, group: list[_Held], given: int, extras: pa.DataType

@@ -5,6 +5,11 @@ the run: the batches in flight are decoded again one file at a time, and the fil
 becomes an error row. So does a batch that never comes back (``batch_wait``): no wait here is unbounded.
 Items go to the workers without their passthrough columns. This is the only module that touches torch's
 DataLoader internals, and only while a run is in progress.
+
+With ``--decode gpu`` (``ScoringPlan.decode``) the workers read each plain JPEG and send its bytes; this
+process decodes each batch's JPEGs on the model's device (``batches.DeviceDecode``) before the model runs.
+Every other file is decoded in its worker as ever, and a JPEG that torchvision refuses is decoded in an
+isolated child process: a hostile file still costs one error row, never this process.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from PIL import ImageFile
 from torch.utils.data import DataLoader, Dataset
 
 from perceptscore import remote
-from perceptscore.batches import Batch, Decoded, collate
+from perceptscore.batches import Batch, Decoded, DeviceDecode, collate
 from perceptscore.containers import is_container
 from perceptscore.engines._containers import GROUP, ContainerRun, Job, Reading, timed_decode
 from perceptscore.images import draft_side
@@ -64,9 +69,15 @@ SHM_SHARE = 0.5  # of /dev/shm's free space, the most the batches in flight from
 PREFETCH = 4  # batches a worker decodes ahead, where they fit
 
 
-def batch_bytes(specs: list[Preprocess], size: int) -> int:
-    """What one batch of crops holds in shared memory (uint8: 3 x crop x crop per crop, every spec)."""
-    return size * sum(3 * s.crop * s.crop * s.crops for s in specs)
+FILE_BYTES = 4 << 20  # a file's share of a batch under --decode gpu: a 12 MP JPEG, about
+
+
+def batch_bytes(specs: list[Preprocess], size: int, encoded: bool = False) -> int:
+    """What one batch of crops holds in shared memory (uint8: 3 x crop x crop per crop, every spec);
+    ``encoded`` (``--decode gpu``): a row holds its file's bytes or its crops, counted as the larger of
+    crops and ``FILE_BYTES`` (the files' sizes are not known before they are read)."""
+    crops = sum(3 * s.crop * s.crop * s.crops for s in specs)
+    return size * (max(crops, FILE_BYTES) if encoded else crops)
 
 
 def prefetch_for(per_batch: int, workers: int, shm_free: int | None) -> int:
@@ -104,20 +115,29 @@ class _DecodeDataset(Dataset[Decoded]):
     """Indexed by ``Item`` itself: the DataLoader's sampler streams the items to the workers, a chunk at a
     time. A chunk's remote objects are fetched by the worker that decodes them, all at once
     (``prefetched``, under the run's limits): no process but the decoding one holds their bytes, and a
-    chunk waits for its slowest object, not for the sum of their latencies."""
+    chunk waits for its slowest object, not for the sum of their latencies. ``read``: ``--decode gpu``
+    (plain JPEGs are read, not decoded: ``batches.read_item``)."""
 
     def __init__(
-        self, specs: list[Preprocess], draft: int | None, timeout: float, max_pixels: int, limits: Limits
+        self,
+        specs: list[Preprocess],
+        draft: int | None,
+        timeout: float,
+        max_pixels: int,
+        limits: Limits,
+        read: bool = False,
     ) -> None:
         self.specs, self.draft, self.timeout, self.max_pixels = specs, draft, timeout, max_pixels
-        self.limits = limits
+        self.limits, self.read = limits, read
 
     def __getitem__(self, item: Item) -> Decoded:  # type: ignore[override]
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: list[Item]) -> list[Decoded]:  # the DataLoader's call for a whole chunk
         fetched = prefetched(items, self.limits)
-        return [timed_decode(i, self.specs, self.draft, self.max_pixels, self.timeout) for i in fetched]
+        return [
+            timed_decode(i, self.specs, self.draft, self.max_pixels, self.timeout, self.read) for i in fetched
+        ]
 
 
 class _Chunks:
@@ -204,12 +224,15 @@ class LocalEngine:
         predictor = self.make_predictor(plan)
         specs = predictor.specs
         draft = draft_side(specs) if plan.fast_decode else None
-        dataset = _DecodeDataset(specs, draft, plan.limits.decode_timeout, plan.max_pixels, plan.limits)
+        on_device = _device_decode(plan, predictor)
+        read = on_device is not None
+        dataset = _DecodeDataset(specs, draft, plan.limits.decode_timeout, plan.max_pixels, plan.limits, read)
         pin = torch.device(plan.device).type == "cuda"
-        with isolating_worker_deaths():
+        closing = contextlib.closing(on_device) if on_device is not None else contextlib.nullcontext()
+        with isolating_worker_deaths(), closing:
             start = functools.partial(worker_init, limits=plan.limits, storage=remote.current())
-            prefetch = prefetch_for(batch_bytes(specs, plan.batch_size), plan.workers, shm_free())
-            run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin, start, prefetch)
+            prefetch = prefetch_for(batch_bytes(specs, plan.batch_size, read), plan.workers, shm_free())
+            run = _Run(dataset, predictor, plan.batch_size, plan.workers, pin, start, prefetch, on_device)
             containers = _container_run(run, plan, specs, draft)
             segments = _Segments(chain([first], stream), GROUP * max(1, plan.workers))
             while segments.more():
@@ -219,12 +242,20 @@ class LocalEngine:
                     yield from run.batches(_bare(i) for i in segments.plain())
 
 
+def _device_decode(plan: ScoringPlan, predictor: Predictor) -> DeviceDecode | None:
+    """``--decode gpu``: this process decodes the batches' JPEGs on the model's device."""
+    if plan.decode != "gpu":
+        return None
+    limits = plan.limits
+    return DeviceDecode(predictor.specs, predictor.device, plan.max_pixels, limits.decode_timeout, limits)
+
+
 def _container_run(run: _Run, plan: ScoringPlan, specs: list[Preprocess], draft: int | None) -> ContainerRun:
     """The containers' reader, with this run's decode settings, worker set-up and waits."""
     timeout = plan.limits.decode_timeout
 
     def reading(jobs: list[Job]) -> Reading:
-        return Reading(jobs, specs, draft, timeout, plan.max_pixels)
+        return Reading(jobs, specs, draft, timeout, plan.max_pixels, run.prepare is not None)
 
     def loader_args(workers: int) -> dict[str, Any]:
         return {
@@ -240,7 +271,7 @@ def _container_run(run: _Run, plan: ScoringPlan, specs: list[Preprocess], draft:
 
     reason = f"the decoder crashed, or hung for {timeout:.0f} s, in its worker process"
     return ContainerRun(run.predictor, reading, plan.batch_size, plan.workers, loader_args, next_batch,
-                        _worker_died, reason)  # fmt: skip
+                        _worker_died, reason, run.prepare)  # fmt: skip
 
 
 class _Segments:
@@ -280,6 +311,7 @@ class _Run:
         pin: bool,
         start: Callable[[int], None] = worker_init,
         prefetch: int = PREFETCH,
+        prepare: Callable[[Batch], Batch] | None = None,
     ) -> None:
         self.dataset, self.predictor, self.size, self.workers, self.pin = (
             dataset,
@@ -290,6 +322,7 @@ class _Run:
         )
         self.start = start  # each decode worker's set-up (``worker_init`` with the run's limits)
         self.prefetch = prefetch  # batches each worker decodes ahead (``prefetch_for``)
+        self.prepare = prepare  # what a batch goes through before the model (``--decode gpu``)
 
     def _loader(self, chunks: _Chunks, workers: int, prefetch: int = 4) -> DataLoader:
         return DataLoader(
@@ -324,7 +357,8 @@ class _Run:
             pending: Pending | None = None  # submitted, its rows not given yet: the GPU computes them
             try:
                 while (batch := _next_batch(batches, self._bound(chunks, size))) is not None:
-                    submitted = self.predictor.submit(batch)  # before the last one's rows are waited for
+                    # submitted before the last one's rows are waited for
+                    submitted = self.predictor.submit(self.prepare(batch) if self.prepare else batch)
                     if pending is not None:
                         yield from _given(pending, chunks)
                     pending = submitted

@@ -393,6 +393,8 @@ class RayEngine:
         return f"ray ({c['nodes']} nodes, {c['cpus']} CPUs, {c['gpus']} GPUs); models on {plan.device}"
 
     def run(self, plan: ScoringPlan, items: Iterable[Item]) -> Iterator[pa.RecordBatch]:
+        if plan.decode != "cpu":  # (make_plan refuses it first for a cluster's plan: this, for any plan)
+            raise UsageError("--decode gpu runs on the local engine; --engine ray decodes on its CPU workers")
         self.connect()
         watch = _ClusterWatch.of_this_driver(self.address or "the local Ray", plan.limits.ray_lost_s)
         try:
