@@ -18,6 +18,12 @@ Then "images/s on N cores" = N * 1000 / CPU ms: a PROJECTION that assumes decodi
 and that nothing else (reading, the model's process, the IPC of crops) takes CPU; the real local engine
 reached ~1,050 / ~1,650 img/s (exact / draft) on 16 cores where this projects higher.
 
+--engine N also runs the real local engine (N decode workers, a stand-in model that costs nothing) over
+--images x 8 files with ``--decode cpu`` and ``--decode gpu`` (the workers read, the scoring process decodes
+each batch with tv_decode on --device, the CPU by default): images/s, and the scoring process's own CPU ms
+per image (``time.process_time``: its threads, not the workers'). On the CPU that is the decode moved into
+the scoring process, by design; on a GPU it is what one process spends to feed nvJPEG.
+
 --device cuda also times ``tv_decode.decode_batch`` on the GPU (batched nvJPEG + resize on the GPU), in
 batches of --batch, in this process: wall ms per image (synchronised) and the scoring process's own CPU
 ms per image (what one process must spend to feed the GPU). --dry-run: two images, tiny durations, every
@@ -262,6 +268,42 @@ def measure_device(paths: list[Path], args: argparse.Namespace) -> None:
     print(f"\nOn its own, tv_decode on {device} {goal} {GOAL:,} img/s (before a model shares the device).")
 
 
+def measure_engine(folder: Path, paths: list[Path], args: argparse.Namespace) -> None:
+    """The local engine with each decode setting: images/s, the scoring process's CPU ms per image."""
+    import torch
+
+    from perceptscore.engines.local import LocalEngine
+    from perceptscore.items import Item
+    from perceptscore.locators import locate
+    from perceptscore.plan import ScoringPlan
+    from perceptscore.predict import Predictor
+    from perceptscore.tasks import get_task
+
+    device = args.device or "cpu"
+    files = [str(folder / f"engine-{i:04d}.jpg") for i in range(len(paths) * 8)]
+    for i, name in enumerate(files):
+        os.link(paths[i % len(paths)], name)
+    tasks = [get_task(t.strip()) for t in args.task.split(",")]
+
+    def nothing(outputs: int):  # the model's place, at no cost: decoding alone is timed
+        return lambda x: torch.zeros(len(x), outputs, device=x.device)
+
+    batch = 4 if args.dry_run else 64
+    print(f"\n| local engine, {args.engine} workers, batch {batch}, {len(files)} files | images/s | scoring "
+          "process CPU ms/image |")  # fmt: skip
+    print("|---|---|---|")
+    for decode in ("cpu", "gpu"):
+        on = device if decode == "gpu" else "cpu"
+        plan = ScoringPlan(tuple(t.name for t in tasks), (), on, "fp32", batch, args.engine, decode=decode)
+        models = {t.name: nothing(t.outputs) for t in tasks}
+        predictor = Predictor(tasks, models, torch.device(on), torch.float32, batch)
+        items = [Item(i, locate(f)) for i, f in enumerate(files)]
+        wall, cpu = time.perf_counter(), time.process_time()
+        rows = sum(b.num_rows for b in LocalEngine(lambda _, p=predictor: p).run(plan, items))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"| --decode {decode} (on {on}) | {rows / wall:,.0f} | {1000 * cpu / rows:.2f} |")
+
+
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="memorability", help="task(s), comma-separated: their preprocessing")
@@ -272,6 +314,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="files per decode_batch call on the device")
     p.add_argument("--cpu-batch", type=int, default=16, help="files per decode_batch call on the CPU")
     p.add_argument("--cores", default="8,16,32", help="core counts for the projection")
+    p.add_argument(
+        "--engine", type=int, default=None, metavar="N", help="also run the local engine, N workers"
+    )
     p.add_argument("--dry-run", action="store_true", help="2 images, tiny durations, in this process")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -293,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("per-worker timings:")
         ms = measure_cpu(Path(tmp), paths, args)
         print_table(ms, [int(n) for n in args.cores.split(",")])
-        if args.device:
+        if args.device and args.device != "cpu":
             measure_device(paths, args)
+        if args.engine is not None:
+            measure_engine(Path(tmp), paths, args)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,15 @@ one line and the next step runs; the last line counts them; exit code 1 if any f
 - model-only: images/s and TFLOP/s of the merged model at batch 64, 128 and 256 in fp16 and bf16 (best of
   5 timed runs after 2 warm-ups; FLOP counted from the architecture, ~162 GFLOP per image at full size).
 - decode-only: the local engine's own decode workers (the default count on this device) with a stand-in
-  model that costs nothing: images/s exact and with --fast-decode, and ms per image per worker.
-- cli-defaults, cli-three-tasks, cli-fast-decode, cli-processes-2, cli-explain: ``perceptscore`` itself
-  (``python -m perceptscore``) on the JPEGs: rows, errors, the run's own seconds (weights loading included),
-  rows/s, and the wall time of the command. ``--processes 2`` runs only where 2 GPUs are visible.
+  model that costs nothing: images/s exact, with --fast-decode, and with --decode gpu (the workers read,
+  the scoring process decodes each batch with nvJPEG on the device: also its own CPU ms per image, what
+  one process spends to feed the GPU), and ms per image per worker.
+- cli-defaults, cli-three-tasks, cli-fast-decode, cli-decode-gpu, cli-three-tasks-decode-gpu,
+  cli-processes-2, cli-explain: ``perceptscore`` itself (``python -m perceptscore``) on the JPEGs: rows,
+  errors, the run's own seconds (weights loading included), rows/s, and the wall time of the command.
+  cli-decode-gpu also shows how far its memorability moved from cli-defaults' (same images, same model:
+  nvJPEG and the float resize against Pillow; no limit, a figure to record). ``--processes 2`` runs only
+  where 2 GPUs are visible.
 - device-index: ``--device cuda:<count>`` must be a one-line error (exit 2); ``--processes <count + 1>``
   is shown as it ends (the line a wrong count gives).
 - trainer: an fp16 training step whose micro-batches were all unreadable (the GradScaler crash), and what
@@ -354,35 +359,46 @@ def step_model_only(c: Check) -> None:
 
 
 def step_decode_only(c: Check) -> None:
+    from perceptscore.plan import default_workers
+
+    c.needs_setup()
+    assert c.photos is not None
+    workers = c.workers if c.workers is not None else default_workers("cpu" if c.dry else "cuda")
+    paths = sorted(str(p) for p in c.photos.iterdir())
+    for how in ("exact", "--fast-decode", "--decode gpu"):
+        rows, seconds, cpu = decode_only_run(c, paths, workers, how)
+        per_worker = 1000 * seconds * max(workers, 1) / rows
+        own = f"; scoring process {1000 * cpu / rows:.2f} CPU ms per image" if how == "--decode gpu" else ""
+        say("decode-only", f"{how}: {rows / seconds:,.0f} images/s on {workers} workers ({per_worker:.1f} ms "
+                           f"per image per worker, workers' start included{own})")  # fmt: skip
+
+
+def decode_only_run(c: Check, paths: list[str], workers: int, how: str) -> tuple[int, float, float]:
+    """Rows, seconds and this process's CPU seconds of the local engine on ``paths`` with a stand-in model
+    that costs nothing. --decode gpu decodes on the check's device (here: CPU in a dry run)."""
     import torch
 
     from perceptscore.engines.local import LocalEngine
     from perceptscore.items import Item
     from perceptscore.locators import locate
-    from perceptscore.plan import ScoringPlan, default_workers
+    from perceptscore.plan import ScoringPlan
     from perceptscore.predict import Predictor
     from perceptscore.tasks import get_task
 
-    c.needs_setup()
-    assert c.photos is not None
     task = get_task("memorability")
-    workers = c.workers if c.workers is not None else default_workers("cpu" if c.dry else "cuda")
-    paths = sorted(str(p) for p in c.photos.iterdir())
+    gpu = how == "--decode gpu"
+    device = c.device if gpu else "cpu"
 
     def nothing(x: torch.Tensor) -> torch.Tensor:  # the model's place, at no cost: decoding alone is timed
-        return torch.zeros(len(x), task.outputs)
+        return torch.zeros(len(x), task.outputs, device=x.device)
 
-    for fast in (False, True):
-        plan = ScoringPlan((task.name,), (), "cpu", "fp32", 64, workers, fast_decode=fast)
-        engine = LocalEngine(lambda _: Predictor([task], {task.name: nothing}, torch.device("cpu"),
-                                                 torch.float32, 64))  # fmt: skip
-        start = time.perf_counter()
-        rows = sum(b.num_rows for b in engine.run(plan, [Item(i, locate(p)) for i, p in enumerate(paths)]))
-        seconds = time.perf_counter() - start
-        per_worker = 1000 * seconds * max(workers, 1) / rows
-        how = "--fast-decode" if fast else "exact"
-        say("decode-only", f"{how}: {rows / seconds:,.0f} images/s on {workers} workers ({per_worker:.1f} ms "
-                           "per image per worker, workers' start included)")  # fmt: skip
+    plan = ScoringPlan((task.name,), (), device, "fp32", 64, workers, fast_decode=how == "--fast-decode",
+                       decode="gpu" if gpu else "cpu")  # fmt: skip
+    predictor = Predictor([task], {task.name: nothing}, torch.device(device), torch.float32, 64)
+    engine = LocalEngine(lambda _: predictor)
+    start, cpu = time.perf_counter(), time.process_time()
+    rows = sum(b.num_rows for b in engine.run(plan, [Item(i, locate(p)) for i, p in enumerate(paths)]))
+    return rows, time.perf_counter() - start, time.process_time() - cpu
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------------
@@ -439,6 +455,27 @@ def step_cli_three_tasks(c: Check) -> None:
 
 def step_cli_fast_decode(c: Check) -> None:
     score_run(c, "cli-fast-decode", ["memorability"], c.images, "--fast-decode")
+
+
+def step_cli_decode_gpu(c: Check) -> None:
+    import pandas as pd
+
+    score_run(c, "cli-decode-gpu", ["memorability"], c.images, "--decode", "gpu")
+    defaults = c.folder / "cli-defaults.parquet"
+    if not defaults.exists():
+        say("cli-decode-gpu", "no comparison: cli-defaults did not run")
+        return
+    pillow = pd.read_parquet(defaults, columns=["path", "memorability"])
+    device = pd.read_parquet(c.folder / "cli-decode-gpu.parquet", columns=["path", "memorability"])
+    if pillow["path"].tolist() != device["path"].tolist():
+        raise RuntimeError("--decode gpu gave other rows than the defaults")
+    diff = (pillow["memorability"] - device["memorability"]).abs()
+    say("cli-decode-gpu", f"memorability against cli-defaults' (Pillow in the workers): max |diff| "
+                          f"{diff.max():.2e}, mean {diff.mean():.2e}")  # fmt: skip
+
+
+def step_cli_three_tasks_decode_gpu(c: Check) -> None:
+    score_run(c, "cli-three-tasks-decode-gpu", list(TASKS), max(1, c.images // 4), "--decode", "gpu")
 
 
 def step_cli_processes(c: Check) -> None:
@@ -552,6 +589,8 @@ STEPS: list[tuple[str, Callable[[Check], None]]] = [
     ("cli-defaults", step_cli_defaults),
     ("cli-three-tasks", step_cli_three_tasks),
     ("cli-fast-decode", step_cli_fast_decode),
+    ("cli-decode-gpu", step_cli_decode_gpu),
+    ("cli-three-tasks-decode-gpu", step_cli_three_tasks_decode_gpu),
     ("cli-processes-2", step_cli_processes),
     ("cli-explain", step_cli_explain),
     ("device-index", step_device_index),

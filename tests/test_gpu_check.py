@@ -24,6 +24,8 @@ RESULTS = {
     "cli-defaults": r"8 rows, 0 errors on cpu fp32: .* PASS",
     "cli-three-tasks": r"2 rows, 0 errors on cpu fp32: .* PASS",
     "cli-fast-decode": r"8 rows, 0 errors on cpu fp32: .* PASS",
+    "cli-decode-gpu": r"8 rows, 0 errors on cpu fp32: .* PASS",
+    "cli-three-tasks-decode-gpu": r"2 rows, 0 errors on cpu fp32: .* PASS",
     "cli-processes-2": r"skipped: [01] GPU\(s\) visible|8 rows, 0 errors on 2 processes on cpu fp32: .* PASS",
     "cli-explain": r"4 heatmaps for 4 images .* PASS",
     "device-index": r"--device cuda:(\d+): exit 2, 1 stderr line\(s\): error: cuda:\1: .* PASS",
@@ -50,6 +52,12 @@ def test_the_dry_run_prints_every_steps_result_and_passes(tmp_path: Path) -> Non
         assert any(re.search(pattern, t) for t in results), (step, pattern, results)
     assert len([t for t in by_step["precision"] if t.endswith("PASS")]) == 3
     assert len([t for t in by_step["model-only"] if "images/s" in t]) == 6  # 2 precisions x 3 batches
+    decode = [t.split(":")[0] for t in by_step["decode-only"] if "images/s" in t]
+    assert decode == ["exact", "--fast-decode", "--decode gpu"]
+    assert re.search(r"scoring process [\d.]+ CPU ms per image\)$", by_step["decode-only"][2])
+    # the same images and model decoded by tv_decode on the CPU: within a grey level of Pillow's pixels
+    moved = [t for t in by_step["cli-decode-gpu"] if "against cli-defaults" in t]
+    assert len(moved) == 1 and float(re.search(r"max \|diff\| ([\d.e+-]+),", moved[0])[1]) < 1e-3  # type: ignore[index]
     assert by_step["summary"][0].startswith(f"{len(RESULTS)} steps, 0 failed;")
     # the installed package, not a path the script put first
     assert (
