@@ -135,18 +135,18 @@ def _make_private(path: Path) -> None:
 # ---- transfers ---------------------------------------------------------------------------------------
 
 
-def _request_seconds() -> float:
+def request_seconds() -> float:
     """The most one small request (a probe, the lock, a sidecar) may take. fsspec's ``timeout`` bounds
     the whole call: a store that takes the request and never answers is not caught by the backend's own
     read timeout, and would hold the run forever."""
     return 2 * remote.timeout()
 
 
-def _put_file(local: Path, url: str) -> None:
-    """Upload ``local`` to ``url``, each try bounded in time (``_request_seconds``, plus a second a MB:
+def put_file(local: Path, url: str) -> None:
+    """Upload ``local`` to ``url``, each try bounded in time (``request_seconds``, plus a second a MB:
     an upload slower than 1 MB/s is given up)."""
     fs, path = remote.split(url)
-    seconds = _request_seconds() + local.stat().st_size / (1 << 20)
+    seconds = request_seconds() + local.stat().st_size / (1 << 20)
     remote.with_retries(lambda: fs.put_file(str(local), path, timeout=seconds))
 
 
@@ -161,7 +161,7 @@ def _conditional_put(url: str, body: bytes, **condition: str) -> str | None:
 
     def attempt() -> dict[str, Any] | None:
         try:
-            return fs.pipe_file(path, body, timeout=_request_seconds(), **condition)
+            return fs.pipe_file(path, body, timeout=request_seconds(), **condition)
         except Exception as exc:
             reason = remote.classify(exc)[0]
             if reason in ("HTTP 412", "HTTP 409"):  # 409: a concurrent conditional write
@@ -178,14 +178,15 @@ def _conditional_put(url: str, body: bytes, **condition: str) -> str | None:
 
 
 class RemoteLock:
-    """``.<name>.lock`` beside an S3 output: created only if absent, renewed every quarter of the stale
-    time by a thread (conditionally on its own ETag, so a run whose lock was taken over learns it), removed
-    at the end if still ours. ``lost`` is set when another run took it over."""
+    """``.<name>.lock`` beside an S3 output (or the object ``at``: a folder output's is inside it): created
+    only if absent, renewed every quarter of the stale time by a thread (conditionally on its own ETag, so a
+    run whose lock was taken over learns it), removed at the end if still ours. ``lost`` is set when another
+    run took it over."""
 
-    def __init__(self, url: str, shown: str) -> None:
+    def __init__(self, url: str, shown: str, at: str | None = None) -> None:
         head = url.split("?", 1)[0]
         folder, name = head.rsplit("/", 1)
-        self.url, self.shown = f"{folder}/.{name}.lock", shown
+        self.url, self.shown = at or f"{folder}/.{name}.lock", shown
         self.etag: str | None = None
         self.lost = False
         # A conditional write whose answer was lost is tried again and then refused (412) although it was
@@ -232,9 +233,9 @@ class RemoteLock:
         """The lock object's record and its info (ETag, LastModified); None when it is gone."""
         fs, path = remote.split(self.url)
         try:
-            info = remote.with_retries(lambda: fs.info(path, timeout=_request_seconds()))
+            info = remote.with_retries(lambda: fs.info(path, timeout=request_seconds()))
             body = remote.with_retries(
-                lambda: fs.cat_file(path, start=0, end=1 << 16, timeout=_request_seconds())
+                lambda: fs.cat_file(path, start=0, end=1 << 16, timeout=request_seconds())
             )
         except DecodeError as exc:
             if str(exc).startswith("not found"):
@@ -280,11 +281,11 @@ class RemoteLock:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._beat is not None:  # a renewal under way (a store that is down) is not waited out
-            self._beat.join(timeout=_request_seconds())
+            self._beat.join(timeout=request_seconds())
         if self.lost or self.etag is None:
             return
         fs, path = remote.split(self.url)
-        seconds = _request_seconds()
+        seconds = request_seconds()
         with contextlib.suppress(Exception):  # left behind, it goes stale and is taken over
             if remote.with_retries(lambda: fs.info(path, timeout=seconds)).get("ETag") == self.etag:
                 remote.with_retries(lambda: fs.rm_file(path, timeout=seconds))
@@ -336,7 +337,10 @@ class RemoteOutput:
         remote.filesystem(name)  # the backend is installed (else: the extra to install)
         basename = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         if format_of(basename) is None or basename.startswith("."):
-            raise UsageError(f"-o {shown_as}: name the object to write, ending in .csv, .parquet or .jsonl")
+            raise UsageError(
+                f"-o {shown_as}: name the object to write, ending in .csv, .parquet or .jsonl, or end the "
+                "URL with / for a folder of parts"
+            )
         self.url, self.shown, self.store = url, shown_as, name
         digest = hashlib.sha256(remote.normalized(url).encode()).hexdigest()[:20]
         self.folder = work_root() / digest
@@ -351,12 +355,12 @@ class RemoteOutput:
         fs, path = remote.split(probe)
         try:
             remote.with_retries(
-                lambda: fs.pipe_file(path, b"perceptscore write probe\n", timeout=_request_seconds())
+                lambda: fs.pipe_file(path, b"perceptscore write probe\n", timeout=request_seconds())
             )
         except DecodeError as exc:
             raise UsageError(f"cannot write to {self.shown}: {exc}") from None
         with contextlib.suppress(Exception):  # a store may allow writes but not deletes: harmless
-            fs.rm_file(path, timeout=_request_seconds())
+            fs.rm_file(path, timeout=request_seconds())
         root = self.folder.parent
         try:
             root.parent.mkdir(parents=True, exist_ok=True)
@@ -436,10 +440,10 @@ class RemoteOutput:
         try:
             if sidecar.is_file():
                 earlier = self._earlier_sidecar(sidecar_url)
-                _put_file(sidecar, sidecar_url)
+                put_file(sidecar, sidecar_url)
                 self._put_data_or_restore(sidecar_url, earlier)
             else:
-                _put_file(self.local, self.url)
+                put_file(self.local, self.url)
         except (DecodeError, OSError) as exc:
             reason = str(exc) if isinstance(exc, DecodeError) else (exc.strerror or str(exc))
             raise UsageError(
@@ -454,7 +458,7 @@ class RemoteOutput:
         """The provenance now beside the output (None: there is none), to put back if the data fails."""
         fs, path = remote.split(url)
         try:
-            return bytes(remote.with_retries(lambda: fs.cat_file(path, timeout=_request_seconds())))
+            return bytes(remote.with_retries(lambda: fs.cat_file(path, timeout=request_seconds())))
         except DecodeError as exc:
             if str(exc).startswith("not found"):
                 return None
@@ -462,10 +466,10 @@ class RemoteOutput:
 
     def _put_data_or_restore(self, sidecar_url: str, earlier: bytes | None) -> None:
         try:
-            _put_file(self.local, self.url)
+            put_file(self.local, self.url)
         except (DecodeError, OSError) as exc:
             fs, path = remote.split(sidecar_url)
-            seconds = _request_seconds()
+            seconds = request_seconds()
             restore = (
                 (lambda: fs.rm_file(path, timeout=seconds))
                 if earlier is None

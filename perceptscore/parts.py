@@ -53,7 +53,7 @@ def manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{where}: unreadable ({' '.join(str(exc).split())[:200]})") from None
     for name in names:
-        if not _inside(name) or not name.endswith(".parquet"):
+        if not inside(name) or not name.endswith(".parquet"):
             raise UsageError(f"{where}: part {name!r} is not a .parquet file inside the folder")
     if len(set(names)) != len(names):
         raise UsageError(f"{where}: a part is listed twice")
@@ -98,7 +98,7 @@ def read_batches(folder: str, strings: Sequence[str] = ()) -> Iterator[pa.Record
         yield from pq.ParquetFile(part).iter_batches(65_536)
 
 
-def _inside(name: str) -> bool:
+def inside(name: str) -> bool:
     parts = name.split("/")
     return (
         bool(name)
@@ -156,7 +156,7 @@ def _relative(uri: str, roots: Sequence[str]) -> str:
     for root in roots:
         if root and where.startswith(root):
             name = where[len(root) :].replace(os.sep, "/")
-            if _inside(name):
+            if inside(name):
                 return _safe(name)
     return _safe(where.replace(os.sep, "/").rstrip("/").rpartition("/")[2] or "part")
 
@@ -225,11 +225,11 @@ def finish_swap(folder: Path) -> bool:
     moving = set(journal["move"])
     for name in journal["remove"]:  # the earlier output's parts: only files it listed, never a link's target
         target = folder / name
-        if _inside(name) and name not in moving and target.is_file() and not target.is_symlink():
+        if inside(name) and name not in moving and target.is_file() and not target.is_symlink():
             target.unlink()
     for name in journal["move"]:
         source, target = run / name, folder / name
-        if _inside(name) and source.is_file():
+        if inside(name) and source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
     sync_folder(folder)

@@ -848,11 +848,11 @@ def _restore(handlers: dict[int, Any]) -> None:
 
 
 def local_copy(url: str) -> str:
-    """A remote file (a manifest, a list, ``--incremental``'s or ``--retry-errors``'s scores file)
-    downloaded to a temporary folder of its own, removed at exit, on failure and on SIGTERM/SIGHUP (then
-    the signal does what it would have done: end the process, by default): read locally, as a seekable
-    file. Its HTTP origin is trusted with the storage options (it was named on the command line). Local
-    paths are returned as they are."""
+    """A remote file (a manifest, a list, ``--incremental``'s or ``--retry-errors``'s scores file or
+    folder output, ``s3://b/scores/``) downloaded to a temporary folder of its own, removed at exit, on
+    failure and on SIGTERM/SIGHUP (then the signal does what it would have done: end the process, by
+    default): read locally, as a seekable file. Its HTTP origin is trusted with the storage options (it was
+    named on the command line). Local paths are returned as they are."""
     if not is_remote(url):
         return local_path(url)
     trust(url)
@@ -861,7 +861,13 @@ def local_copy(url: str) -> str:
     local = os.path.join(folder, "input" + os.path.splitext(url.split("?", 1)[0])[1].lower())
     handlers = _catch_termination()
     try:
-        download(url, local)
+        if is_prefix(url):  # a folder output of ours (``s3://b/scores/``): its manifest and parts
+            from perceptscore.remote_parts import download_folder
+
+            local = os.path.join(folder, "scores")
+            download_folder(url, local)
+        else:
+            download(url, local)
         if local.endswith((".csv", ".jsonl")):  # a scores file's provenance is its sidecar: it comes along
             with contextlib.suppress(DecodeError):
                 download(url.split("?", 1)[0] + ".meta.json", local + ".meta.json")

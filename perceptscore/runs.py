@@ -32,7 +32,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -286,9 +286,11 @@ class ShardedRun:
         restart: bool = False,
         strict: bool = False,
         parts: parts_folder.PartNames | None = None,
+        on_part: Callable[[Path, str], None] | None = None,
     ) -> None:
         self.out, self.schema, self.fingerprint, self.strict = out, schema, fingerprint, strict
         self.parts = parts  # a folder output: the shards are its parts, named by ``parts``
+        self.on_part = on_part  # told of each part complete (file, name): a remote folder uploads it
         self.folder = out / parts_folder.RUN if parts else out.with_name(f".{out.name}.parts")
         self.state = self.folder / "run.json"
         self._names: dict[int, str] = {}  # a folder output: each container item's part name
@@ -447,7 +449,9 @@ class ShardedRun:
         item is skipped (held by an earlier shard, or a container without rows)."""
         start = 0
         for n, index in enumerate(indices):
-            if n > start and index not in (indices[n - 1], indices[n - 1] + 1):
+            if n > start and (
+                index not in (indices[n - 1], indices[n - 1] + 1) or self._parts_differ(index, indices[n - 1])
+            ):
                 self._append(indices[start:n], batch.slice(start, n - start))
                 start = n
         self._append(indices[start:], batch.slice(start))
@@ -459,20 +463,15 @@ class ShardedRun:
     def _append(self, indices: list[int], batch: pa.RecordBatch) -> None:
         if self._indices and indices and indices[0] not in (self._indices[-1], self._indices[-1] + 1):
             self.flush(whole=True)  # the held rows' last item is complete: a later one has begun
-        elif (
-            self.parts
-            and self._indices
-            and indices
-            and self._part(indices[0]) != self._part(self._indices[-1])
-        ):
+        elif self._indices and indices and self._parts_differ(indices[0], self._indices[-1]):
             self.flush(whole=True)  # a folder output: a part per container file, or plain items only
         self._indices += indices
         self._batches.append(batch)
 
-    def _part(self, index: int) -> str | None:
-        """Which part an item's rows go to: its container's file (a dataset file's row groups share
-        one), or None for a plain item."""
-        return self._uris.get(index)
+    def _parts_differ(self, index: int, before: int) -> bool:
+        """A folder output: whether an item's rows go to another part than the item ``before``'s (a part
+        is one container file's, a dataset file's row groups sharing one, or plain items only)."""
+        return self.parts is not None and self._uris.get(index) != self._uris.get(before)
 
     def flush(self, whole: bool = False) -> None:
         """Write the rows held so far as one complete shard (temporary name, fsync, rename). The last item's
@@ -528,6 +527,8 @@ class ShardedRun:
                 f"cannot write {self.out.name}'s shards in {self.folder}: {one_line(exc)}"
             ) from None
         self.shards.append(Shard(first, last, paths[0], info["paths_sha256"], final, table.num_rows))
+        if self.on_part is not None:
+            self.on_part(final, final.relative_to(self.folder).as_posix())
 
     def _name(self, first: int, last: int) -> str:
         if not self.parts:
@@ -536,8 +537,14 @@ class ShardedRun:
 
     def publish(self, about: dict[str, Any]) -> tuple[int, int]:
         """A folder output, finished: its parts moved into the output folder in place of an earlier
-        output's, the manifest (its parts in input order, rows and errors each) written last
-        (``parts.swap``); the run's folder goes. Returns (rows, errors)."""
+        output's, the manifest (``listing``) written last (``parts.swap``); the run's folder goes. Returns
+        (rows, errors)."""
+        body = self.listing(about)
+        parts_folder.swap(self.out, body)
+        return body["rows"], body["errors"]
+
+    def listing(self, about: dict[str, Any]) -> dict[str, Any]:
+        """A folder output's manifest: its parts in input order, the rows and errors of each."""
         import pyarrow.compute as pc
 
         self.flush(whole=True)
@@ -550,8 +557,7 @@ class ShardedRun:
                 "errors": int(pc.sum(pc.is_valid(errors)).as_py() or 0), "first_item": shard.first,
                 "last_item": shard.last,
             })  # fmt: skip
-        parts_folder.swap(self.out, parts_folder.manifest_body(about, listed, self.schema))
-        return sum(p["rows"] for p in listed), sum(p["errors"] for p in listed)
+        return parts_folder.manifest_body(about, listed, self.schema)
 
     def _key(self, index: int, table: pa.Table, row: int) -> bytes:
         """The item's key as ``pending`` recorded it; for rows added without it, the row's own."""

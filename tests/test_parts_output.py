@@ -187,6 +187,8 @@ def test_a_folder_output_is_refused_where_it_would_lose_or_mix_files(
     again = score([shard_glob], checkpoint, f"{folder}/", "--incremental", str(folder), "--json")
     assert again.returncode == 0, again.stderr  # a nightly rerun into its own folder
     assert json.loads(again.stdout)["reused"] == 4 * MEMBERS
+    reused = json.loads((folder / MANIFEST).read_text())["parts"]  # reused rows keep a part per shard
+    assert [p["rows"] for p in reused] == [MEMBERS] * 4
     fewer = score([f"{shard_folder}/more/*.tar"], checkpoint, f"{folder}/")
     assert fewer.returncode == 2 and "--max-delete" in fewer.stderr  # 18 of 24 rows would go: refused
     assert json.loads((folder / MANIFEST).read_text())["rows"] == 4 * MEMBERS  # untouched

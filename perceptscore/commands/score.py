@@ -31,6 +31,7 @@ from perceptscore.items import Item
 from perceptscore.plan import ScoreOptions, ScoringPlan, file_size, make_plan, weight_files
 from perceptscore.progress import Reporter, weights_phase
 from perceptscore.provenance import provenance
+from perceptscore.remote_parts import RemoteFolder
 from perceptscore.replacing import (
     Safeguards,
     mark_list,
@@ -121,6 +122,7 @@ class ScoreJob:
     notes: list[str] = field(default_factory=list)  # said in the summary, before the run's own
     folder: bool = field(default=False, init=False)  # -o DIR/: a part per read task (``parts``)
     destination: RemoteOutput | None = field(default=None, init=False)  # -o URL: written here, uploaded
+    remote_folder: RemoteFolder | None = field(default=None, init=False)  # -o s3://b/DIR/: parts uploaded
     checked: Checked | None = field(default=None, init=False)
 
     def validate(self) -> Checked:
@@ -133,10 +135,14 @@ class ScoreJob:
         self.incremental, self.retry_errors = _earlier_files(
             self.inputs, self.incremental, self.retry_errors, self.notes
         )
-        self.destination = RemoteOutput(self.out) if remote.is_remote(self.out) else None
         self.folder = self.out != "-" and parts.is_folder_output(self.out)
-        if self.folder:
-            _check_folder_output(self.out, self.destination, self.inputs)
+        if remote.is_remote(self.out):
+            if self.folder:
+                self.remote_folder = RemoteFolder(self.out)
+            else:
+                self.destination = RemoteOutput(self.out)
+        elif self.folder:
+            _check_folder_output(self.out, self.inputs)
         _check_outputs(
             self.out, self.destination, self.inputs, self.incremental, self.retry_errors, self.report,
             self.guards,
@@ -147,7 +153,10 @@ class ScoreJob:
         weights = self.options.weights()  # a missing weights file is reported before torch loads
         if self.destination is not None:
             self.destination.prepare()  # a bucket that refuses writes fails now, not after the run
-        remote_output = self.destination is not None
+        if self.remote_folder is not None:
+            self.remote_folder.prepare()
+            self.remote_folder.check(self.inputs)
+        remote_output = self.destination is not None or self.remote_folder is not None
         earlier = _guard_output(self.out, remote_output, self.incremental, old, self.options, self.guards)
         self.checked = Checked(sources, previous, weights, earlier)
         return self.checked
@@ -165,7 +174,7 @@ class ScoreJob:
         then the report, and the upload of a remote output."""
         checked = self.checked or self.validate()
         with contextlib.ExitStack() as stack:
-            target, stop = _locked(stack, self.out, self.destination)
+            target, stop = _locked(stack, self.out, self.destination, self.remote_folder)
             cluster = (
                 stack.enter_context(engines.create("ray", address=self.ray_address))
                 if self.engine == "ray" else None
@@ -176,6 +185,8 @@ class ScoreJob:
             outcome = self._to_file(plan, checked, stop, cluster)
         if self.destination is not None:
             self.destination.tidy()
+        if self.remote_folder is not None:
+            self.remote_folder.published()
         outcome.notes[:0] = self.notes
         outcome.reused_from = self.incremental
         return outcome
@@ -214,7 +225,12 @@ class ScoreJob:
             "engine": engine.name, "resumed_rows": outcome.resumed, "incremental": plan.incremental,
             "seconds": round(time.monotonic() - started, 3),
         }  # fmt: skip
-        if self.folder:  # the parts are the output: its manifest, last
+        if self.remote_folder is not None:  # parts staged as they completed: committed, then kept here
+            body = filled.run.listing(about)  # for the report, moved into place as a local folder output's
+            self.remote_folder.commit(filled.run.folder, body)
+            parts.swap(Path(plan.output), body)
+            outcome.rows, outcome.errors = body["rows"], body["errors"]
+        elif self.folder:  # the parts are the output: its manifest, last
             outcome.rows, outcome.errors = filled.run.publish(about)
         else:
             sink = self._sink(plan, outcome, filled.run)
@@ -266,9 +282,10 @@ class ScoreJob:
         sources, tasks = self._sources(), plan.task_specs()
         while True:
             names = parts.PartNames(plan.inputs) if self.folder else None
+            uploads = self.remote_folder.part_done if self.remote_folder is not None else None
             run = ShardedRun(
                 Path(plan.output), plan.schema(sources.passthrough), plan.fingerprint(), self.restart,
-                strict=self.resume, parts=names,
+                strict=self.resume, parts=names, on_part=uploads,
             )  # fmt: skip
             if run.not_a_run:
                 outcome.notes.append(
@@ -344,17 +361,22 @@ def _refuse_flag_mistakes(
 
 
 def _locked(
-    stack: contextlib.ExitStack, out: str, destination: RemoteOutput | None
+    stack: contextlib.ExitStack, out: str, destination: RemoteOutput | None, folder: RemoteFolder | None
 ) -> tuple[str, StopOnSignal | None]:
     """The file this run writes, locked (before Ray, torch and the models load), and the signal handler
-    that stops it cleanly; standard output needs neither."""
+    that stops it cleanly; standard output needs neither. A remote folder output, locked, finishes a
+    commit cut short before anything else, and uploads its parts from here on."""
     if out == "-":
         return out, None
     # a symlinked output: its target is written and locked, the link kept
-    target = str(destination.local) if destination else os.path.realpath(out)
+    target = str(destination.local if destination else folder.local if folder else os.path.realpath(out))
     stack.enter_context(OutputLock(Path(target)))
     if destination is not None:
         stack.enter_context(destination.locked())  # other hosts too: a lock object in the store
+    if folder is not None:
+        stack.enter_context(folder.locked())
+        stack.callback(folder.close)
+        folder.begin()
     return target, stack.enter_context(StopOnSignal())
 
 
@@ -375,31 +397,26 @@ def _check_outputs(
         _check_report(report, out, inputs, guards.overwrite)
 
 
-def _check_folder_output(out: str, destination: RemoteOutput | None, inputs: Sequence[str]) -> None:
+def _check_folder_output(out: str, inputs: Sequence[str]) -> None:
     """``-o DIR/``: a folder that is new, empty, an unfinished run's, or an earlier output of ours (then
     replaced as a scores file is: ``_guard_output``); never a link, never inside an input folder (or
-    where an input's pattern would find it), never inside another perceptscore output."""
-    shown_as = remote.without_secrets(out)
-    if destination is not None:
-        raise UsageError(f"-o {shown_as}: a folder output is written on this machine; name a local folder")
+    where an input's pattern would find it), never inside another perceptscore output. (One in an object
+    store: ``RemoteFolder.check``.)"""
     if os.path.islink(out.rstrip("/" + os.sep)) or (os.path.exists(out) and not os.path.isdir(out)):
-        raise UsageError(f"-o {shown_as}: not a folder (a file or a link)")
+        raise UsageError(f"-o {out}: not a folder (a file or a link)")
     target = os.path.abspath(out)
     for text in inputs:
         if _finds(text, target):
-            raise UsageError(f"-o {shown_as}: inside the input {text!r}; write the parts somewhere else")
+            raise UsageError(f"-o {out}: inside the input {text!r}; write the parts somewhere else")
     for parent in Path(target).parents:
         if (parent / parts.MANIFEST).is_file() or (parent / parts.RUN).is_dir():
-            raise UsageError(
-                f"-o {shown_as}: inside the perceptscore output {parent}; choose a folder outside it"
-            )
+            raise UsageError(f"-o {out}: inside the perceptscore output {parent}; choose a folder outside it")
     if not os.path.isdir(out) or parts.is_scores_folder(out):
         return
     others = [n for n in os.listdir(out) if not n.startswith(".")]
     if others:
         raise UsageError(
-            f"-o {shown_as}: holds files that are not perceptscore's ({others[0]!r}); name a new or empty "
-            "folder"
+            f"-o {out}: holds files that are not perceptscore's ({others[0]!r}); name a new or empty folder"
         )
 
 
@@ -465,7 +482,11 @@ def _guard_output(
 
 
 def _exists(path: str) -> bool:
-    return remote.exists(path) if remote.is_remote(path) else os.path.exists(path)
+    """A local path, an object, or a folder output in a store (its manifest: a folder holding only an
+    unfinished run's staged parts is no output yet)."""
+    if not remote.is_remote(path):
+        return os.path.exists(path)
+    return remote.exists(path.rstrip("/") + "/" + parts.MANIFEST if remote.is_prefix(path) else path)
 
 
 @dataclass(frozen=True)
@@ -484,10 +505,11 @@ def _replaced(out: str, remote_output: bool, incremental: str | None, copy: str 
     if not remote_output:  # (a folder output's new, empty or unfinished folder replaces no scores)
         is_folder = os.path.isdir(out) and not parts.is_scores_folder(out)
         return Earlier(out, out) if os.path.exists(out) and not is_folder else None
-    if incremental and copy and remote.normalized(incremental) == remote.normalized(out):
+    same = remote.normalized(incremental or "").rstrip("/") == remote.normalized(out).rstrip("/")
+    if incremental and copy and same:
         return Earlier(copy, out)  # --incremental brought it already
     try:
-        return Earlier(remote.local_copy(out), out) if remote.exists(out) else None
+        return Earlier(remote.local_copy(out), out) if _exists(out) else None
     except DecodeError as exc:  # the store answered the probe, not this read: one line, as any failure
         raise UsageError(f"cannot read -o {remote.without_secrets(out)}: {exc}") from None
 
