@@ -226,7 +226,29 @@ class _ShardWriter:
         self._file = self._tmp = None
 
 
+_USTAR_LIMIT = 8**11  # a size or mtime in 11 octal digits: no pax record needed
+# A plain member's header after its name, size and mtime: mode 0644, uid/gid 0, a regular file, no link,
+# the ustar magic, empty owner names, no device numbers (a regular file has none), no prefix: ``tarfile``'s
+# bytes for the same member (Python 3.11 leaves the device fields empty too).
+_MODE_OWNER = b"0000644\x000000000\x000000000\x00"
+_AFTER_CHECKSUM = b"0" + bytes(100) + b"ustar\x0000" + bytes(64 + 16 + 167)
+_CHECKSUM_BASE = 8 * ord(" ") + sum(_MODE_OWNER) + sum(_AFTER_CHECKSUM)  # the checksum field: 8 spaces
+
+
 def _header(name: str, size: int, mtime: int) -> bytes:
+    """A member's header: a short ASCII name with an ordinary size and mtime (nearly every member) built
+    here, byte for byte what ``tarfile`` writes for it (a ustar block: it needs no pax record), without
+    its per-member cost; anything else by ``tarfile`` itself (``_pax_header``)."""
+    if name.isascii() and 0 < len(name) <= 100 and 0 <= size < _USTAR_LIMIT and 0 <= mtime < _USTAR_LIMIT:
+        raw = name.encode("ascii")
+        if b"\x00" not in raw:
+            numbers = b"%011o\x00%011o\x00" % (size, mtime)
+            checksum = _CHECKSUM_BASE + sum(raw) + sum(numbers)
+            return raw.ljust(100, b"\x00") + _MODE_OWNER + numbers + b"%06o\x00 " % checksum + _AFTER_CHECKSUM
+    return _pax_header(name, size, mtime)
+
+
+def _pax_header(name: str, size: int, mtime: int) -> bytes:
     """A member's pax header: a long name, a large size or an odd mtime get pax records."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, mtime, 0o644
