@@ -66,7 +66,9 @@ def test_csv_and_jsonl_outputs_hold_the_same_rows(
     tmp_path: Path, photo_dir: Path, checkpoint_args, scores_parquet, fmt: str
 ) -> None:
     out = tmp_path / f"scores.{fmt}"
-    done = run("score", photo_dir, "-t", "mem,iqa,emotions", *checkpoint_args, "-o", out, "--batch-size", "4")
+    # --device cpu: compared with the fp32 CPU rows to 1e-5 (auto would take a GPU, fp16)
+    done = run("score", photo_dir, "-t", "mem,iqa,emotions", *checkpoint_args, "-o", out, "--batch-size", "4",
+               "--device", "cpu")  # fmt: skip
     assert done.returncode == 0, done.stderr
     df = pd.read_csv(out) if fmt == "csv" else pd.read_json(out, lines=True)
     reference = pd.read_parquet(scores_parquet)
@@ -112,7 +114,9 @@ def test_rank_from_images_and_from_a_scores_file(
     assert pd.read_csv(pd.io.common.StringIO(from_file.stdout))["path"].tolist() == expected
     out = tmp_path / "ranked.parquet"
     checkpoint = f"quality={release_checkpoints['quality'][0]}"
-    from_images = run("rank", photo_dir, "-t", "quality", "--top", "3", "--checkpoint", checkpoint, "-o", out)
+    # --device cpu: the same order as the CPU rows (fp16 on a GPU could swap two close ones)
+    from_images = run("rank", photo_dir, "-t", "quality", "--top", "3", "--checkpoint", checkpoint, "-o", out,
+                      "--device", "cpu")  # fmt: skip
     assert from_images.returncode == 0, from_images.stderr
     assert pd.read_parquet(out)["path"].tolist() == expected
     lowest = run("rank", scores_parquet, "-t", "memorability", "--top", "0", "--ascending")

@@ -55,8 +55,9 @@ def test_off_a_terminal_progress_is_plain_log_lines(
 ) -> None:
     os.environ["PERCEPTSCORE_LOG_EVERY"] = "0"
     try:
+        # --device cpu: one process's batches of 2 (on a GPU host auto runs a process per GPU)
         done = run("score", photo_dir, "-t", "mem", "--checkpoint", release_checkpoints["memorability"][0],
-                   "--batch-size", "2", "-o", tmp_path / "s.csv")  # fmt: skip
+                   "--batch-size", "2", "--device", "cpu", "-o", tmp_path / "s.csv")  # fmt: skip
     finally:
         del os.environ["PERCEPTSCORE_LOG_EVERY"]
     logged = [LOG_LINE.match(line) for line in done.stderr.splitlines()]
@@ -80,7 +81,7 @@ def test_log_lines_carry_the_total_percent_and_eta_when_the_total_is_known(
     os.environ["PERCEPTSCORE_LOG_EVERY"] = "0"
     try:
         done = run("score", *files, "-t", "mem", "--checkpoint", release_checkpoints["memorability"][0],
-                   "--batch-size", "2", "-o", tmp_path / "s.csv")  # fmt: skip
+                   "--batch-size", "2", "--device", "cpu", "-o", tmp_path / "s.csv")  # fmt: skip
     finally:
         del os.environ["PERCEPTSCORE_LOG_EVERY"]
     logged = [m for m in map(LOG_LINE.match, done.stderr.splitlines()) if m]

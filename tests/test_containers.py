@@ -45,8 +45,9 @@ def tar_shards(many_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> l
 def command(inputs: list[Path], checkpoint: Path, out: Path, *extra: str) -> list[str]:
     from test_cli_score import EXE
 
+    # --device cpu: a resumed run's rows are compared to 1e-6 with an uninterrupted one's (fp32 CPU sums)
     return [EXE, "score", *map(str, inputs), "-t", "mem", "--checkpoint", str(checkpoint), "--batch-size",
-            "4", "--workers", "1", "-o", str(out), *extra]  # fmt: skip
+            "4", "--workers", "1", "--device", "cpu", "-o", str(out), *extra]  # fmt: skip
 
 
 def run_shards(out: Path) -> list[Path]:

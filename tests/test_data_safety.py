@@ -25,7 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 def mem(release_checkpoints) -> list[str]:  # type: ignore[no-untyped-def]
-    return ["-t", "mem", "--checkpoint", str(release_checkpoints["memorability"][0])]
+    # --device cpu: these tests are about files, shards and locks of one process; on a GPU host auto would
+    # run a process per GPU
+    return ["-t", "mem", "--checkpoint", str(release_checkpoints["memorability"][0]), "--device", "cpu"]
 
 
 @pytest.fixture

@@ -193,7 +193,8 @@ def test_cli_writes_nested_columns_to_every_format_and_path_column_names_the_ima
     """The issue's command (``--path-column image``, which was a pyarrow traceback) scores the rows; the
     struct and list columns are JSON in CSV (formula-like text still defused), as they are in JSONL and
     parquet. ``--processes 2`` children receive each row's bytes and score them the same (batches of
-    one row everywhere: the same sums whoever scores a row)."""
+    one row everywhere: the same sums whoever scores a row; on the CPU, where two processes are two
+    scorers of the same kind whatever GPUs the host has)."""
     base = [
         "score",
         "-t",
@@ -204,6 +205,8 @@ def test_cli_writes_nested_columns_to_every_format_and_path_column_names_the_ima
         "0",
         "--batch-size",
         "1",
+        "--device",
+        "cpu",
     ]
     csv, jsonl, parquet = tmp_path / "s.csv", tmp_path / "s.jsonl", tmp_path / "s.parquet"
     done = run(*base, published["parquet"], "--path-column", "image", "-o", csv)

@@ -67,7 +67,9 @@ def test_fetch_downloads_verifies_and_converts_then_cache_hits_make_no_request(
     assert len(cache) == 2 and "quality.safetensors" in cache and cache[0].startswith("base-")
 
     requests = len(hub.file_requests)
-    done = perceptscore(env, "score", photo_dir / "a_square.jpg", "-t", "quality", "-o", tmp_path / "a.csv")
+    done = perceptscore(
+        env, "score", photo_dir / "a_square.jpg", "-t", "quality", "-o", tmp_path / "a.csv", "--device", "cpu"
+    )  # compared in fp32 below
     assert done.returncode == 0, done.stderr
     assert len(hub.file_requests) == requests  # the converted cache answered: no request at all
     meta = (tmp_path / "a.csv.meta.json").read_text()
@@ -75,7 +77,9 @@ def test_fetch_downloads_verifies_and_converts_then_cache_hits_make_no_request(
 
     for converted in (tmp_path / "cache").glob("*.safetensors"):
         converted.unlink()
-    done = perceptscore(env, "score", photo_dir / "a_square.jpg", "-t", "quality", "-o", tmp_path / "b.csv")
+    done = perceptscore(
+        env, "score", photo_dir / "a_square.jpg", "-t", "quality", "-o", tmp_path / "b.csv", "--device", "cpu"
+    )  # compared in fp32 below
     assert done.returncode == 0, done.stderr
     assert len(hub.file_requests) == requests  # the hub cache answered, still without a request
     assert '"origin": "hub cache"' in (tmp_path / "b.csv.meta.json").read_text()

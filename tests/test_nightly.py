@@ -28,8 +28,11 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def cli(*args: str | Path) -> tuple[int, str]:
-    """The command in this process, as ``main`` would end it: (exit code, what it printed)."""
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+    """The command in this process, as ``main`` would end it: (exit code, what it printed). ``score`` runs
+    on the CPU: these tests are about the files a night leaves, and on a GPU host auto would mean one
+    process per GPU (other shards, a CUDA context in the test process)."""
+    pinned = ("--device", "cpu") if args[:1] == ("score",) else ()
+    result = CliRunner().invoke(app, [str(a) for a in (*args, *pinned)], env={"COLUMNS": "300"})
     if isinstance(result.exception, PerceptScoreError):
         return result.exception.exit_code, f"error: {result.exception}"
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -240,9 +243,11 @@ def test_a_full_disk_is_one_line_and_never_blocks_the_next_night(
     size: int, tmp_path: Path, release_checkpoints
 ) -> None:
     folder, out = photos(tmp_path / "photos", 2), tmp_path / "s.parquet"
-    # --workers 0: the limit would also stop the shared-memory files decode workers pass batches through
+    # --workers 0: the limit would also stop the shared-memory files decode workers pass batches through;
+    # --device cpu: and CUDA's own cache files on a GPU host
     command = [EXE, "score", str(folder), "-t", "mem", "--checkpoint",
-               str(release_checkpoints["memorability"][0]), "-o", str(out), "--workers", "0"]  # fmt: skip
+               str(release_checkpoints["memorability"][0]), "-o", str(out), "--workers", "0",
+               "--device", "cpu"]  # fmt: skip
     full = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=_limited(size))
     assert full.returncode == 2, full.stderr
     lines = full.stderr.strip().splitlines()

@@ -36,7 +36,8 @@ def test_a_night_with_nothing_new_loads_no_model(
     folder = _photos(tmp_path / "photos", 3, photo_dir)
     out = tmp_path / "scores.parquet"
     ckpt = str(release_checkpoints["memorability"][0])
-    args = ["score", str(folder), "-t", "mem", "--checkpoint", ckpt, "--workers", "0",
+    # --device cpu: the load is logged in this process (on a GPU host auto runs a child per GPU)
+    args = ["score", str(folder), "-t", "mem", "--checkpoint", ckpt, "--workers", "0", "--device", "cpu",
             "--incremental", str(out), "-o", str(out)]  # fmt: skip
     caplog.set_level(logging.DEBUG, logger="perceptscore.predict")
     first = CliRunner().invoke(app, args)

@@ -317,8 +317,9 @@ def test_a_stop_does_not_wait_for_a_stalled_object(
     out = tmp_path / "out.parquet"
     env = {**os.environ, "PERCEPTSCORE_SHARD_ROWS": "2"}  # the default timeouts: a stall costs minutes
     checkpoint = str(release_checkpoints["memorability"][0])
+    # --device cpu: one process's shards of 2 rows (on a GPU host auto runs a process per GPU)
     command = [EXE, "score", str(manifest), "-t", "mem", "--checkpoint", checkpoint, "--workers", "0",
-               "--batch-size", "2", "-o", str(out)]  # fmt: skip
+               "--batch-size", "2", "--device", "cpu", "-o", str(out)]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     parts = out.with_name(f".{out.name}.parts")
     deadline = time.monotonic() + 120

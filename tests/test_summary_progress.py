@@ -19,7 +19,9 @@ from perceptscore.progress import Reporter
 
 
 def invoke(*args: str | Path):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+    # on the CPU: the lines counted here come from one process; on a GPU host auto would run one per GPU
+    pinned = ("--device", "cpu") if "--checkpoint" in args else ()
+    result = CliRunner().invoke(app, [str(a) for a in (*args, *pinned)], env={"COLUMNS": "300"})
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result

@@ -160,7 +160,9 @@ def test_processes_read_the_shard_in_a_child_and_score_it_as_loose_files(
     (shard,) = write_shards(tmp_path / "s", photos, per_shard=len(photos))
     out, loose = tmp_path / "p.parquet", tmp_path / "loose.parquet"
     checkpoint = str(release_checkpoints["memorability"][0])
-    base = [EXE, "score", "-t", "mem", "--checkpoint", checkpoint, "--workers", "0", "--batch-size", "2"]
+    # --device cpu: two CPU processes whatever GPUs the host has, rows compared to 1e-6 in fp32
+    base = [EXE, "score", "-t", "mem", "--checkpoint", checkpoint, "--workers", "0", "--batch-size", "2",
+            "--device", "cpu"]  # fmt: skip
     done = subprocess.run(
         [*base, str(shard), "--processes", "2", "-o", str(out)], capture_output=True, text=True
     )

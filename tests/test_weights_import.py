@@ -114,7 +114,8 @@ def test_imported_release_file_scores_with_no_flag_and_no_network(
 
     photos = [photo_dir / "a_square.jpg", photo_dir / "d_portrait.jpg"]
     out = tmp_path / "scores.csv"
-    done = perceptscore_cli(env, "score", *photos, "-t", "mem", "-o", out)
+    # no weights flag; --device cpu as the comparison with the release's fp32 outputs needs on a GPU host
+    done = perceptscore_cli(env, "score", *photos, "-t", "mem", "--device", "cpu", "-o", out)
     assert done.returncode == 0, done.stderr
     scores = pd.read_csv(out)
     expected = release_center_outputs(release_model, photos)[:, 0]  # the release's own forward
