@@ -279,3 +279,35 @@ def test_a_jpeg_is_not_decoded_by_its_worker_and_a_crashing_png_still_costs_one_
         None,
     ]
     assert rows["memorability"].notna().tolist() == [True, False, True]
+
+
+def test_device_decode_joins_the_workers_crops_and_its_own_in_row_order(mixed: Path) -> None:
+    """A batch as the workers collate it (a JPEG, a PNG they decoded, a truncated JPEG, a row that was an
+    error already, a JPEG): decoded here, every row's crops are the ones its own path gives, in order;
+    the truncated file's error is the Pillow path's (from the isolated child); torch's threads are put
+    back."""
+    from perceptscore.batches import DeviceDecode, collate, decode_item
+
+    specs = [get_task("memorability").preprocess, get_task("quality").preprocess]
+    photos = mixed / "photos"
+    names = ["a_square.jpg", "b_landscape.png", "g_truncated.jpg", "missing.jpg", "d_portrait.jpg"]
+    items = [Item(i, locate(str(photos / n))) for i, n in enumerate(names)]
+    batch = collate([read_item(i, specs) for i in items])
+    assert batch.files is not None and batch.files.rows() == [0, 2, 4]  # what the workers sent as bytes
+    threads = torch.get_num_threads()
+    decode = DeviceDecode(specs, "cpu")
+    try:
+        done = decode(batch)
+    finally:
+        decode.close()
+    assert torch.get_num_threads() == threads
+    pillow = {n: decode_item(Item(0, locate(str(photos / n))), specs, None) for n in names}
+    assert errors(pd.DataFrame({"error": done.errors})) == [None, None, pillow["g_truncated.jpg"].error,
+                                                           "no such file", None]  # fmt: skip
+    for spec in specs:
+        expected = [
+            tv_decode.decode_batch([(photos / n).read_bytes()], [spec])[0].pixels[spec]
+            if n.endswith(".jpg") else torch.from_numpy(pillow[n].pixels[spec])
+            for n in ("a_square.jpg", "b_landscape.png", "d_portrait.jpg")
+        ]  # fmt: skip
+        assert torch.equal(done.pixels[spec], torch.cat(expected)), spec
