@@ -311,3 +311,16 @@ def test_device_decode_joins_the_workers_crops_and_its_own_in_row_order(mixed: P
             for n in ("a_square.jpg", "b_landscape.png", "d_portrait.jpg")
         ]  # fmt: skip
         assert torch.equal(done.pixels[spec], torch.cat(expected)), spec
+
+
+def test_files_in_flight_are_bounded_as_files_not_crops() -> None:
+    """Under --decode gpu a batch in /dev/shm holds files (a 12 MP JPEG is ~4 MB, 27x memorability's
+    crop): the workers' prefetch is bounded by that, so 16 workers cannot fill a 4 GB /dev/shm."""
+    from perceptscore.engines.local import FILE_BYTES, batch_bytes, prefetch_for
+
+    mem = [get_task("memorability").preprocess]
+    assert batch_bytes(mem, 64) == 64 * 3 * 224 * 224
+    assert batch_bytes(mem, 64, encoded=True) == 64 * FILE_BYTES
+    assert prefetch_for(batch_bytes(mem, 64), 16, 4 << 30) == 4
+    # 16 workers x 256 MB is more than half of 4 GB: the floor, one batch ahead each
+    assert prefetch_for(batch_bytes(mem, 64, encoded=True), 16, 4 << 30) == 1
