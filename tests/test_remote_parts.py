@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from perceptscore.cli import main
+from perceptscore.errors import UsageError
 from perceptscore.parts import MANIFEST, RUN
 from perceptscore.remote_parts import JOURNAL, RemoteFolder
 
@@ -176,8 +177,9 @@ def test_a_commit_cut_short_is_finished_by_whoever_comes_next(
     fs.pipe({prefix + "old-a.parquet": b"old a", prefix + "keep.parquet": b"old keep"})
     body = {"perceptscore_parts": 1, "rows": 2, "errors": 0, "parts": [{"file": "keep.parquet"},
             {"file": "sub/new.parquet"}]}  # fmt: skip
-    journal = {"remove": ["old-a.parquet", "old-b.parquet", "keep.parquet"],
-               "move": ["keep.parquet", "sub/new.parquet"], "manifest": body}  # fmt: skip
+    sizes = {"keep.parquet": 8, "sub/new.parquet": 3}
+    journal = {"remove": ["old-a.parquet", "old-b.parquet", "keep.parquet"], "manifest": body,
+               "move": ["keep.parquet", "sub/new.parquet"], "sizes": sizes}  # fmt: skip
     fs.pipe(
         {
             f"{prefix}{RUN}/keep.parquet": b"new keep",
@@ -194,6 +196,35 @@ def test_a_commit_cut_short_is_finished_by_whoever_comes_next(
     )
     assert json.loads(fs.cat_file(prefix + MANIFEST)) == body
     assert not folder.finish_commit()
+    # a part neither staged nor in place at its size (another run without a lock removed it): no manifest
+    # that lies; the journal stays and says so
+    journal["sizes"]["keep.parquet"] = 9
+    fs.pipe({f"{prefix}{RUN}/{JOURNAL}": json.dumps(journal).encode()})
+    with pytest.raises(UsageError, match=r"part keep\.parquet is not in place"):
+        folder.finish_commit()
+    assert MANIFEST not in keys(moto_s3, prefix) and f"{RUN}/{JOURNAL}" in keys(moto_s3, prefix)
+
+
+def test_a_commit_cut_short_is_finished_before_the_earlier_output_is_guarded(
+    moto_s3: MotoS3, bucket: str, shards: Path, checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A commit killed after removing its manifest: the next run finishes it first, so --max-delete still
+    guards the earlier output's rows (a run that took the folder for new would replace them all)."""
+    url, prefix = f"s3://{bucket}/scores/", f"{bucket}/scores/"
+    code, _, err = cli(monkeypatch, capfd, checkpoint, f"{shards}/*.tar", "-o", url)
+    assert code == 0, err
+    fs = store(moto_s3)
+    body = json.loads(fs.cat_file(prefix + MANIFEST))
+    names = [p["file"] for p in body["parts"]]
+    journal = {"remove": [], "move": names, "manifest": body,
+               "sizes": {n: fs.info(prefix + n)["size"] for n in names}}  # fmt: skip
+    fs.pipe({f"{prefix}{RUN}/{JOURNAL}": json.dumps(journal).encode()})
+    fs.rm(prefix + MANIFEST)  # killed here
+    code, _, err = cli(monkeypatch, capfd, checkpoint, str(shards / "00000.tar"), "-o", url)
+    assert code == 2 and "--max-delete" in one_line(err)  # 9 of its 12 rows would go
+    assert json.loads(fs.cat_file(prefix + MANIFEST)) == body  # the commit finished, nothing replaced
+    assert f"{RUN}/{JOURNAL}" not in keys(moto_s3, prefix)  # (this run's part waits, staged, as its rows do)
 
 
 def test_a_folder_in_a_store_is_refused_where_it_would_mix_or_lose_objects(
@@ -211,8 +242,16 @@ def test_a_folder_in_a_store_is_refused_where_it_would_mix_or_lose_objects(
         ((shard_glob, "-o", f"s3://{bucket}/theirs/"), "not perceptscore's ('notes.txt')"),
         ((f"s3://{bucket}/imgs/", "-o", f"s3://{bucket}/imgs/scores/"), "inside the input"),
         ((shard_glob, "-o", f"s3://{bucket}/scores"), "end the URL with / for a folder of parts"),
+        ((shard_glob, "-o", f"s3://{bucket}/night*/"), "no wildcard"),  # a delete would match others
     ]:
         code, _, err = cli(monkeypatch, capfd, checkpoint, *args)
         assert code == 2 and says in one_line(err), err
     assert keys(moto_s3, f"{bucket}/theirs/") == ["notes.txt"]  # nothing written beside their file
     assert keys(moto_s3, f"{bucket}/imgs/") == ["a.tar"]
+    fs.pipe(
+        {f"{bucket}/made/": b"", f"{bucket}/{MANIFEST}": b"{}"}
+    )  # a console's "Create folder"; an output at the root
+    with pytest.raises(UsageError, match="inside the perceptscore output"):
+        RemoteFolder(f"s3://{bucket}/made/").check([])
+    fs.rm(f"{bucket}/{MANIFEST}")
+    assert RemoteFolder(f"s3://{bucket}/made/").check([]) is False  # the folder marker is no one's file

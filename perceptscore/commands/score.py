@@ -128,20 +128,21 @@ class ScoreJob:
     def validate(self) -> Checked:
         """Refuse what cannot work (flags, output, report), then read what the run needs (the inputs, the
         earlier files, the weights files) and probe a remote output: a mistake fails in one line now."""
-        _refuse_engine_mistakes(self.engine, self.out, self.processes, self.ray_address, self.inputs)
+        _refuse_engine_mistakes(
+            self.engine, self.out, self.processes, self.ray_address, self.inputs, self.options.decode
+        )
         self.options.install()  # limits and storage options, before any URL is looked at (-o, earlier files)
         self.out = self.out if self.out == "-" else remote.local_path(self.out)  # file:// is a local path
         self.inputs = [_local(text) for text in self.inputs]
+        self.folder = self.out != "-" and parts.is_folder_output(self.out)
+        if remote.is_remote(self.out) and self.folder:
+            self.remote_folder = _remote_folder(self.out, self.inputs)
         self.incremental, self.retry_errors = _earlier_files(
             self.inputs, self.incremental, self.retry_errors, self.notes
         )
-        self.folder = self.out != "-" and parts.is_folder_output(self.out)
-        if remote.is_remote(self.out):
-            if self.folder:
-                self.remote_folder = RemoteFolder(self.out)
-            else:
-                self.destination = RemoteOutput(self.out)
-        elif self.folder:
+        if remote.is_remote(self.out) and not self.folder:
+            self.destination = RemoteOutput(self.out)
+        elif self.folder and self.remote_folder is None:
             _check_folder_output(self.out, self.inputs)
         _check_outputs(
             self.out, self.destination, self.inputs, self.incremental, self.retry_errors, self.report,
@@ -153,9 +154,6 @@ class ScoreJob:
         weights = self.options.weights()  # a missing weights file is reported before torch loads
         if self.destination is not None:
             self.destination.prepare()  # a bucket that refuses writes fails now, not after the run
-        if self.remote_folder is not None:
-            self.remote_folder.prepare()
-            self.remote_folder.check(self.inputs)
         remote_output = self.destination is not None or self.remote_folder is not None
         earlier = _guard_output(self.out, remote_output, self.incremental, old, self.options, self.guards)
         self.checked = Checked(sources, previous, weights, earlier)
@@ -336,7 +334,7 @@ def _earlier_files(
 ) -> tuple[str | None, str | None]:
     """``--incremental``'s and ``--retry-errors``' files as local paths where they are local; an
     ``--incremental`` file that does not exist yet is the first night of a cron job: nothing to reuse."""
-    incremental = remote.local_path(incremental) if incremental else None
+    incremental = _folder_url(remote.local_path(incremental)) if incremental else None
     if incremental and not _exists(incremental):
         notes.append(f"nothing to reuse: {shown(remote.without_secrets(incremental))} does not exist yet")
         incremental = None
@@ -344,8 +342,18 @@ def _earlier_files(
         if inputs or incremental:
             raise UsageError("--retry-errors takes its rows from the scores file it names: no inputs, no "
                              "--incremental")  # fmt: skip
-        retry_errors = remote.local_path(retry_errors)
+        retry_errors = _folder_url(remote.local_path(retry_errors))
     return incremental, retry_errors
+
+
+def _folder_url(url: str) -> str:
+    """A URL naming a folder output in a store without its trailing slash (``s3://b/scores``), with it."""
+    if not remote.is_remote(url) or remote.is_prefix(url) or format_of(url.split("?", 1)[0]) is not None:
+        return url
+    try:
+        return url + "/" if remote.exists(f"{url}/{parts.MANIFEST}") else url
+    except DecodeError:
+        return url
 
 
 def _refuse_flag_mistakes(
@@ -395,6 +403,17 @@ def _check_outputs(
         refuse_writing_over_a_remote_input(out, inputs, allowed)
     if report:
         _check_report(report, out, inputs, guards.overwrite)
+
+
+def _remote_folder(out: str, inputs: Sequence[str]) -> RemoteFolder:
+    """``-o s3://b/DIR/``, checked (before anything is written there) and probed; a commit an earlier run
+    left cut short is finished now, so the earlier output is read as it was meant to be."""
+    folder = RemoteFolder(out)
+    pending = folder.check(list(inputs))
+    folder.prepare()
+    if pending:
+        folder.settle()
+    return folder
 
 
 def _check_folder_output(out: str, inputs: Sequence[str]) -> None:
@@ -452,10 +471,13 @@ def _read_inputs(
 
 
 def _refuse_engine_mistakes(
-    engine: str, out: str, processes: int | None, ray_address: str | None, inputs: Sequence[str]
-) -> None:
+    engine: str, out: str, processes: int | None, ray_address: str | None, inputs: Sequence[str],
+    decode: str = "cpu",
+) -> None:  # fmt: skip
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}: use local or ray")
+    if engine == "ray" and decode == "gpu":  # (before a cluster is started or joined)
+        raise UsageError("--decode gpu runs on the local engine; --engine ray decodes on its CPU workers")
     if engine == "ray" and processes:
         raise UsageError("--processes is for the local engine: on Ray, the cluster's GPUs or nodes decide")
     if ray_address and engine != "ray":
