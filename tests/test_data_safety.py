@@ -30,9 +30,11 @@ def mem(release_checkpoints) -> list[str]:  # type: ignore[no-untyped-def]
     return ["-t", "mem", "--checkpoint", str(release_checkpoints["memorability"][0]), "--device", "cpu"]
 
 
-@pytest.fixture
-def scored(photo_dir: Path, release_checkpoints, tmp_path: Path) -> Path:
-    """A CSV scores file of the test photos, written from tmp_path with relative paths."""
+@pytest.fixture(scope="module")
+def scored(photo_dir: Path, release_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CSV scores file of the test photos, written from its own folder with relative paths. One run for
+    the module: the tests using it only read it (each checks that a refused command left it as it was)."""
+    tmp_path = tmp_path_factory.mktemp("scored")
     photos = tmp_path / "photos"
     photos.mkdir()
     for p in sorted(photo_dir.iterdir()):
@@ -166,16 +168,20 @@ def test_a_resume_from_another_folder_never_mixes_two_trees(
 
 @pytest.mark.slow
 def test_a_rerun_continues_the_interrupted_run_and_restart_discards_it(
-    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+    many_photos: Path, release_checkpoints, tmp_path: Path
 ) -> None:
+    folder = tmp_path / "photos"  # 64 of the photos (8 shards of 8 rows): room to stop at 2 or 3 shards
+    folder.mkdir()
+    for p in sorted(many_photos.iterdir())[:64]:
+        os.link(p, folder / p.name)
     out = tmp_path / "out.parquet"
-    args = command(many_photos, release_checkpoints["memorability"][0], out)
+    args = command(folder, release_checkpoints["memorability"][0], out)
     interrupted_run(args, out, at=3)
     saved = shards(out)
     done = subprocess.run(args, env=ENV, capture_output=True, text=True)  # no flag: a cron line rerun
     assert done.returncode == 0, done.stderr
     assert "resumed from an interrupted run" in done.stderr
-    assert pd.read_parquet(out)["path"].tolist() == reference["path"].tolist()
+    assert pd.read_parquet(out)["path"].tolist() == [str(p) for p in sorted(folder.iterdir())]
     out.unlink()
     interrupted_run(args, out, at=2)
     other = [*args, "--fast-decode"]  # another plan: refused, the shards kept
