@@ -92,9 +92,13 @@ def test_trainable_parameters_at_full_size(outputs: int, trainable: int) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("outputs", [1, 8])
+@pytest.mark.parametrize("outputs", [8])
 def test_full_size_release_checkpoint(tmp_path: Path, outputs: int) -> None:
-    """ViT-L/14 at full size (a 1.2 GB checkpoint). Run with: pytest -m slow"""
+    """ViT-L/14 at full size (a 1.2 GB checkpoint). Run with: pytest -m slow. One head size: the 8-output
+    head (emotion) has every key the 1-output one has, and the tower is the same; the 1-output head's
+    conversion is compared at tiny size (test_release_checkpoint_reproduces_release_forward) and its
+    full-size shapes on the meta device (test_trainable_parameters_at_full_size): a second 1.2 GB build
+    here converted no other key."""
     path = tmp_path / "full.pth"
     reference = make_release_checkpoint(path, outputs, size=FULL_SIZE, seed=3)
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
