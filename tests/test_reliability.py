@@ -42,6 +42,28 @@ def wait_for_shards(proc: subprocess.Popen, out: Path, count: int, limit: float 
         time.sleep(0.005)
 
 
+FEWER = 120  # 15 shards of 8 rows: room to stop a run at any of the points below, and 180 fewer rows a run
+
+
+@pytest.fixture(scope="module")
+def fewer_photos(many_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first FEWER of ``many_photos`` (hard links, the same files) for the kill-and-resume runs."""
+    folder = tmp_path_factory.mktemp("fewer")
+    for p in sorted(many_photos.iterdir())[:FEWER]:
+        os.link(p, folder / p.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fewer_reference(fewer_photos: Path, reference: pd.DataFrame) -> pd.DataFrame:
+    """``reference``'s first FEWER rows under ``fewer_photos``' paths: the same files, scored in the same
+    batches of 4 from the first row (FEWER is a multiple of 4), so the same scores."""
+    rows = reference.iloc[:FEWER].copy()
+    rows["path"] = [str(fewer_photos / Path(p).name) for p in rows["path"]]
+    assert rows["path"].tolist() == [str(p) for p in sorted(fewer_photos.iterdir())]
+    return rows
+
+
 def same_as_reference(out: Path, reference: pd.DataFrame) -> None:
     df = pd.read_parquet(out)
     assert df["path"].tolist() == reference["path"].tolist()  # every row once, in input order
@@ -51,10 +73,10 @@ def same_as_reference(out: Path, reference: pd.DataFrame) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(
-    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+    fewer_photos: Path, release_checkpoints, fewer_reference, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.parquet"
-    args = command(many_photos, release_checkpoints["memorability"][0], out, "--resume")
+    args = command(fewer_photos, release_checkpoints["memorability"][0], out, "--resume")
     rng = random.Random(20261129)
     kills = 0
     for _ in range(3):
@@ -70,7 +92,7 @@ def test_sigkill_at_random_points_then_resume(
     done = subprocess.run(args, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resumed" in done.stderr
-    same_as_reference(out, reference)
+    same_as_reference(out, fewer_reference)
     assert (
         not out.with_name(f".{out.name}.parts").exists() and not out.with_name(f".{out.name}.lock").exists()
     )
@@ -79,10 +101,10 @@ def test_sigkill_at_random_points_then_resume(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.slow
 def test_sigterm_and_sigint_stop_cleanly_and_resume(
-    many_photos: Path, release_checkpoints, reference, tmp_path: Path, sig: int
+    fewer_photos: Path, release_checkpoints, fewer_reference, tmp_path: Path, sig: int
 ) -> None:
     out = tmp_path / "out.parquet"
-    args = command(many_photos, release_checkpoints["memorability"][0], out)
+    args = command(fewer_photos, release_checkpoints["memorability"][0], out)
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_shards(proc, out, 3)
     proc.send_signal(sig)
@@ -95,7 +117,7 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(
     assert "Traceback" not in stderr and not out.exists()
     done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    same_as_reference(out, reference)
+    same_as_reference(out, fewer_reference)
 
 
 @pytest.mark.slow
@@ -345,12 +367,12 @@ def test_an_unwritable_output_folder_is_one_line(folder: str, photo_dir: Path, r
 
 @pytest.mark.slow
 def test_several_processes_give_the_single_process_output(
-    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+    fewer_photos: Path, release_checkpoints, fewer_reference, tmp_path: Path
 ) -> None:
     """--processes 2 (one per GPU on CUDA; here on CPU): alternate blocks of rows each, assembled in order."""
     out = tmp_path / "out.parquet"
     args = [
-        *command(many_photos, release_checkpoints["memorability"][0], out),
+        *command(fewer_photos, release_checkpoints["memorability"][0], out),
         "--device",
         "cpu",
         "--processes",
@@ -358,17 +380,17 @@ def test_several_processes_give_the_single_process_output(
     ]
     done = subprocess.run(args, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    same_as_reference(out, reference)
+    same_as_reference(out, fewer_reference)
     assert json.loads(pq.read_schema(out).metadata[b"perceptscore"])["device"] == "2 processes on cpu"
 
 
 @pytest.mark.slow
 def test_sigterm_reaches_every_process_and_the_run_resumes(
-    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+    fewer_photos: Path, release_checkpoints, fewer_reference, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.parquet"
     args = [
-        *command(many_photos, release_checkpoints["memorability"][0], out),
+        *command(fewer_photos, release_checkpoints["memorability"][0], out),
         "--device",
         "cpu",
         "--processes",
@@ -382,7 +404,7 @@ def test_sigterm_reaches_every_process_and_the_run_resumes(
     assert "stopped by SIGTERM" in stderr and not out.exists()
     done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    same_as_reference(out, reference)
+    same_as_reference(out, fewer_reference)
 
 
 @pytest.mark.slow
@@ -408,11 +430,11 @@ def test_with_processes_an_input_that_fails_mid_stream_is_one_line_not_a_hang(
 
 @pytest.mark.slow
 def test_a_stop_sent_to_the_whole_process_group_stops_cleanly_and_resumes(
-    many_photos: Path, release_checkpoints, reference, tmp_path: Path
+    fewer_photos: Path, release_checkpoints, fewer_reference, tmp_path: Path
 ) -> None:
     """systemd and `kill -TERM -PGID` signal every process of the group, the scoring children too."""
     out = tmp_path / "out.parquet"
-    args = [*command(many_photos, release_checkpoints["memorability"][0], out), "--device", "cpu",
+    args = [*command(fewer_photos, release_checkpoints["memorability"][0], out), "--device", "cpu",
             "--processes", "2"]  # fmt: skip
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
@@ -423,4 +445,4 @@ def test_a_stop_sent_to_the_whole_process_group_stops_cleanly_and_resumes(
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr and not out.exists()
     done = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    same_as_reference(out, reference)
+    same_as_reference(out, fewer_reference)
