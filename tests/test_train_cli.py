@@ -38,13 +38,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _quality_args(data: Path, out: Path) -> list[str | Path]:
+    return [
+        "train", "-t", "quality", "--data", data / "blur.csv", "-o", out, "--init", data / "tiny.safetensors",
+        "--epochs", "8", "--batch-size", "16", "--lr", "5e-3", *CPU,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def quality_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "quality"
-    done = perceptscore(
-        "train", "-t", "quality", "--data", data / "blur.csv", "-o", out, "--init", data / "tiny.safetensors",
-        "--epochs", "8", "--batch-size", "16", "--lr", "5e-3", *CPU,
-    )  # fmt: skip
+    done = perceptscore(*_quality_args(data, out))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -243,8 +247,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
+def _stats(folder: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
-def test_user_mistakes_are_one_line_errors(data: Path, tmp_path: Path) -> None:
+def test_user_mistakes_are_one_line_errors(data: Path, quality_run: Path, tmp_path: Path) -> None:
     done = perceptscore(
         "train",
         "-t",
@@ -263,15 +271,17 @@ def test_user_mistakes_are_one_line_errors(data: Path, tmp_path: Path) -> None:
     )
     assert "expected images/ and splits/" in done.stderr and "found an empty folder" in done.stderr
 
-    out = tmp_path / "run"
-    args = _train_args(data, out)
-    assert perceptscore(*args, "--max-steps", "2").returncode == 0
-    again = perceptscore(*args, "--max-steps", "2")
+    # the module's finished run (not a run of its own: a training run is the slow part): the same command
+    # again, and a resume with other settings, are refused and change none of its files
+    args = _quality_args(data, quality_run)
+    files = _stats(quality_run)
+    again = perceptscore(*args)
     assert again.returncode == 2 and "already holds a training run: add --resume" in again.stderr
-    changed = perceptscore(*[a if a != "3e-3" else "1e-3" for a in args], "--max-steps", "2", "--resume")
+    changed = perceptscore(*[a if a != "5e-3" else "1e-3" for a in args], "--resume")
     assert (
         changed.returncode == 2 and "differs from the run" in changed.stderr and "settings" in changed.stderr
     )
+    assert _stats(quality_run) == files
 
     done = perceptscore(
         "train", "-t", "quality", "--data", data / "blur.csv", "-o", tmp_path / "o", "--init", "openai"
