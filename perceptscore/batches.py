@@ -20,7 +20,7 @@ from perceptscore import tv_decode
 from perceptscore.errors import DecodeError
 from perceptscore.images import MAX_PIXELS, decode
 from perceptscore.items import Item
-from perceptscore.limits import Limits, current
+from perceptscore.limits import Limits
 from perceptscore.preprocess import prepare
 from perceptscore.tasks import Preprocess
 
@@ -64,23 +64,27 @@ def decode_item(
         return Decoded(item, str(exc), {}, stat)
 
 
+ENCODED_FILE_BYTES = 4 << 20  # a larger file is decoded in its worker (shared memory counts 4 MB a row)
+
+
 def read_item(
     item: Item, specs: Sequence[Preprocess], max_pixels: int = MAX_PIXELS, max_bytes: int | None = None
 ) -> Decoded:
     """``--decode gpu``'s worker side: a plain JPEG (``tv_decode.probe``) is read, not decoded, for the
     scoring process to decode on its device; anything else (PNG, WebP, a JPEG Pillow must take, a file
     Pillow cannot open) is decoded here exactly as ``decode_item`` decodes it, so a crash or hang in its
-    decoder stays in this worker. A file over ``max_bytes`` (default: the run's ``max_file_bytes``) is
-    decoded here too: Pillow streams it, it is never held whole. Never raises for a bad file."""
+    decoder stays in this worker. A file over ``max_bytes`` (default ``ENCODED_FILE_BYTES``, what the engine's
+    shared-memory bound counts a row as) is decoded here too. Never raises for a bad file."""
     if item.error:
         return Decoded(item, item.error, {})
     stat = item.locator.stat()
-    if stat is not None and stat[0] > (current().max_file_bytes if max_bytes is None else max_bytes):
+    limit = ENCODED_FILE_BYTES if max_bytes is None else max_bytes
+    if stat is not None and stat[0] > limit:
         return decode_item(item, specs, None, max_pixels)
     try:
         with item.locator.open() as f:
-            data = f.read()
-            header = tv_decode.probe(data, max_pixels)
+            data = f.read(limit + 1)
+            header = tv_decode.probe(data, max_pixels) if len(data) <= limit else None
             if header is None:  # decoded here, from the file as opened (as decode_item would)
                 f.seek(0)
                 return _prepared(item, f, specs, None, max_pixels, stat)
@@ -256,7 +260,7 @@ class DeviceDecode:
 
         try:
             got = self.isolated.decode(item.path, data.numpy().tobytes())
-        except RuntimeError as exc:  # the child did not start: this row's error, the run goes on
+        except (RuntimeError, OSError) as exc:  # the child did not start, or died: this row's error
             return tv_decode.Prepared(str(exc), {}, "isolated")
         if got.error is not None:
             return tv_decode.Prepared(got.error, {}, "isolated")

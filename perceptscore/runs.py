@@ -271,6 +271,9 @@ _INPUT_KEYS = {
     "max_pixels",
     "tar_fields",
 }
+# Fingerprint keys added since runs were first resumable, with the value a run from before had: an
+# interrupted run of an earlier version is continued when it ran as the default does now.
+_ADDED = {"decode": "cpu"}
 
 
 class ShardedRun:
@@ -365,7 +368,7 @@ class ShardedRun:
         if not shards:  # a run that saved no row holds nothing to continue: it never blocks a new one
             self._clear()
             return
-        changed = [k for k in self.fingerprint if previous.get(k) != self.fingerprint[k]]
+        changed = [k for k in self.fingerprint if previous.get(k, _ADDED.get(k)) != self.fingerprint[k]]
         if changed and not self.strict and set(changed) <= _INPUT_KEYS:
             # its rows go on as reusable rows; the folder itself is replaced only when this run saves its
             # first row, so a run that stops before that (no images, a refusal) leaves it as it was

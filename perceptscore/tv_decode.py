@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
@@ -58,6 +58,12 @@ _ORIENTATION = 0x0112  # EXIF Orientation
 # limit): libjpeg's own progressive scripts use 10 scans, encoders seldom pass 20, and a file with
 # thousands is made to make a decoder's time grow with their count, which the scoring process must not risk.
 MAX_SCANS = 100
+# What the scoring process decodes itself, where no decode time limit and no worker's crash isolation
+# holds: a JPEG past these goes to the Pillow path in its decode worker (its pixels or error are the same).
+MAX_SEQUENTIAL_SCANS = 8  # a baseline JPEG has one scan per component (4 at most), plus a thumbnail's
+DEVICE_MAX_PIXELS = 50_000_000  # one image decoded whole here: 150 MB of RGB
+MAX_ASPECT = 20  # a thin image's resize to the shorter side's target would be many times its own size
+BATCH_PIXELS = 200_000_000  # decoded at a time (a chunk of the batch): 600 MB of RGB, on CPU or GPU
 _SOS = b"\xff\xda"  # start of scan: in entropy-coded data 0xFF is always followed by 0x00 or a restart
 
 
@@ -106,22 +112,51 @@ def decode_batch(
 
     device = torch.device(device)
     headers = list(headers) if headers is not None else [probe(d, max_pixels) for d in data]
-    jpegs = [i for i, h in enumerate(headers) if h is not None]
-    images = _decode_jpegs([data[i] for i in jpegs], [headers[i] for i in jpegs], device)  # type: ignore[misc]
-    decoded = dict(zip(jpegs, images, strict=True))
+    done: dict[int, Prepared] = {}
+    for chunk in _chunks([i for i, h in enumerate(headers) if h is not None], headers):
+        images = _decode_jpegs([data[i] for i in chunk], [headers[i] for i in chunk], device)  # type: ignore[misc]
+        for i, img in zip(chunk, images, strict=True):  # full-size pixels go chunk by chunk
+            if img is not None:
+                seed = seeds[i] if seeds is not None else None
+                done.update(_prepared(i, img, headers[i], data[i], specs, seed))  # type: ignore[arg-type]
+        del images
     out = []
     for i, raw in enumerate(data):
-        img = decoded.get(i)
-        if img is None:
-            out.append(fallback(i) if fallback else _pillow(raw, specs, device, max_pixels))
-            continue
-        upright = _upright(img, headers[i].orientation)  # type: ignore[union-attr]
-        seed = seeds[i] if seeds is not None else None
-        try:
-            out.append(Prepared(None, {s: _prepare(upright, s, raw, seed) for s in specs}, TORCHVISION))
-        except ValueError as exc:  # a spec whose crop exceeds its resize: that file's error, as ever
-            out.append(Prepared(str(exc), {}, TORCHVISION))
+        got = done.get(i)
+        if got is None:  # not a JPEG torchvision decoded: the fallback's, else the Pillow path's
+            got = fallback(i) if fallback else _pillow(raw, specs, device, max_pixels)
+        out.append(got)
     return out
+
+
+def _chunks(indices: list[int], headers: Sequence[Header | None]) -> Iterator[list[int]]:
+    """The JPEGs in runs of at most ``BATCH_PIXELS`` declared pixels (one file at least): a batch of large
+    photos is never held whole at full size."""
+    chunk: list[int] = []
+    pixels = 0
+    for i in indices:
+        size = headers[i].width * headers[i].height  # type: ignore[union-attr]
+        if chunk and pixels + size > BATCH_PIXELS:
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append(i)
+        pixels += size
+    if chunk:
+        yield chunk
+
+
+def _prepared(
+    i: int, img: torch.Tensor, header: Header, raw: FileBytes, specs: Sequence[Preprocess], seed: int | None
+) -> dict[int, Prepared]:
+    """The file's crops; its error where a spec's crop exceeds its resize (as ever); nothing where the
+    device runs out of memory (then the fallback takes it, as a file torchvision refused)."""
+    upright = _upright(img, header.orientation)
+    try:
+        return {i: Prepared(None, {s: _prepare(upright, s, raw, seed) for s in specs}, TORCHVISION)}
+    except ValueError as exc:
+        return {i: Prepared(str(exc), {}, TORCHVISION)}
+    except RuntimeError:  # torch.OutOfMemoryError and the CPU allocator's failure are RuntimeErrors
+        return {}
 
 
 def stack(prepared: Sequence[Prepared], specs: Sequence[Preprocess]) -> dict[Preprocess, torch.Tensor]:
@@ -140,18 +175,26 @@ def probe(data: FileBytes, max_pixels: int = MAX_PIXELS) -> Header | None:
     """Size, EXIF orientation and mode of a plain JPEG from its header (Pillow decodes nothing here), or
     None for anything the Pillow path should take: other formats (MPO included: Pillow reads it frame by
     frame), files over ``max_pixels`` (the Pillow path words the refusal), files Pillow cannot open,
-    progressive JPEGs of more than ``MAX_SCANS`` scans."""
+    progressive JPEGs of more than ``MAX_SCANS`` scans, baseline ones of more than ``MAX_SEQUENTIAL_SCANS``,
+    images over ``DEVICE_MAX_PIXELS`` or thinner than 1:``MAX_ASPECT`` (the scoring process decodes what
+    this passes, outside the decode time limit and the workers' crash isolation)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(_buffer(data))) as img:
-                if img.format != "JPEG" or img.width * img.height > max_pixels:
+                pixels = img.width * img.height
+                if img.format != "JPEG" or pixels > min(max_pixels, DEVICE_MAX_PIXELS) or pixels == 0:
                     return None
-                if img.info.get("progressive") and bytes(_buffer(data)).count(_SOS) > MAX_SCANS:
+                if max(img.size) > MAX_ASPECT * min(img.size):
                     return None
-                # getexif is what exif_transpose reads (it also takes an XMP tiff:Orientation)
+                scans = MAX_SCANS if img.info.get("progressive") else MAX_SEQUENTIAL_SCANS
+                if bytes(_buffer(data)).count(_SOS) > scans:  # a decode's time grows with the scans
+                    return None
+                # getexif is what exif_transpose reads (it also takes an XMP tiff:Orientation); the value
+                # taken as Pillow's lookup takes it (by equality: a string "6" is no orientation there)
                 orientation = img.getexif().get(_ORIENTATION, 1)
-                return Header(img.width, img.height, int(orientation), img.mode)
+                upright = next((o for o in range(2, 9) if orientation == o), 1)
+                return Header(img.width, img.height, upright, img.mode)
     except Exception:  # any failure to read the header: the Pillow path gives the reason
         return None
 

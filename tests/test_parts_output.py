@@ -74,6 +74,7 @@ def test_a_part_per_shard_whose_union_is_the_single_file_output(
     assert pads.dataset(folder, format="parquet").to_table().num_rows == len(one)
     assert len(pd.read_parquet(folder)) == len(one)
     import duckdb  # (its globs see hidden files too: none is left once finished)
+
     found = duckdb.sql(f"select path, memorability from read_parquet('{folder}/**/*.parquet') order by path")
     pd.testing.assert_frame_equal(
         found.df(), one[["path", "memorability"]].sort_values("path", ignore_index=True)

@@ -356,18 +356,59 @@ def test_bench_dry_run_runs_the_device_path(capsys: pytest.CaptureFixture) -> No
     assert "| wall ms/image (synchronised) |" in out
 
 
-def test_probe_sends_a_progressive_jpeg_of_too_many_scans_to_pillow() -> None:
-    """Counted by start-of-scan markers (a comment holding some counts too: the check errs to Pillow)."""
+def with_scans(data: bytes, count: int) -> bytes:
+    """The JPEG with ``count`` more start-of-scan markers (in a comment: the count errs to Pillow)."""
+    many = b"\xff\xda" * count
+    return data[:2] + b"\xff\xfe" + (len(many) + 2).to_bytes(2, "big") + many + data[2:]
+
+
+def test_probe_sends_a_jpeg_of_too_many_scans_to_pillow() -> None:
+    """Counted by start-of-scan markers: a progressive JPEG past MAX_SCANS, a baseline one past
+    MAX_SEQUENTIAL_SCANS (one scan per component, a thumbnail's: more only make a decode slower)."""
     img = Image.new("RGB", (64, 48), (10, 200, 30))
-    plain, progressive = io.BytesIO(), io.BytesIO()
-    img.save(plain, "JPEG")
-    img.save(progressive, "JPEG", progressive=True)
-    many = b"\xff\xda" * (tv_decode.MAX_SCANS + 1)
-    comment = b"\xff\xfe" + (len(many) + 2).to_bytes(2, "big") + many
-    for data in (plain.getvalue(), progressive.getvalue()):
+    plain, progressive = jpeg(img), jpeg(img, progressive=True)
+    own = progressive.count(b"\xff\xda")  # its own scans
+    assert plain.count(b"\xff\xda") == 1 and own > 1
+    for data in (plain, progressive, with_scans(plain, tv_decode.MAX_SEQUENTIAL_SCANS - 1)):
         assert tv_decode.probe(data) is not None
-    assert tv_decode.probe(plain.getvalue()[:2] + comment + plain.getvalue()[2:]) is not None  # baseline
-    crafted = progressive.getvalue()[:2] + comment + progressive.getvalue()[2:]
-    assert tv_decode.probe(crafted) is None
-    (got,) = tv_decode.decode_batch([crafted], [MEM])
-    assert got.decoder == "pillow" and got.error is None
+    assert tv_decode.probe(with_scans(progressive, tv_decode.MAX_SCANS - own)) is not None
+    for crafted in (
+        with_scans(progressive, tv_decode.MAX_SCANS - own + 1),
+        with_scans(plain, tv_decode.MAX_SEQUENTIAL_SCANS),
+    ):
+        assert tv_decode.probe(crafted) is None
+        (got,) = tv_decode.decode_batch([crafted], [MEM])
+        assert got.decoder == "pillow" and got.error is None
+
+
+def test_probe_leaves_huge_and_thin_images_to_the_workers() -> None:
+    """What the scoring process would hold at full size, or resize to many times its size, is decoded by
+    Pillow in a worker (under the decode time limit, a crash costing one row)."""
+    assert tv_decode.probe(jpeg(Image.new("RGB", (400, 20)))) is not None  # 1:20
+    assert tv_decode.probe(jpeg(Image.new("RGB", (420, 20)))) is None  # 1:21
+    assert tv_decode.probe(jpeg(Image.new("L", (7100, 7100)), quality=10)) is None  # 50.4 MP
+    assert tv_decode.probe(jpeg(Image.new("L", (7000, 7000)), quality=10)) is not None  # 49 MP
+
+
+@pytest.mark.parametrize(("stored", "applied"), [(6, 6), (9, 1), (0, 1), (65535, 1)])
+def test_an_orientation_pillow_would_not_apply_is_not_applied(stored: object, applied: int) -> None:
+    """Taken as Pillow's lookup takes it: by equality with 2..8 (an ASCII "6" or a rational 13/2, which
+    other writers store, is no orientation there either)."""
+    exif = Image.Exif()
+    exif[0x0112] = stored
+    data = jpeg(Image.new("RGB", (64, 48)), exif=exif.tobytes())
+    header = tv_decode.probe(data)
+    assert header is not None and header.orientation == applied
+
+
+def test_a_batch_is_decoded_in_chunks_of_bounded_pixels_to_the_same_crops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    photos = [jpeg(img) for img in list(varied_photos().values())[:5]]
+    whole = tv_decode.decode_batch(photos, SPECS, seeds=list(range(5)))
+    monkeypatch.setattr(tv_decode, "BATCH_PIXELS", 100_000)  # one or two files a chunk
+    chunked = tv_decode.decode_batch(photos, SPECS, seeds=list(range(5)))
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.decoder == b.decoder == "torchvision"
+        for spec in SPECS:
+            assert torch.equal(a.pixels[spec], b.pixels[spec])

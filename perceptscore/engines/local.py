@@ -30,7 +30,7 @@ from PIL import ImageFile
 from torch.utils.data import DataLoader, Dataset
 
 from perceptscore import remote
-from perceptscore.batches import Batch, Decoded, DeviceDecode, collate
+from perceptscore.batches import ENCODED_FILE_BYTES, Batch, Decoded, DeviceDecode, collate
 from perceptscore.containers import is_container
 from perceptscore.engines._containers import GROUP, ContainerRun, Job, Reading, timed_decode
 from perceptscore.images import draft_side
@@ -69,7 +69,7 @@ SHM_SHARE = 0.5  # of /dev/shm's free space, the most the batches in flight from
 PREFETCH = 4  # batches a worker decodes ahead, where they fit
 
 
-FILE_BYTES = 4 << 20  # a file's share of a batch under --decode gpu: a 12 MP JPEG, about
+FILE_BYTES = ENCODED_FILE_BYTES  # a file's share of a batch under --decode gpu (larger: its worker decodes)
 
 
 def batch_bytes(specs: list[Preprocess], size: int, encoded: bool = False) -> int:
