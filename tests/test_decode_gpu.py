@@ -324,3 +324,24 @@ def test_files_in_flight_are_bounded_as_files_not_crops() -> None:
     assert prefetch_for(batch_bytes(mem, 64), 16, 4 << 30) == 4
     # 16 workers x 256 MB is more than half of 4 GB: the floor, one batch ahead each
     assert prefetch_for(batch_bytes(mem, 64, encoded=True), 16, 4 << 30) == 1
+
+
+def test_an_interrupted_run_from_before_the_decode_setting_resumes_as_decode_cpu(tmp_path: Path) -> None:
+    """A run.json written before ``decode`` joined the fingerprint holds no such key: that run decoded as
+    ``--decode cpu`` does, so a cpu run continues it and a gpu run is refused."""
+    import pyarrow as pa
+
+    from perceptscore.runs import ShardedRun
+
+    schema = pa.schema([("path", pa.string()), ("error", pa.string()), ("file_size", pa.int64()),
+                        ("file_mtime_ns", pa.int64())])  # fmt: skip
+    out = tmp_path / "scores.parquet"
+    run = ShardedRun(out, schema, {"tasks": ["memorability"], "decode": "cpu"})
+    run.add([0, 1], pa.record_batch([["a.jpg", "b.jpg"], [None, None], [1, 2], [3, 4]], schema=schema))
+    run.flush(whole=True)
+    state = json.loads(run.state.read_text())
+    del state["decode"]  # as an earlier version wrote it
+    run.state.write_text(json.dumps(state))
+    assert ShardedRun(out, schema, {"tasks": ["memorability"], "decode": "cpu"}).saved_rows == 2
+    with pytest.raises(UsageError, match="differs in decode"):
+        ShardedRun(out, schema, {"tasks": ["memorability"], "decode": "gpu"})
