@@ -323,18 +323,53 @@ def _stale(holder: dict[str, Any], info: dict[str, Any]) -> bool:
 # ---- the output --------------------------------------------------------------------------------------
 
 
+def object_store(url: str) -> tuple[str, str]:
+    """An output URL's store (``s3``, ...) and its spelling for messages; refused unless an object store
+    whose backend is installed (else: the extra to install)."""
+    name, shown = remote.scheme(url), remote.without_secrets(url)
+    if name not in remote.OBJECT_STORES:
+        stores = ", ".join(f"{s}://" for s in remote.OBJECT_STORES)
+        raise UsageError(f"-o {shown}: outputs go to a local path or an object store ({stores})")
+    remote.filesystem(name)
+    return name, shown
+
+
+def work_folder(url: str) -> Path:
+    """An output URL's own folder in the work folder: a digest of its normalised spelling, so two URLs
+    never share one and two spellings of one URL always do."""
+    return work_root() / hashlib.sha256(remote.normalized(url).encode()).hexdigest()[:20]
+
+
+def make_work_folder(folder: Path) -> None:
+    """``folder`` and the work folder it is in, made private (``private_folder``)."""
+    try:
+        folder.parent.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UsageError(f"cannot create the work folder {folder.parent}: {reason}") from None
+    private_folder(folder.parent)
+    private_folder(folder)
+
+
+def write_probe(url: str, shown: str) -> tuple[Any, str]:
+    """A small object put at ``url``: a store that does not exist or refuses writes fails in a second,
+    not after the run. Returns (file system, path) to remove it."""
+    fs, path = remote.split(url)
+    try:
+        body = b"perceptscore write probe\n"
+        remote.with_retries(lambda: fs.pipe_file(path, body, timeout=request_seconds()))
+    except DecodeError as exc:
+        raise UsageError(f"cannot write to {shown}: {exc}") from None
+    return fs, path
+
+
 class RemoteOutput:
     """An object-store output of one run: its private local copy (``local``), the lock other hosts see
     (``locked``), the upload once complete (``finished``, ``upload``) and what an earlier run whose upload
     failed left (``finished_rows``). Made before the plan; its rows are written through ``RemoteSink``."""
 
     def __init__(self, url: str) -> None:
-        name = remote.scheme(url)
-        shown_as = remote.without_secrets(url)
-        if name not in remote.OBJECT_STORES:
-            stores = ", ".join(f"{s}://" for s in remote.OBJECT_STORES)
-            raise UsageError(f"-o {shown_as}: outputs go to a local path or an object store ({stores})")
-        remote.filesystem(name)  # the backend is installed (else: the extra to install)
+        name, shown_as = object_store(url)
         basename = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         if format_of(basename) is None or basename.startswith("."):
             raise UsageError(
@@ -342,8 +377,7 @@ class RemoteOutput:
                 "URL with / for a folder of parts"
             )
         self.url, self.shown, self.store = url, shown_as, name
-        digest = hashlib.sha256(remote.normalized(url).encode()).hexdigest()[:20]
-        self.folder = work_root() / digest
+        self.folder = work_folder(url)
         self.local = self.folder / basename
         self._ready = self.folder / "ready.json"
         self._lock: RemoteLock | None = None
@@ -352,22 +386,10 @@ class RemoteOutput:
         """Proof the destination takes writes, and the private work folder (before anything is scored)."""
         head, _, _ = self.url.partition("?")
         probe = f"{head.rsplit('/', 1)[0]}/.{head.rsplit('/', 1)[1]}.probe-{uuid.uuid4().hex[:12]}"
-        fs, path = remote.split(probe)
-        try:
-            remote.with_retries(
-                lambda: fs.pipe_file(path, b"perceptscore write probe\n", timeout=request_seconds())
-            )
-        except DecodeError as exc:
-            raise UsageError(f"cannot write to {self.shown}: {exc}") from None
+        fs, path = write_probe(probe, self.shown)
         with contextlib.suppress(Exception):  # a store may allow writes but not deletes: harmless
             fs.rm_file(path, timeout=request_seconds())
-        root = self.folder.parent
-        try:
-            root.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the work folder {root}: {exc.strerror or exc}") from None
-        private_folder(root)
-        private_folder(self.folder)
+        make_work_folder(self.folder)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -18,7 +18,6 @@ The lock object other hosts see (S3's conditional writes, as ``destinations.Remo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from perceptscore import parts, remote
-from perceptscore.destinations import RemoteLock, private_folder, put_file, request_seconds, work_root
+from perceptscore.destinations import (
+    RemoteLock,
+    make_work_folder,
+    object_store,
+    put_file,
+    request_seconds,
+    work_folder,
+    write_probe,
+)
 from perceptscore.errors import DecodeError, UsageError
 
 STAGING = parts.RUN  # the hidden prefix in the output folder where parts wait for the commit
@@ -46,17 +53,11 @@ class RemoteFolder:
     hosts see (``locked``), the parts' uploads as they complete (``part_done``), and the commit."""
 
     def __init__(self, url: str) -> None:
-        shown = remote.without_secrets(url)
-        name = remote.scheme(url)
-        if name not in remote.OBJECT_STORES:
-            stores = ", ".join(f"{s}://" for s in remote.OBJECT_STORES)
-            raise UsageError(f"-o {shown}: outputs go to a local path or an object store ({stores})")
+        name, shown = object_store(url)
         if any(c in url for c in _MAGIC):  # a listing or a delete would take it for a pattern
             raise UsageError(f"-o {shown}: a folder output's URL takes no query and no wildcard ({_MAGIC})")
-        remote.filesystem(name)  # the backend is installed (else: the extra to install)
         self.url, self.shown, self.store = url.rstrip("/") + "/", shown, name
-        digest = hashlib.sha256(remote.normalized(self.url).encode()).hexdigest()[:20]
-        self.work = work_root() / digest
+        self.work = work_folder(self.url)
         self.local = self.work / "out"  # the run's folder output, as ``-o DIR/`` would be
         self._uploads: dict[str, Future[None]] = {}  # part name -> its latest upload
         self._pool: ThreadPoolExecutor | None = None
@@ -68,27 +69,17 @@ class RemoteFolder:
     def prepare(self) -> None:
         """Proof the store takes writes here (a probe object put and removed), and the private work
         folder, before anything is scored."""
-        fs, probe = remote.split(f"{self.url}.perceptscore-probe-{uuid.uuid4().hex[:12]}")
-        try:
-            remote.with_retries(lambda: fs.pipe_file(probe, b"perceptscore write probe\n",
-                                                     timeout=request_seconds()))  # fmt: skip
-        except DecodeError as exc:
-            raise UsageError(f"cannot write to {self.shown}: {exc}") from None
+        probe = f"{self.url}.perceptscore-probe-{uuid.uuid4().hex[:12]}"
+        fs, path = write_probe(probe, self.shown)
         try:  # a folder output replaces parts and removes its staging: it needs deletes
-            remote.with_retries(lambda: fs.rm_file(probe, timeout=request_seconds()))
-            gone = not self._exists(f"{self.url}{probe.rsplit('/', 1)[1]}")
+            remote.with_retries(lambda: fs.rm_file(path, timeout=request_seconds()))
+            gone = not remote.exists(probe)
         except DecodeError:
             gone = False
         if not gone:
             raise UsageError(f"cannot remove objects in {self.shown}: a folder output needs deletes (its "
                              "earlier parts, its staging)")  # fmt: skip
-        try:
-            self.work.parent.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise UsageError(f"cannot create the work folder {self.work.parent}: {reason}") from None
-        private_folder(self.work.parent)
-        private_folder(self.work)
+        make_work_folder(self.work)
 
     def check(self, inputs: list[str]) -> bool:
         """The folder is new, empty, an earlier output of ours (replaced, guarded as a file is) or one
@@ -112,9 +103,9 @@ class RemoteFolder:
                     where = remote.without_secrets(head)
                     raise UsageError(f"-o {self.shown}: inside the perceptscore output {where}/; choose a "
                                      "folder outside it")  # fmt: skip
-            if self._exists(self._journal_url):
+            if remote.exists(self._journal_url):
                 return True
-            if self._exists(self._manifest_url):
+            if remote.exists(self._manifest_url):
                 return False
             for name, info in self._list(self.url):
                 marker = (not name or name.endswith("/")) and not info.get("size")  # "Create folder"
@@ -195,7 +186,7 @@ class RemoteFolder:
         fs, _ = remote.split(self.url)
         with self._store_errors("cannot commit to"):
             self._remove([self._manifest_url])  # from here on the folder is not complete
-            if self._exists(self._manifest_url):
+            if remote.exists(self._manifest_url):
                 raise DecodeError("the earlier manifest could not be removed")
             self._remove([self.url + n for n in removing])
             prefix = f"{self.url}{STAGING}/"
@@ -336,7 +327,7 @@ class RemoteFolder:
 
     def _is_output(self, folder: str) -> bool:
         """Whether ``folder`` is a perceptscore folder output (or one being committed, or run into)."""
-        return any(self._exists(folder + name) for name in (parts.MANIFEST, f"{STAGING}/{JOURNAL}", LOCK))
+        return any(remote.exists(folder + name) for name in (parts.MANIFEST, f"{STAGING}/{JOURNAL}", LOCK))
 
     @contextlib.contextmanager
     def _store_errors(self, what: str) -> Iterator[None]:
@@ -345,10 +336,6 @@ class RemoteFolder:
             yield
         except DecodeError as exc:
             raise UsageError(f"{what} {self.shown}: {exc}") from None
-
-    def _exists(self, url: str) -> bool:
-        fs, path = remote.split(url)
-        return bool(remote.with_retries(lambda: fs.exists(path)))
 
     def _read(self, url: str) -> bytes:
         fs, path = remote.split(url)

@@ -118,7 +118,9 @@ def decode_batch(
         for i, img in zip(chunk, images, strict=True):  # full-size pixels go chunk by chunk
             if img is not None:
                 seed = seeds[i] if seeds is not None else None
-                done.update(_prepared(i, img, headers[i], data[i], specs, seed))  # type: ignore[arg-type]
+                got = _prepared(img, headers[i], data[i], specs, seed)  # type: ignore[arg-type]
+                if got is not None:
+                    done[i] = got
         del images
     out = []
     for i, raw in enumerate(data):
@@ -146,17 +148,17 @@ def _chunks(indices: list[int], headers: Sequence[Header | None]) -> Iterator[li
 
 
 def _prepared(
-    i: int, img: torch.Tensor, header: Header, raw: FileBytes, specs: Sequence[Preprocess], seed: int | None
-) -> dict[int, Prepared]:
+    img: torch.Tensor, header: Header, raw: FileBytes, specs: Sequence[Preprocess], seed: int | None
+) -> Prepared | None:
     """The file's crops; its error where a spec's crop exceeds its resize (as ever); nothing where the
     device runs out of memory (then the fallback takes it, as a file torchvision refused)."""
     upright = _upright(img, header.orientation)
     try:
-        return {i: Prepared(None, {s: _prepare(upright, s, raw, seed) for s in specs}, TORCHVISION)}
+        return Prepared(None, {s: _prepare(upright, s, raw, seed) for s in specs}, TORCHVISION)
     except ValueError as exc:
-        return {i: Prepared(str(exc), {}, TORCHVISION)}
+        return Prepared(str(exc), {}, TORCHVISION)
     except RuntimeError:  # torch.OutOfMemoryError and the CPU allocator's failure are RuntimeErrors
-        return {}
+        return None
 
 
 def stack(prepared: Sequence[Prepared], specs: Sequence[Preprocess]) -> dict[Preprocess, torch.Tensor]:
